@@ -1,0 +1,207 @@
+"""One `Config` dataclass for every knob of the pipeline, with named presets.
+
+Every artifact the pipeline writes is saved next to the exact `config.json` that produced it,
+so a run directory can always be reproduced or served later.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+BUNDLED_DATASET = "bundled"
+BUNDLED_DATA_FILE = REPO_DIR / "data" / "html_pages.jsonl"  # regenerated in memory when absent (pip installs)
+TINY_BASE_DIR = PACKAGE_DIR / "tiny_base"
+
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+LOSS_SCALING = ("auto", "on", "off")
+WANDB_MODES = ("disabled", "offline", "online", "auto")
+LONG_PAGE_POLICIES = ("truncate", "drop")
+
+
+@dataclass
+class Config:
+    """Every setting of a run. Create one with `Config.from_preset(name, **overrides)`."""
+
+    preset: str = "custom"
+    # --- model ---
+    model_id: str = "meta-llama/Llama-2-7b-hf"  # hub id or local path of a Llama-architecture causal LM
+    load_in_4bit: bool = True  # NF4 + double quantisation through bitsandbytes
+    precision: str = "auto"  # auto | fp16 | bf16 | fp32: compute dtype and autocast mode
+    gradient_checkpointing: bool = True
+    loss_scaling: str = "auto"  # auto = GradScaler exactly when precision is fp16 | on | off
+    # --- data ---
+    dataset: str = BUNDLED_DATASET  # "bundled", a hub id, or a local .json/.jsonl/.csv file
+    label_column: str = "label"  # the description column
+    html_column: str = "html"  # the page column
+    validation_fraction: float = 0.05
+    test_fraction: float = 0.05
+    max_test_examples: int = 32  # held-out descriptions generated for in evaluation
+    # --- prompts & packing ---
+    block_size: int = 2048  # tokens per packed block
+    max_example_tokens: int = 2048  # longer examples follow the long-page policy
+    long_page_policy: str = "truncate"  # truncate (cut the page at a tag boundary) | drop
+    loss_on_response_only: bool = True  # no loss on the instruction tokens
+    # --- LoRA ---
+    lora_r: int = 16
+    lora_alpha: int = 64
+    lora_dropout: float = 0.05
+    # --- optimisation ---
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10  # optimiser steps of linear warm-up before the cosine decay
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 1
+    gradient_accumulation_steps: int = 4
+    epochs: int = 1
+    max_steps: int = -1  # optimiser steps; -1 = as many as the epochs give
+    eval_every: int = 50  # optimiser steps between validation passes (and one at each epoch end)
+    max_eval_batches: int = 50  # cap on validation micro-batches per pass
+    checkpoint_every: int = 50  # optimiser steps between resumable checkpoints; 0 = never
+    max_nan_steps: int = 5  # consecutive non-finite steps before the run stops with an error
+    seed: int = 42
+    # --- generation ---
+    max_new_tokens: int = 1024
+    generation_batch_size: int = 8
+    # --- outputs ---
+    run_dir: str = "runs/default"
+    wandb_mode: str = "auto"  # auto = online with WANDB_API_KEY, else disabled
+    wandb_project: str = "htmlgen"
+    merge_after_training: bool = False  # also write a 16-bit merged model (needs RAM for the 16-bit base)
+    push_to_hub: str = ""  # repo id to push the adapter to (needs HF_TOKEN); empty = never
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept with the run
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Reject impossible values with a message that names the field and the fix."""
+
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"Config.{name}={getattr(self, name)!r} is invalid: {why}")
+
+        for name in ("block_size", "max_example_tokens", "lora_r", "lora_alpha", "micro_batch_size",
+                     "gradient_accumulation_steps", "epochs", "max_new_tokens", "generation_batch_size",
+                     "max_test_examples", "max_eval_batches", "max_nan_steps", "eval_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(name, "must be a whole number >= 1")
+        for name in ("warmup_steps", "checkpoint_every", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                fail(name, "must be a whole number >= 0")
+        if not isinstance(self.max_steps, int) or (self.max_steps < 1 and self.max_steps != -1):
+            fail("max_steps", "must be -1 (use epochs) or a whole number >= 1")
+        if self.block_size < 16:
+            fail("block_size", "must be at least 16 tokens")
+        if self.max_example_tokens > self.block_size:
+            fail("max_example_tokens", f"must not exceed block_size ({self.block_size}): an example must fit a block")
+        for name in ("validation_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 < value < 0.5:
+                fail(name, "must be a fraction between 0 and 0.5")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            fail("lora_dropout", "must be in [0, 1)")
+        if not (isinstance(self.learning_rate, (int, float)) and 0.0 < self.learning_rate < 1.0):
+            fail("learning_rate", "must be a positive number below 1")
+        if self.max_grad_norm <= 0:
+            fail("max_grad_norm", "must be positive")
+        if self.precision not in PRECISIONS:
+            fail("precision", f"must be one of {PRECISIONS}")
+        if self.loss_scaling not in LOSS_SCALING:
+            fail("loss_scaling", f"must be one of {LOSS_SCALING}")
+        if self.wandb_mode not in WANDB_MODES:
+            fail("wandb_mode", f"must be one of {WANDB_MODES}")
+        if self.long_page_policy not in LONG_PAGE_POLICIES:
+            fail("long_page_policy", f"must be one of {LONG_PAGE_POLICIES}")
+        for name in ("model_id", "dataset", "label_column", "html_column", "run_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                fail(name, "must be a non-empty string")
+        if self.label_column == self.html_column:
+            fail("html_column", "must differ from label_column")
+
+    # ------------------------------------------------------------------ presets & I/O
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "Config":
+        """A preset with some fields replaced; unknown field names are an error."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}: choose one of {sorted(PRESETS)}")
+        values = dict(PRESETS[name])
+        values["preset"] = name
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"Unknown Config field(s) {sorted(unknown)}; valid fields: {cls.field_names()}")
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the config as JSON (a directory gets `config.json` inside it)."""
+        path = Path(path)
+        if path.suffix != ".json":
+            path = path / "htmlgen_config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "htmlgen_config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"No config at {path}: run the training notebook (04) or `python -m htmlgen_utils.train` first")
+        data = json.loads(path.read_text())
+        unknown = set(data) - set(cls.field_names())
+        if unknown:
+            raise ValueError(f"{path} has unknown Config field(s) {sorted(unknown)}")
+        return cls(**data)
+
+    @staticmethod
+    def parse_value(text: str) -> Any:
+        """Turn a command-line string into a JSON value when it is one ("3" -> 3, "true" -> True)."""
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Free Colab T4: 15 GiB, fp16 only (no bf16), so GradScaler; checkpointing keeps activations small.
+    "colab-t4": dict(
+        model_id="meta-llama/Llama-2-7b-hf", precision="fp16", gradient_checkpointing=True,
+        block_size=2048, max_example_tokens=2048, micro_batch_size=1, gradient_accumulation_steps=4,
+        epochs=1, max_steps=-1, eval_every=50, checkpoint_every=50, max_new_tokens=1024,
+        generation_batch_size=8, run_dir="runs/colab-t4",
+    ),
+    # Ampere or newer (A100, L4, H100): bf16 needs no loss scaling, so a bigger micro-batch.
+    "ampere-bf16": dict(
+        model_id="meta-llama/Llama-2-7b-hf", precision="bf16", gradient_checkpointing=True,
+        block_size=2048, max_example_tokens=2048, micro_batch_size=4, gradient_accumulation_steps=4,
+        epochs=1, max_steps=-1, eval_every=50, checkpoint_every=50, max_new_tokens=1024,
+        generation_batch_size=32, run_dir="runs/ampere-bf16",
+    ),
+    # The small pre-trained Llama shipped with the package, on CPU: what tests, CI and GPU-less machines run.
+    "tiny": dict(
+        model_id=str(TINY_BASE_DIR), precision="fp32", gradient_checkpointing=False,
+        block_size=1024, max_example_tokens=1024, micro_batch_size=2, gradient_accumulation_steps=4,
+        learning_rate=1e-3, warmup_steps=4, epochs=1, max_steps=40, eval_every=20, max_eval_batches=8,
+        checkpoint_every=20, max_test_examples=12, max_new_tokens=700, generation_batch_size=12,
+        run_dir="runs/tiny", wandb_mode="disabled",
+    ),
+}

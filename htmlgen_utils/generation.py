@@ -1,0 +1,118 @@
+"""Stage 5a: write pages for descriptions with the trained model.
+
+Batched (left padding, so every prompt ends where generation starts), KV cache on, and stopped per row
+at EOS or at `</html>` (transformers' stop-string criterion), so a finished page costs no more tokens.
+The output is the page only: the prompt is stripped and anything after `</html>` is cut.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .packing import build_prompt
+
+STOP_STRING = "</html>"
+
+
+@dataclass
+class GenerationResult:
+    pages: list[str]
+    new_tokens: list[int]  # tokens generated for each page (its EOS included)
+    seconds: float
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(self.new_tokens) / max(self.seconds, 1e-9)
+
+    @property
+    def examples_per_s(self) -> float:
+        return len(self.pages) / max(self.seconds, 1e-9)
+
+    def summary(self) -> dict:
+        return {"examples": len(self.pages), "new_tokens": sum(self.new_tokens), "seconds": round(self.seconds, 3),
+                "tokens_per_s": round(self.tokens_per_s, 2), "examples_per_s": round(self.examples_per_s, 4),
+                **self.settings}
+
+
+def clean_page(text: str) -> str:
+    """The page text: everything up to and including the first `</html>`, surrounding whitespace removed."""
+    end = text.find(STOP_STRING)
+    if end >= 0:
+        text = text[: end + len(STOP_STRING)]
+    return text.strip()
+
+
+def _generation_kwargs(tokenizer, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
+                       stop_at_html_end: bool) -> dict:
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    else:  # plain greedy; silence sampling defaults a checkpoint's generation_config may carry
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if stop_at_html_end:
+        kwargs.update(stop_strings=[STOP_STRING], tokenizer=tokenizer)
+    return kwargs
+
+
+@torch.no_grad()
+def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: int = 1024, batch_size: int = 8,
+                   do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.95,
+                   stop_at_html_end: bool = True, seed: int = 0) -> GenerationResult:
+    """Pages for `descriptions`, in their order. Prompts are batched by similar length to waste little
+    padding; greedy by default (deterministic), sampling with `do_sample=True`."""
+    if not descriptions:
+        raise ValueError("generate_pages needs at least one description")
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    prompts = [build_prompt(d) for d in descriptions]
+    order = sorted(range(len(prompts)), key=lambda i: len(tokenizer(prompts[i]).input_ids))
+    pages: list[str] = [""] * len(prompts)
+    counts: list[int] = [0] * len(prompts)
+    kwargs = _generation_kwargs(tokenizer, max_new_tokens, do_sample, temperature, top_p, stop_at_html_end)
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        inputs = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True).to(device)
+        output = model.generate(**inputs, **kwargs)
+        new = output[:, inputs["input_ids"].shape[1]:]
+        for row, ids in zip(rows, new):
+            ids = ids.tolist()
+            # tokens up to and including the first EOS; rows that finished early are padded after it
+            if tokenizer.eos_token_id in ids:
+                ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
+            while ids and ids[-1] == tokenizer.pad_token_id:
+                ids.pop()
+            counts[row] = len(ids)
+            pages[row] = clean_page(tokenizer.decode(ids, skip_special_tokens=True))
+    seconds = time.perf_counter() - started
+    if was_training:
+        model.train()
+    settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                "stop_at_html_end": stop_at_html_end}
+    return GenerationResult(pages, counts, seconds, settings)
+
+
+def stream_page(model, tokenizer, description: str, max_new_tokens: int = 1024, do_sample: bool = False,
+                temperature: float = 0.7, top_p: float = 0.95) -> Iterator[str]:
+    """Yield the page's text piece by piece as it is generated (for the playground)."""
+    from transformers import TextIteratorStreamer
+
+    device = next(model.parameters()).device
+    inputs = tokenizer([build_prompt(description)], return_tensors="pt").to(device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = _generation_kwargs(tokenizer, max_new_tokens, do_sample, temperature, top_p, True)
+    model.eval()
+    worker = threading.Thread(target=model.generate, kwargs={**inputs, **kwargs, "streamer": streamer}, daemon=True)
+    worker.start()
+    for piece in streamer:
+        yield piece
+    worker.join()

@@ -1,0 +1,183 @@
+"""Stage 3: load the base model in 4-bit NF4, find its linear layers, and wrap them with LoRA.
+
+QLoRA keeps the frozen base weights in 4-bit NF4 (double-quantised: the quantisation constants are
+quantised too) and trains small low-rank adapters in higher precision on top of every linear layer.
+The compute dtype follows the hardware: a T4 has no bfloat16, so float16 there (with loss scaling in
+the training loop), bfloat16 on Ampere or newer, float32 on CPU.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from .config import Config
+
+GATED_HELP = ("{model} is gated or could not be fetched. Accept its licence on huggingface.co, then give a token: "
+              "set HF_TOKEN in the environment (on Colab: the key icon -> add a secret named HF_TOKEN). Or use an "
+              "ungated copy of the same weights, e.g. -p model_id NousResearch/Llama-2-7b-hf.")
+
+
+def hf_token() -> str | None:
+    """The Hugging Face token from the environment or Colab secrets; never printed."""
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if token:
+        return token
+    try:  # Colab's secret store
+        from google.colab import userdata  # type: ignore
+
+        return userdata.get("HF_TOKEN")
+    except Exception:
+        return None
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto` -> bf16 where the GPU supports it, fp16 on other GPUs (T4), fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[resolve_precision(precision)]
+
+
+def device_for(config: Config) -> torch.device:
+    """CUDA when present; a GPU-only precision on a machine without one is a clear error."""
+    precision = resolve_precision(config.precision)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if precision in ("fp16", "bf16"):
+        raise RuntimeError(
+            f"Preset {config.preset!r} uses {precision} on a CUDA GPU, and this machine has none. On Colab: Runtime -> "
+            f"Change runtime type -> T4 GPU. Without a GPU use the CPU preset: --preset tiny."
+        )
+    return torch.device("cpu")
+
+
+def autocast_context(precision: str, device: torch.device):
+    """Mixed precision for the forward pass: fp16/bf16 autocast on GPU, nothing on CPU/fp32."""
+    precision = resolve_precision(precision)
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=compute_dtype(precision))
+
+
+def quantization_config(config: Config) -> BitsAndBytesConfig:
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype(config.precision),
+    )
+
+
+def load_tokenizer(model_id: str):
+    """The base model's tokenizer with a pad token (Llama-2 has none; we reuse UNK, never EOS, so padding
+    can never be confused with the end of a page)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, token=hf_token())
+    except OSError as error:
+        raise OSError(GATED_HELP.format(model=model_id) + f" ({error})") from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(config: Config, quantize: bool | None = None):
+    """The base causal LM, in 4-bit NF4 when `config.load_in_4bit` (the QLoRA path, also on CPU)."""
+    device = device_for(config)
+    quantize = config.load_in_4bit if quantize is None else quantize
+    kwargs = dict(dtype=compute_dtype(config.precision), token=hf_token(),
+                  device_map={"": 0} if device.type == "cuda" else "cpu")
+    if quantize:
+        kwargs["quantization_config"] = quantization_config(config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(config.model_id, **kwargs)
+    except OSError as error:
+        raise OSError(GATED_HELP.format(model=config.model_id) + f" ({error})") from error
+    model.config.use_cache = False  # training; generation turns it back on
+    return model
+
+
+def find_linear_layer_names(model) -> list[str]:
+    """Short names of every linear layer (4-bit or not) except the output head, for LoRA's target_modules."""
+    import bitsandbytes as bnb
+
+    names = set()
+    for full_name, module in model.named_modules():
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt, torch.nn.Linear)):
+            short = full_name.split(".")[-1]
+            if short != "lm_head":
+                names.add(short)
+    return sorted(names)
+
+
+def create_peft_config(target_modules: list[str], config: Config) -> LoraConfig:
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=target_modules, bias="none", task_type="CAUSAL_LM")
+
+
+def prepare_for_training(model, config: Config):
+    """k-bit preparation (norms in fp32, input grads for checkpointing), then LoRA on every linear layer."""
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, create_peft_config(find_linear_layer_names(model), config))
+    return model
+
+
+def load_for_training(config: Config):
+    """Tokenizer and the 4-bit base wrapped with fresh LoRA adapters, ready for the loop."""
+    tokenizer = load_tokenizer(config.model_id)
+    model = prepare_for_training(load_base_model(config), config)
+    return model, tokenizer
+
+
+def load_trained(run_dir: str | Path, adapter: bool = True, config: Config | None = None):
+    """Base (+ the run's adapter) for generation, in eval mode with the KV cache on."""
+    run_dir = Path(run_dir)
+    config = config or Config.load(run_dir)
+    adapter_dir = run_dir / "adapter"
+    if adapter and not (adapter_dir / "adapter_config.json").exists():
+        raise FileNotFoundError(f"No adapter in {adapter_dir}: run notebook 04_training_loop first (same run_dir)")
+    tokenizer = load_tokenizer(str(adapter_dir) if adapter else config.model_id)
+    model = load_base_model(config)
+    if adapter:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    model.config.use_cache = True
+    return model, tokenizer, config
+
+
+@dataclass
+class ParameterSummary:
+    trainable: int
+    total: int
+    memory_bytes: int
+    lora_modules: list[str]
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable / max(1, self.total)
+
+    def __str__(self) -> str:
+        return (f"trainable {self.trainable:,} of {self.total:,} parameters ({self.trainable_percent:.3f}%), "
+                f"model memory {self.memory_bytes / 2**30:.3f} GiB, LoRA on {self.lora_modules}")
+
+
+def parameter_summary(model) -> ParameterSummary:
+    """Trainable vs all parameters (4-bit weights counted as the values they hold) and memory footprint."""
+    trainable, total = model.get_nb_trainable_parameters()
+    modules = sorted(getattr(model, "peft_config", {}).get("default", LoraConfig()).target_modules or [])
+    return ParameterSummary(trainable, total, model.get_memory_footprint(), modules)

@@ -1,0 +1,218 @@
+"""Stage 2: the prompt template, tokenisation, the long-page policy, and packing into blocks.
+
+Each example becomes `BOS + prompt + page + EOS`. Examples are packed *whole* into fixed-length blocks
+(first-fit decreasing), so every block token sees its own instruction; position ids restart at 0 for
+each example, and transformers turns restarting position ids into a block-diagonal causal mask when no
+attention_mask and no KV cache is passed (`use_cache=False`; SDPA and eager, so it works on a T4), so
+attention stays inside one example.
+
+Labels are the input ids themselves: the model shifts them by one internally (`labels[t+1]` is the
+target of the logits at `t`). The original notebook compared each position's logits with the *same*
+position's token, which teaches copying; `tests/test_packing.py` proves ours is next-token. Labels are
+-100 (ignored) on each example's first token (it would be predicted from the previous example), on the
+instruction when `loss_on_response_only`, and on block padding.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+
+from .config import Config
+
+IGNORE_INDEX = -100
+PROMPT_HEADER = ("Below is an instruction that describes a task. You will be provided a prompt and based on it you "
+                 "have to generate HTML code. Write a response that appropriately completes the request.")
+
+
+def build_prompt(description: str) -> str:
+    """The Alpaca-style prompt; the page follows it directly."""
+    return f"{PROMPT_HEADER}\n\n### Instruction:\n{description}\n\n### Response:\n"
+
+
+# ---------------------------------------------------------------------------------------------- tokenisation
+def _cut_at_tag_boundary(page: str, offsets: list[tuple[int, int]], budget: int) -> int:
+    """How many page tokens to keep: the longest prefix of at most `budget` tokens whose text ends with '>'
+    (a complete tag), or the plain `budget` prefix when no tag ends inside it."""
+    for keep in range(budget, 0, -1):
+        end = offsets[keep - 1][1]
+        if end > 0 and page[end - 1] == ">":
+            return keep
+    return budget
+
+
+def tokenize_example(tokenizer, description: str, page: str, max_tokens: int, policy: str,
+                     response_only: bool) -> dict:
+    """Token ids, labels and the policy's verdict for one pair.
+
+    Long-page policy (`max_tokens` per example, prompt included):
+      * `truncate`: keep the whole instruction and the first part of the page, cut after the last complete
+        tag that fits; such an example gets *no* EOS, so the model never learns to stop mid-page.
+      * `drop`: leave the example out.
+    An example whose instruction alone leaves fewer than 16 tokens for the page is dropped either way.
+    """
+    prompt_ids = tokenizer(build_prompt(description)).input_ids  # starts with BOS
+    page_enc = tokenizer(page, add_special_tokens=False, return_offsets_mapping=True)
+    page_ids = page_enc.input_ids
+    eos = tokenizer.eos_token_id
+    status, full_length = "kept", len(prompt_ids) + len(page_ids) + 1
+    if full_length > max_tokens:
+        budget = max_tokens - len(prompt_ids)
+        if policy == "drop" or budget < 16:
+            return {"input_ids": [], "labels": [], "status": "dropped", "full_length": full_length,
+                    "prompt_length": len(prompt_ids)}
+        page_ids = page_ids[:_cut_at_tag_boundary(page, page_enc.offset_mapping, budget)]
+        status = "truncated"
+    input_ids = prompt_ids + page_ids + ([eos] if status == "kept" else [])
+    labels = list(input_ids)
+    if response_only:
+        labels[:len(prompt_ids)] = [IGNORE_INDEX] * len(prompt_ids)
+    labels[0] = IGNORE_INDEX  # the first token has no context inside its example
+    return {"input_ids": input_ids, "labels": labels, "status": status, "full_length": full_length,
+            "prompt_length": len(prompt_ids)}
+
+
+def tokenize_split(split: datasets.Dataset, tokenizer, config: Config) -> datasets.Dataset:
+    """`datasets.map` over a split; keeps every row (dropped ones empty) so the policy's counts are visible."""
+
+    def fn(batch):
+        out = {"input_ids": [], "labels": [], "status": [], "full_length": [], "prompt_length": []}
+        for description, page in zip(batch["label"], batch["html"]):
+            example = tokenize_example(tokenizer, description, page, config.max_example_tokens,
+                                       config.long_page_policy, config.loss_on_response_only)
+            for key in out:
+                out[key].append(example[key])
+        return out
+
+    return split.map(fn, batched=True, remove_columns=split.column_names, desc="tokenising")
+
+
+# ---------------------------------------------------------------------------------------------- packing
+@dataclass
+class PackingStats:
+    examples: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    tokens_before_policy: int = 0
+    tokens_cut_by_policy: int = 0
+    blocks: int = 0
+    block_size: int = 0
+    real_tokens: int = 0
+    padding_tokens: int = 0
+    loss_tokens: int = 0
+    examples_per_block: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def fill_rate(self) -> float:
+        return self.real_tokens / max(1, self.blocks * self.block_size)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "fill_rate": round(self.fill_rate, 4)}
+
+
+def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Group example indices into bins of at most `capacity` tokens, longest first, each into the first bin
+    with room. Deterministic; typically fills > 95% of every block when examples are short."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return bins
+
+
+def pack_examples(tokenized: datasets.Dataset, block_size: int, pad_token_id: int) -> tuple[datasets.Dataset, PackingStats]:
+    """Whole examples into blocks of exactly `block_size` tokens with per-example position ids."""
+    stats = PackingStats(examples=len(tokenized), block_size=block_size)
+    ids_col, labels_col = tokenized["input_ids"], tokenized["labels"]
+    for status, full, ids in zip(tokenized["status"], tokenized["full_length"], ids_col):
+        setattr(stats, status, getattr(stats, status) + 1)
+        stats.tokens_before_policy += full
+        stats.tokens_cut_by_policy += full - len(ids)
+    lengths = [len(ids) for ids in ids_col]
+    too_long = [i for i, n in enumerate(lengths) if n > block_size]
+    if too_long:
+        raise ValueError(f"{len(too_long)} examples exceed block_size={block_size}: set max_example_tokens <= block_size")
+    keep = [i for i, n in enumerate(lengths) if n > 0]
+    bins = first_fit_decreasing([lengths[i] for i in keep], block_size)
+    blocks = {"input_ids": [], "labels": [], "position_ids": []}
+    for members in bins:
+        input_ids, labels, positions = [], [], []
+        for m in sorted(members):  # inside a block, keep the dataset's order
+            i = keep[m]
+            input_ids += ids_col[i]
+            labels += labels_col[i]
+            positions += list(range(lengths[i]))
+        pad = block_size - len(input_ids)
+        stats.padding_tokens += pad
+        input_ids += [pad_token_id] * pad
+        labels += [IGNORE_INDEX] * pad
+        positions += list(range(pad))  # padding is its own segment: it attends only to itself
+        blocks["input_ids"].append(input_ids)
+        blocks["labels"].append(labels)
+        blocks["position_ids"].append(positions)
+    stats.blocks = len(bins)
+    stats.real_tokens = sum(lengths)
+    stats.loss_tokens = sum(sum(1 for x in labels_col[i] if x != IGNORE_INDEX) for i in keep)
+    stats.examples_per_block = round(len(keep) / max(1, len(bins)), 2)
+    packed = datasets.Dataset.from_dict(blocks)
+    return packed, stats
+
+
+def pack_splits(splits: datasets.DatasetDict, tokenizer, config: Config) -> tuple[datasets.DatasetDict, dict[str, PackingStats]]:
+    """Tokenise and pack every split; returns the blocks and the per-split statistics."""
+    packed, stats = {}, {}
+    for name, split in splits.items():
+        tokenized = tokenize_split(split, tokenizer, config)
+        packed[name], stats[name] = pack_examples(tokenized, config.block_size, tokenizer.pad_token_id)
+        if stats[name].blocks == 0:
+            raise ValueError(f"The {name} split has no example left after the long-page policy "
+                             f"({config.long_page_policy}, max_example_tokens={config.max_example_tokens}): "
+                             f"raise max_example_tokens or use long_page_policy='truncate'")
+    return datasets.DatasetDict(packed), stats
+
+
+def save_packed(packed: datasets.DatasetDict, stats: dict[str, PackingStats], run_dir: str | Path) -> Path:
+    import json
+
+    out = Path(run_dir) / "packed"
+    packed.save_to_disk(str(out))
+    (out / "packing_stats.json").write_text(json.dumps({k: v.to_dict() for k, v in stats.items()}, indent=2) + "\n")
+    return out
+
+
+def load_packed(run_dir: str | Path) -> datasets.DatasetDict:
+    folder = Path(run_dir) / "packed"
+    if not (folder / "dataset_dict.json").exists():
+        raise FileNotFoundError(f"No packed data in {folder}: run notebook 02_prompts_and_packing first (same run_dir)")
+    return datasets.load_from_disk(str(folder))
+
+
+# ---------------------------------------------------------------------------------------------- batches
+def make_dataloader(blocks: datasets.Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
+                    epoch: int = 0, skip_batches: int = 0) -> DataLoader:
+    """Batches of {input_ids, labels, position_ids}. The shuffle order depends only on (seed, epoch), so a
+    resumed run can skip exactly the batches it already trained on."""
+    order = list(range(len(blocks)))
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+        order = torch.randperm(len(blocks), generator=generator).tolist()
+    order = order[skip_batches * batch_size:]
+    subset = blocks.select(order).with_format("torch", columns=["input_ids", "labels", "position_ids"])
+    return DataLoader(subset, batch_size=batch_size, shuffle=False)
+
+
+def batches_per_epoch(blocks: datasets.Dataset, batch_size: int) -> int:
+    return -(-len(blocks) // batch_size)

@@ -1,0 +1,103 @@
+"""Stage 5c: show pages to a person, safely.
+
+Generated HTML is untrusted: a model can write `<script>`, forms, or markup meant to break out of its
+container. Every page is shown inside `<iframe sandbox srcdoc="...">` with an *empty* sandbox (no
+`allow-scripts`, no `allow-same-origin`, no forms, no popups, no top navigation), and the page text is
+HTML-escaped (`&`, `<`, `>`, `"` and `'`) before it goes into the attribute, so a `"` or `</iframe>` in
+the page stays text inside srcdoc. The source/preview toggle is a plain `<details>` element: no script
+needed, so it works in Jupyter, Colab, and nbconvert's HTML export.
+"""
+from __future__ import annotations
+
+import html
+from typing import Iterable
+
+IFRAME_STYLE = "border:1px solid #ccc;border-radius:4px;background:#fff"
+
+
+def iframe_html(page: str, height: int = 360, width: str = "100%", title: str = "generated page") -> str:
+    """A fully sandboxed iframe holding `page` (escaped into srcdoc)."""
+    return (f'<iframe sandbox="" referrerpolicy="no-referrer" loading="lazy" title="{html.escape(title)}" '
+            f'srcdoc="{html.escape(page, quote=True)}" style="width:{width};height:{height}px;{IFRAME_STYLE}">'
+            f"</iframe>")
+
+
+def source_toggle(page: str, label: str = "source") -> str:
+    return (f"<details><summary>{html.escape(label)}</summary><pre style=\"max-height:240px;overflow:auto;"
+            f"white-space:pre-wrap;font-size:11px\">{html.escape(page)}</pre></details>")
+
+
+def page_card(page: str, heading: str = "", height: int = 360) -> str:
+    return (f"<div>{f'<b>{html.escape(heading)}</b>' if heading else ''}{iframe_html(page, height, title=heading or 'page')}"
+            f"{source_toggle(page)}</div>")
+
+
+def show_page(page: str, height: int = 360):
+    """Display one page inline in a notebook (sandboxed)."""
+    from IPython.display import HTML, display
+
+    display(HTML(page_card(page, height=height)))
+
+
+def gallery_html(rows: Iterable[dict], height: int = 320, score_keys: tuple[str, ...] = (
+        "rougeL", "text_rougeL", "tag_similarity", "well_formed")) -> str:
+    """Reference vs generated, side by side, one row per example with its scores."""
+    parts = ['<div class="htmlgen-gallery">']
+    for index, row in enumerate(rows):
+        scores = ", ".join(
+            f"{k} {row[k]:.2f}" if isinstance(row.get(k), float) else f"{k} {row.get(k)}"
+            for k in score_keys if k in row)
+        parts.append(
+            f'<div style="margin:12px 0;padding:8px;border-top:2px solid #888">'
+            f"<p><b>{index + 1}. {html.escape(str(row['description']))}</b><br><small>{html.escape(scores)}</small></p>"
+            f'<div style="display:flex;gap:12px">'
+            f'<div style="flex:1">{page_card(row["reference"], "reference", height)}</div>'
+            f'<div style="flex:1">{page_card(row["generated"], "generated", height)}</div>'
+            f"</div></div>")
+    parts.append("</div>")
+    return "\n".join(parts)
+
+
+def show_gallery(table, limit: int = 6, height: int = 320):
+    """Display the first `limit` rows of a per-example score table as a side-by-side gallery."""
+    from IPython.display import HTML, display
+
+    rows = table.head(limit).to_dict("records") if hasattr(table, "head") else list(table)[:limit]
+    display(HTML(gallery_html(rows, height)))
+
+
+def playground(model, tokenizer, max_new_tokens: int = 1024, default: str = "A minimalist landing page with a "
+               "download button"):
+    """An ipywidgets playground: type a description, press Generate, see the page (streamed source, then the
+    sandboxed preview). Works in Jupyter and Colab; returns the widget box."""
+    import ipywidgets as widgets
+
+    from .generation import clean_page, stream_page
+
+    text = widgets.Textarea(value=default, placeholder="Describe a page…", layout=widgets.Layout(width="100%"))
+    tokens = widgets.IntSlider(value=max_new_tokens, min=32, max=max(max_new_tokens, 2048), step=32,
+                               description="max tokens")
+    sample = widgets.Checkbox(value=False, description="sample (temperature 0.7)")
+    button = widgets.Button(description="Generate", button_style="primary", icon="play")
+    status = widgets.Label()
+    preview = widgets.HTML()
+
+    def on_click(_):
+        button.disabled = True
+        status.value = "generating…"
+        page = ""
+        try:
+            for count, piece in enumerate(stream_page(model, tokenizer, text.value, tokens.value, sample.value), 1):
+                page += piece
+                if count % 16 == 0:
+                    preview.value = f"<pre style='white-space:pre-wrap;font-size:11px'>{html.escape(page)}</pre>"
+            page = clean_page(page)
+            preview.value = page_card(page, height=480)
+            status.value = f"{len(page)} characters"
+        except Exception as error:  # keep the widget alive and say what happened
+            status.value = f"error: {error}"
+        finally:
+            button.disabled = False
+
+    button.on_click(on_click)
+    return widgets.VBox([text, widgets.HBox([button, tokens, sample]), status, preview])
