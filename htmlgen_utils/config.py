@@ -199,9 +199,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The small pre-trained Llama shipped with the package, on CPU: what tests, CI and GPU-less machines run.
     "tiny": dict(
         model_id=str(TINY_BASE_DIR), precision="fp32", gradient_checkpointing=False,
-        block_size=1024, max_example_tokens=1024, micro_batch_size=2, gradient_accumulation_steps=4,
-        learning_rate=1e-3, warmup_steps=4, epochs=1, max_steps=40, eval_every=20, max_eval_batches=8,
-        checkpoint_every=20, max_test_examples=12, max_new_tokens=700, generation_batch_size=12,
+        block_size=2048, max_example_tokens=1024, micro_batch_size=1, gradient_accumulation_steps=4,
+        learning_rate=1e-3, warmup_steps=3, epochs=1, max_steps=20, eval_every=10, max_eval_batches=8,
+        checkpoint_every=10, max_test_examples=12, max_new_tokens=700, generation_batch_size=12,
         run_dir="runs/tiny", wandb_mode="disabled",
     ),
 }

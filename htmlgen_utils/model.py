@@ -133,8 +133,22 @@ def prepare_for_training(model, config: Config):
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    torch.manual_seed(config.seed)  # the adapters' random initialisation is part of the run's recipe
     model = get_peft_model(model, create_peft_config(find_linear_layer_names(model), config))
+    _keep_cpu_4bit_layers_differentiable(model)
     return model
+
+
+def _keep_cpu_4bit_layers_differentiable(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for a faster inference kernel the first time
+    a layer runs in eval mode without gradients, and never packs them back; that kernel has no backward, so
+    training after a validation pass would silently lose the gradients flowing through the frozen layers.
+    Training on CPU therefore keeps the standard layout."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_for_training(config: Config):

@@ -36,7 +36,9 @@ def pretraining_texts(seed: int = 42) -> tuple[list[str], list[str]]:
     return list(splits["train"]["html"]), list(splits["train"]["label"])
 
 
-def build(out: Path, steps: int = RECIPE["steps"], log_every: int = 50) -> dict:
+def build(out: Path | None, steps: int = RECIPE["steps"], log_every: int = 50, stop_after: int | None = None) -> dict:
+    """Pre-train and save to `out`. `stop_after` runs only the first steps of the same schedule and saves
+    nothing: a quick check that a rebuild follows the recorded loss curve."""
     torch.manual_seed(RECIPE["seed"])
     random.seed(RECIPE["seed"])
     torch.set_num_threads(RECIPE["threads"])
@@ -60,8 +62,8 @@ def build(out: Path, steps: int = RECIPE["steps"], log_every: int = 50) -> dict:
     scheduler = get_cosine_schedule_with_warmup(optimizer, RECIPE["warmup"], steps)
     generator = torch.Generator().manual_seed(RECIPE["seed"])
     model.train()
-    started, losses = time.perf_counter(), []
-    for step in range(1, steps + 1):
+    started, losses, loss_log = time.perf_counter(), [], []
+    for step in range(1, (stop_after or steps) + 1):
         batch = chunks[torch.randint(len(chunks), (RECIPE["batch_size"],), generator=generator)]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
@@ -72,8 +74,11 @@ def build(out: Path, steps: int = RECIPE["steps"], log_every: int = 50) -> dict:
         losses.append(loss.item())
         if step % log_every == 0 or step == steps:
             recent = sum(losses[-log_every:]) / len(losses[-log_every:])
+            loss_log.append(round(recent, 4))
             print(f"step {step}/{steps} loss {recent:.4f} ({time.perf_counter() - started:.0f}s)", flush=True)
     seconds = time.perf_counter() - started
+    if stop_after is not None:
+        return {"loss_log": loss_log, "steps": stop_after, "seconds": round(seconds, 1)}
     final_loss = sum(losses[-50:]) / len(losses[-50:])
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(out)  # fp16 on disk: half the size; loads in any dtype
@@ -81,6 +86,7 @@ def build(out: Path, steps: int = RECIPE["steps"], log_every: int = 50) -> dict:
     report = {"final_train_loss_last50": round(final_loss, 4), "steps": steps, "seconds": round(seconds, 1),
               "tokens_seen": steps * RECIPE["batch_size"] * seq, "corpus_tokens": len(stream),
               "parameters": sum(p.numel() for p in model.parameters()), "architecture": ARCHITECTURE,
+              "loss_log_every": log_every, "loss_log": loss_log,
               "recipe": RECIPE, "torch": torch.__version__}
     (out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "README.md").write_text(model_card(report))

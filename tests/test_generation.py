@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from htmlgen_utils.config import Config
+from htmlgen_utils.generation import clean_page, generate_pages
+from htmlgen_utils.model import load_base_model, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_base():
+    config = Config.from_preset("tiny")
+    model = load_base_model(config)  # the shipped tiny base through the real 4-bit path
+    model.eval()
+    return model, load_tokenizer(config.model_id)
+
+
+DESCRIPTIONS = ["A modern landing page for Acme in blue", "Build a retro 404 error page for Nova.",
+                "A login page for Orbit with a dark colour scheme and a minimalist look"]
+
+
+def test_clean_page():
+    assert clean_page("  <html><body></body></html>\n<html>again") == "<html><body></body></html>"
+    assert clean_page("<p>no end") == "<p>no end"
+
+
+def test_stops_at_html_end_and_respects_max_new_tokens(tiny_base):
+    model, tokenizer = tiny_base
+    unstopped = generate_pages(model, tokenizer, DESCRIPTIONS[:1], max_new_tokens=600, stop_at_html_end=False)
+    stopped = generate_pages(model, tokenizer, DESCRIPTIONS[:1], max_new_tokens=600)
+    assert "</html>" in stopped.pages[0] and stopped.pages[0].endswith("</html>")
+    assert stopped.new_tokens[0] <= unstopped.new_tokens[0]
+    short = generate_pages(model, tokenizer, DESCRIPTIONS[:2], max_new_tokens=7)
+    assert short.new_tokens == [7, 7]
+    assert stopped.tokens_per_s > 0 and short.summary()["examples"] == 2
+
+
+def test_stops_at_eos_without_a_stop_string(tiny_base):
+    model, tokenizer = tiny_base
+    # the base was pre-trained on pages that end with EOS: with no stop string it must stop there by itself
+    result = generate_pages(model, tokenizer, DESCRIPTIONS[:1], max_new_tokens=900, stop_at_html_end=False)
+    assert result.new_tokens[0] < 900
+    assert result.pages[0].rstrip().endswith("</html>")
+
+
+def test_batched_equals_one_by_one_under_greedy(tiny_base):
+    model, tokenizer = tiny_base
+    batched = generate_pages(model, tokenizer, DESCRIPTIONS, max_new_tokens=80, batch_size=3)
+    single = generate_pages(model, tokenizer, DESCRIPTIONS, max_new_tokens=80, batch_size=1)
+    assert batched.pages == single.pages
+    assert batched.new_tokens == single.new_tokens
+
+
+def test_sampling_is_seeded(tiny_base):
+    model, tokenizer = tiny_base
+    a = generate_pages(model, tokenizer, DESCRIPTIONS[:1], max_new_tokens=30, do_sample=True, seed=1)
+    b = generate_pages(model, tokenizer, DESCRIPTIONS[:1], max_new_tokens=30, do_sample=True, seed=1)
+    assert a.pages == b.pages

@@ -1,0 +1,104 @@
+import datasets
+import pytest
+import torch
+
+from htmlgen_utils import train as train_module
+from htmlgen_utils.model import load_for_training
+from htmlgen_utils.packing import pack_splits
+from htmlgen_utils.train import NonFiniteLossError, latest_checkpoint, plan_steps, save_outputs, train
+
+
+@pytest.fixture(scope="module")
+def small_splits(bundled_rows):
+    def split(a, b):
+        return datasets.Dataset.from_list([{"label": r["label"], "html": r["html"]} for r in bundled_rows[a:b]])
+
+    return datasets.DatasetDict({"train": split(0, 120), "validation": split(120, 136), "test": split(136, 150)})
+
+
+def _setup(config, splits):
+    model, tokenizer = load_for_training(config)
+    packed, _ = pack_splits(splits, tokenizer, config)
+    return model, tokenizer, packed
+
+
+def test_training_lowers_validation_loss_and_saves_outputs(tiny_config, small_splits):
+    config = tiny_config.replace(max_steps=16, eval_every=16, learning_rate=2e-3)
+    model, tokenizer, packed = _setup(config, small_splits)
+    before = train_module.evaluate_blocks(model, packed["validation"], config, torch.device("cpu"))
+    state = train(model, tokenizer, packed, config, config.run_dir, resume=False)
+    after = [h for h in state.history if "eval_loss" in h][-1]
+    assert after["eval_loss"] < before["eval_loss"] - 0.3, (before, after)
+    assert state.step == 16 and state.skipped_steps == 0
+    steps = [h for h in state.history if "loss" in h]
+    assert steps[0]["lr"] < steps[3]["lr"]  # warm-up
+    assert steps[-1]["lr"] < steps[6]["lr"]  # cosine decay
+    adapter = save_outputs(model, tokenizer, config, state, config.run_dir)
+    assert (adapter / "adapter_model.safetensors").exists() and (adapter / "tokenizer_config.json").exists()
+    assert (adapter.parent / "htmlgen_config.json").exists() and (adapter.parent / "history.json").exists()
+
+
+def test_optimiser_steps_after_every_fourth_micro_batch(tiny_config, small_splits, monkeypatch):
+    config = tiny_config.replace(max_steps=5, checkpoint_every=0)
+    model, tokenizer, packed = _setup(config, small_splits)
+    events = []
+    model.register_forward_pre_hook(lambda module, args: events.append("micro"))
+    real_build = train_module.build_optimizer
+
+    def counting_optimizer(*args, **kwargs):
+        optimizer = real_build(*args, **kwargs)
+        optimizer.register_step_post_hook(lambda *_: events.append("step"))
+        return optimizer
+
+    monkeypatch.setattr(train_module, "build_optimizer", counting_optimizer)
+    monkeypatch.setattr(train_module, "evaluate_blocks", lambda *a, **k: {"eval_loss": 0.0, "eval_token_accuracy": 0.0})
+    train(model, tokenizer, packed, config, config.run_dir, resume=False)
+    assert events.count("step") == 5 and events.count("micro") == 20
+    assert events[:5] == ["micro"] * 4 + ["step"]  # never a step on the first micro-batch
+    assert all(events[i] == "step" for i in range(4, 25, 5))
+
+
+def test_resumed_run_matches_uninterrupted_run(tiny_config, small_splits, tmp_path):
+    config = tiny_config.replace(max_steps=6, eval_every=3, checkpoint_every=0, lora_dropout=0.1)
+    full_model, tokenizer, packed = _setup(config, small_splits)
+    full = train(full_model, tokenizer, packed, config, tmp_path / "full", resume=False)
+
+    first_model, _, _ = _setup(config, small_splits)
+    interrupted = train(first_model, tokenizer, packed, config, tmp_path / "resumed", stop_after_steps=3)
+    assert interrupted.step == 3 and latest_checkpoint(tmp_path / "resumed") is not None
+    del first_model
+    torch.manual_seed(12345)  # a fresh process would start from another RNG state: the checkpoint must restore it
+    second_model, _, _ = _setup(config, small_splits)
+    resumed = train(second_model, tokenizer, packed, config, tmp_path / "resumed", resume=True)
+
+    def losses(state):
+        return [round(h.get("loss", h.get("eval_loss")), 4) for h in state.history]
+
+    assert resumed.step == 6
+    assert len(resumed.history) == len(full.history)
+    assert losses(resumed) == pytest.approx(losses(full), abs=2e-3)
+
+
+def test_nonfinite_loss_is_skipped_then_stops_the_run(tiny_config, small_splits, tmp_path):
+    config = tiny_config.replace(max_steps=4, loss_scaling="on", checkpoint_every=0, max_nan_steps=3)
+    model, tokenizer, packed = _setup(config, small_splits)
+    state = train(model, tokenizer, packed, config, tmp_path / "once", resume=False,
+                  corrupt_loss=lambda micro_step: micro_step == 5)  # one micro-batch of the second step
+    steps = [h for h in state.history if "loss" in h]
+    assert state.skipped_steps == 1 and [h["skipped"] for h in steps] == [False, True, False, False]
+    assert steps[1]["loss_scale"] < steps[0]["loss_scale"]  # the scaler backed off
+    assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
+
+    model, tokenizer, packed = _setup(config.replace(max_steps=10), small_splits)
+    with pytest.raises(NonFiniteLossError, match="3 optimiser steps in a row"):
+        train(model, tokenizer, packed, config.replace(max_steps=10), tmp_path / "always", resume=False,
+              corrupt_loss=lambda micro_step: micro_step >= 4)
+    assert not (tmp_path / "always" / "adapter").exists()
+
+
+def test_plan_steps():
+    from htmlgen_utils.config import Config
+
+    config = Config.from_preset("tiny", micro_batch_size=2, gradient_accumulation_steps=4, max_steps=-1, epochs=2)
+    assert plan_steps(100, config) == (4, 12, 24)  # 50 micro-batches an epoch -> 12 whole groups of 4
+    assert plan_steps(3, config.replace(max_steps=7)) == (2, 1, 7)  # fewer batches than the accumulation
