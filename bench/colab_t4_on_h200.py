@@ -38,8 +38,10 @@ def build_checkpoint(path: Path) -> Path:
     config = LlamaConfig(**LLAMA2_7B, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     torch.manual_seed(0)
+    torch.set_default_dtype(torch.float16)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.float16)
+        model = LlamaForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     del model
@@ -72,11 +74,15 @@ def measure_training(model_path: Path, run_dir: Path, block_size: int, steps: in
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "peak_after_load_gib": round(after_load, 3),
               "final_loss": round(steps_log[-1]["loss"], 4), "skipped_steps": state.skipped_steps}
     del model, state
+    import gc
+
+    gc.collect()
     torch.cuda.empty_cache()
     return result
 
 
-def measure_generation(model_path: Path, run_dir: Path, prompts: list[str], seed_style_prompts: int) -> dict:
+def measure_generation(model_path: Path, run_dir: Path, prompts: list[str], seed_style_prompts: int,
+                       batches: tuple[int, ...] = (8, 16)) -> dict:
     from htmlgen_utils.config import Config
     from htmlgen_utils.generation import generate_pages
     from htmlgen_utils.model import load_for_training
@@ -88,14 +94,27 @@ def measure_generation(model_path: Path, run_dir: Path, prompts: list[str], seed
     generate_pages(model, tokenizer, prompts[:2], max_new_tokens=8, batch_size=2)  # warm-up
     seed_style = generate_pages(model, tokenizer, prompts[:seed_style_prompts], max_new_tokens=256, batch_size=1,
                                 stop_at_html_end=False)
-    ours = {}
-    for batch in (8, 32):
-        torch.cuda.synchronize()
-        ours[batch] = generate_pages(model, tokenizer, prompts, max_new_tokens=256, batch_size=batch)
+    print(f"seed-style: {seed_style.summary()}", flush=True)
+    ours, peaks = {}, {}
+    for batch in batches:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            ours[batch] = generate_pages(model, tokenizer, prompts, max_new_tokens=256, batch_size=batch)
+            peaks[batch] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        except torch.OutOfMemoryError:
+            peaks[batch] = "OOM under the 15 GiB cap"
+        print(f"generation batch {batch}: {ours[batch].summary() if batch in ours else peaks[batch]}", flush=True)
+    del model
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
     return {"seed_style_one_by_one_256": seed_style.summary(),
-            **{f"ours_batched_{b}": r.summary() for b, r in ours.items()},
-            "speedup_examples_per_s_batch8": round(ours[8].examples_per_s / seed_style.examples_per_s, 2),
-            "speedup_examples_per_s_batch32": round(ours[32].examples_per_s / seed_style.examples_per_s, 2)}
+            **{f"ours_batched_{b}": {**r.summary(), "peak_gib": peaks[b]} for b, r in ours.items()},
+            **{f"speedup_examples_per_s_batch{b}": round(r.examples_per_s / seed_style.examples_per_s, 2)
+               for b, r in ours.items()},
+            "peaks_gib": peaks}
 
 
 def main() -> None:
@@ -105,24 +124,28 @@ def main() -> None:
     parser.add_argument("--blocks", default="2048,4096")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--seed-style-prompts", type=int, default=4)
+    parser.add_argument("--gen-batches", default="8,16")
     args = parser.parse_args()
     import transformers, peft, bitsandbytes  # noqa: E401
 
-    torch.cuda.set_per_process_memory_fraction(T4_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     started = time.perf_counter()
-    model_path = build_checkpoint(args.work / "llama2-7b-shaped")
+    model_path = build_checkpoint(args.work / "llama2-7b-shaped")  # uncapped: the fp16 build needs 13.5 GB
+    torch.cuda.set_per_process_memory_fraction(T4_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    torch.cuda.reset_peak_memory_stats()
     report = {"gpu": torch.cuda.get_device_name(0), "memory_cap_gib": T4_GIB, "torch": torch.__version__,
               "transformers": transformers.__version__, "peft": peft.__version__,
               "bitsandbytes": bitsandbytes.__version__, "date": time.strftime("%Y-%m-%d"),
               "build_checkpoint_s": round(time.perf_counter() - started, 1), "training": []}
-    for block in [int(b) for b in args.blocks.split(",")]:
+    from htmlgen_utils.config import Config
+    from htmlgen_utils.data import load_splits
+
+    test = load_splits(Config.from_preset("colab-t4"))[0]["test"]
+    prompts = list(test["label"][:32])
+    report["generation"] = measure_generation(model_path, args.work / "gen", prompts, args.seed_style_prompts,
+                                              tuple(int(b) for b in args.gen_batches.split(",")))
+    for block in [int(b) for b in args.blocks.split(",") if b]:
         report["training"].append(measure_training(model_path, args.work / f"run-{block}", block, args.steps))
         print(json.dumps(report["training"][-1]), flush=True)
-    from htmlgen_utils.data import load_saved_splits
-
-    test = load_saved_splits(args.work / f"run-{args.blocks.split(',')[0]}")["test"]
-    prompts = list(test["label"][:32])
-    report["generation"] = measure_generation(model_path, args.work / "gen", prompts, args.seed_style_prompts)
     report["total_s"] = round(time.perf_counter() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "colab_t4_on_h200.json").write_text(json.dumps(report, indent=2) + "\n")

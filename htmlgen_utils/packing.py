@@ -210,8 +210,17 @@ def make_dataloader(blocks: datasets.Dataset, batch_size: int, shuffle: bool = F
         generator = torch.Generator().manual_seed(seed * 1000 + epoch)
         order = torch.randperm(len(blocks), generator=generator).tolist()
     order = order[skip_batches * batch_size:]
-    subset = blocks.select(order).with_format("torch", columns=["input_ids", "labels", "position_ids"])
-    return DataLoader(subset, batch_size=batch_size, shuffle=False)
+    subset = blocks.select(order).select_columns(list(BLOCK_COLUMNS))
+    return DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_blocks)
+
+
+BLOCK_COLUMNS = ("input_ids", "labels", "position_ids")
+
+
+def collate_blocks(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Rows of equal-length blocks -> a dict of (batch, block_size) LongTensors. (Plain lists, not datasets'
+    torch formatter, which imports torchvision and breaks where that is installed without its video parts.)"""
+    return {k: torch.tensor([row[k] for row in rows], dtype=torch.long) for k in BLOCK_COLUMNS}
 
 
 def batches_per_epoch(blocks: datasets.Dataset, batch_size: int) -> int:

@@ -17,7 +17,7 @@ IFRAME_STYLE = "border:1px solid #ccc;border-radius:4px;background:#fff"
 
 def iframe_html(page: str, height: int = 360, width: str = "100%", title: str = "generated page") -> str:
     """A fully sandboxed iframe holding `page` (escaped into srcdoc)."""
-    return (f'<iframe sandbox="" referrerpolicy="no-referrer" loading="lazy" title="{html.escape(title)}" '
+    return (f'<iframe sandbox="" referrerpolicy="no-referrer" title="{html.escape(title)}" '
             f'srcdoc="{html.escape(page, quote=True)}" style="width:{width};height:{height}px;{IFRAME_STYLE}">'
             f"</iframe>")
 
@@ -42,7 +42,7 @@ def show_page(page: str, height: int = 360):
 def gallery_html(rows: Iterable[dict], height: int = 320, score_keys: tuple[str, ...] = (
         "rougeL", "text_rougeL", "tag_similarity", "well_formed")) -> str:
     """Reference vs generated, side by side, one row per example with its scores."""
-    parts = ['<div class="htmlgen-gallery">']
+    parts = ['<div class="htmlgen-gallery" id="htmlgen-gallery">']
     for index, row in enumerate(rows):
         scores = ", ".join(
             f"{k} {row[k]:.2f}" if isinstance(row.get(k), float) else f"{k} {row.get(k)}"
