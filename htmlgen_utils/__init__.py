@@ -13,3 +13,9 @@ One module per stage of the data flow:
 """
 
 __version__ = "0.1.0"
+
+import logging as _logging
+
+# bitsandbytes announces, on every CPU import, that an optional hub-hosted CPU kernel is missing; the standard
+# kernels it falls back to are what we use, so the notice is noise in every notebook.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
