@@ -192,7 +192,10 @@ def find_chromium() -> str | None:
 
 def screenshot(page: str, out_png: str | Path, width: int = 800, height: int = 600, chromium: str | None = None,
                timeout: float = 60.0) -> Path:
-    """Render `page` headless with JavaScript off and no network, and save a PNG of the viewport."""
+    """Render `page` headless and save a PNG of the viewport. The page is shown the way the notebooks show it, in a
+    sandboxed iframe (no scripts, no same origin) filling the window, and the browser has no network."""
+    from .rendering import iframe_html
+
     chromium = chromium or find_chromium()
     if chromium is None:
         raise RuntimeError("No Chromium found: install Debian's `chromium` (apt-get install chromium), or on Colab "
@@ -200,10 +203,12 @@ def screenshot(page: str, out_png: str | Path, width: int = 800, height: int = 6
     out_png = Path(out_png).resolve()
     with tempfile.TemporaryDirectory() as tmp:
         html_file = Path(tmp) / "page.html"
-        html_file.write_text(page, encoding="utf-8")
+        html_file.write_text("<!DOCTYPE html><html><head><style>html,body{margin:0;overflow:hidden}</style></head>"
+                             f"<body>{iframe_html(page, height, f'{width}px', style='border:0;display:block')}"
+                             "</body></html>", encoding="utf-8")
         command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                    "--disable-component-update", "--no-first-run", "--disable-sync", "--hide-scrollbars",
-                   "--blink-settings=scriptEnabled=false", f"--user-data-dir={tmp}/profile",
+                   "--virtual-time-budget=2000", f"--user-data-dir={tmp}/profile",
                    f"--window-size={width},{height}", f"--screenshot={out_png}", html_file.as_uri()]
         subprocess.run(command, check=True, capture_output=True, timeout=timeout)
     if not out_png.exists():

@@ -15,10 +15,11 @@ from typing import Iterable
 IFRAME_STYLE = "border:1px solid #ccc;border-radius:4px;background:#fff"
 
 
-def iframe_html(page: str, height: int = 360, width: str = "100%", title: str = "generated page") -> str:
+def iframe_html(page: str, height: int = 360, width: str = "100%", title: str = "generated page",
+                style: str = IFRAME_STYLE) -> str:
     """A fully sandboxed iframe holding `page` (escaped into srcdoc)."""
     return (f'<iframe sandbox="" referrerpolicy="no-referrer" title="{html.escape(title)}" '
-            f'srcdoc="{html.escape(page, quote=True)}" style="width:{width};height:{height}px;{IFRAME_STYLE}">'
+            f'srcdoc="{html.escape(page, quote=True)}" style="width:{width};height:{height}px;{style}">'
             f"</iframe>")
 
 

@@ -55,3 +55,24 @@ def test_sampling_is_seeded(tiny_base):
     a = generate_pages(model, tokenizer, DESCRIPTIONS[:1], max_new_tokens=30, do_sample=True, seed=1)
     b = generate_pages(model, tokenizer, DESCRIPTIONS[:1], max_new_tokens=30, do_sample=True, seed=1)
     assert a.pages == b.pages
+
+
+def test_streaming_gives_the_same_page_as_greedy_generation(tiny_base):
+    from htmlgen_utils.generation import stream_page
+
+    model, tokenizer = tiny_base
+    streamed = "".join(stream_page(model, tokenizer, DESCRIPTIONS[1], max_new_tokens=40))
+    batch = generate_pages(model, tokenizer, DESCRIPTIONS[1:2], max_new_tokens=40)
+    assert clean_page(streamed) == batch.pages[0] and batch.pages[0]
+
+
+def test_playground_button_renders_a_sandboxed_page(tiny_base):
+    from htmlgen_utils.rendering import playground
+
+    model, tokenizer = tiny_base
+    box = playground(model, tokenizer, max_new_tokens=32)
+    text, controls, status, preview = box.children
+    text.value = DESCRIPTIONS[2]
+    controls.children[0].click()
+    assert "characters" in status.value
+    assert '<iframe sandbox=""' in preview.value

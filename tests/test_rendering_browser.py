@@ -70,3 +70,13 @@ def test_gallery_renders_pages(tmp_path, bundled_rows):
     with_pages = screenshot_url(page.as_uri(), tmp_path / "with.png", 1100, 700)
     without = screenshot_url(empty.as_uri(), tmp_path / "without.png", 1100, 700)
     assert nonblank_fraction(with_pages) > nonblank_fraction(without) + 0.02
+
+
+def test_visual_similarity(bundled_rows):
+    require_chromium()
+    from htmlgen_utils.evaluation import visual_similarity
+
+    dark = next(r["html"] for r in bundled_rows if r["scheme"] == "dark")
+    light = next(r["html"] for r in bundled_rows if r["scheme"] == "gray")
+    assert visual_similarity(light, light) == 1.0
+    assert visual_similarity(dark, light) < 0.8
