@@ -200,8 +200,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         model_id=str(TINY_BASE_DIR), precision="fp32", gradient_checkpointing=False,
         block_size=2048, max_example_tokens=1024, micro_batch_size=1, gradient_accumulation_steps=4,
-        learning_rate=1e-3, warmup_steps=3, epochs=1, max_steps=20, eval_every=10, max_eval_batches=8,
-        checkpoint_every=10, max_test_examples=12, max_new_tokens=700, generation_batch_size=12,
+        learning_rate=1e-3, warmup_steps=3, epochs=1, max_steps=16, eval_every=8, max_eval_batches=6,
+        checkpoint_every=8, max_test_examples=12, max_new_tokens=700, generation_batch_size=12,
         run_dir="runs/tiny", wandb_mode="disabled",
     ),
 }
