@@ -222,6 +222,3 @@ def collate_blocks(rows: list[dict]) -> dict[str, torch.Tensor]:
     torch formatter, which imports torchvision and breaks where that is installed without its video parts.)"""
     return {k: torch.tensor([row[k] for row in rows], dtype=torch.long) for k in BLOCK_COLUMNS}
 
-
-def batches_per_epoch(blocks: datasets.Dataset, batch_size: int) -> int:
-    return -(-len(blocks) // batch_size)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import shutil
@@ -27,7 +26,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .config import Config
 from .model import autocast_context, device_for, hf_token, load_for_training, resolve_precision
-from .packing import IGNORE_INDEX, batches_per_epoch, load_packed, make_dataloader
+from .packing import IGNORE_INDEX, load_packed, make_dataloader
 
 CHECKPOINT_DIR = "checkpoints"
 TRAINING_STATE = "training_state.pt"

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from htmlgen_utils.config import Config
 from htmlgen_utils.generation import clean_page, generate_pages
