@@ -178,6 +178,11 @@ def visible_text(page: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- visual score
+# Headless, no network, no first-run work; each call also gets a fresh --user-data-dir.
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run", "--disable-sync", "--hide-scrollbars")
+
+
 def find_chromium() -> str | None:
     """Debian's `chromium`, another Chrome on PATH, $HTMLGEN_CHROMIUM, or Playwright's download (Colab)."""
     candidates = [os.environ.get("HTMLGEN_CHROMIUM", ""), "chromium", "chromium-browser", "google-chrome",
@@ -206,8 +211,7 @@ def screenshot(page: str, out_png: str | Path, width: int = 800, height: int = 6
         html_file.write_text("<!DOCTYPE html><html><head><style>html,body{margin:0;overflow:hidden}</style></head>"
                              f"<body>{iframe_html(page, height, f'{width}px', style='border:0;display:block')}"
                              "</body></html>", encoding="utf-8")
-        command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                   "--disable-component-update", "--no-first-run", "--disable-sync", "--hide-scrollbars",
+        command = [chromium, *CHROMIUM_FLAGS,
                    "--virtual-time-budget=2000", f"--user-data-dir={tmp}/profile",
                    f"--window-size={width},{height}", f"--screenshot={out_png}", html_file.as_uri()]
         subprocess.run(command, check=True, capture_output=True, timeout=timeout)

@@ -1,14 +1,7 @@
 """Helpers the notebooks share: turning the parameters cell into a `Config`, and small display tables."""
 from __future__ import annotations
 
-import sys
-
 from .config import Config
-
-
-def in_colab() -> bool:
-    return "google.colab" in sys.modules
-
 
 def setup(preset: str = "auto", run_dir: str = "runs/notebooks", dataset: str = "bundled",
           overrides: dict | None = None) -> Config:

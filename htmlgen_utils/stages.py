@@ -50,7 +50,8 @@ def evaluate_run(config: Config, compare_base: bool = True, visual: bool = False
 
     generation, table, summary = generate_and_score()
     device = next(model.parameters()).device
-    teacher_forced = evaluate_blocks(model, load_packed(run_dir)["test"], trained_config, device)
+    test_blocks = load_packed(run_dir)["test"]
+    teacher_forced = evaluate_blocks(model, test_blocks, trained_config, device)
     metrics = {**summary, "eval_loss": teacher_forced["eval_loss"],
                "token_accuracy": teacher_forced["eval_token_accuracy"], "eval_split": "test",
                "generation": generation.summary()}
@@ -63,7 +64,7 @@ def evaluate_run(config: Config, compare_base: bool = True, visual: bool = False
     if compare_base:
         with model.disable_adapter():
             _, base_table, base_summary = generate_and_score()
-            base_forced = evaluate_blocks(model, load_packed(run_dir)["test"], trained_config, device)
+            base_forced = evaluate_blocks(model, test_blocks, trained_config, device)
         metrics["base_model"] = {**base_summary, "eval_loss": base_forced["eval_loss"],
                                  "token_accuracy": base_forced["eval_token_accuracy"]}
     write_metrics(run_dir, metrics)

@@ -9,10 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from htmlgen_utils.evaluation import find_chromium
-
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-sync", "--hide-scrollbars"]
+from htmlgen_utils.evaluation import CHROMIUM_FLAGS, find_chromium
 
 
 def require_chromium() -> str:
@@ -26,7 +23,7 @@ def require_chromium() -> str:
 
 def _run(args: list[str], timeout: float = 90) -> str:
     with tempfile.TemporaryDirectory() as profile:
-        result = subprocess.run([require_chromium(), *FLAGS, f"--user-data-dir={profile}", *args],
+        result = subprocess.run([require_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
                                 capture_output=True, text=True, timeout=timeout)
     return result.stdout
 
