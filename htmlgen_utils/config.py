@@ -21,6 +21,11 @@ PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 LOSS_SCALING = ("auto", "on", "off")
 WANDB_MODES = ("disabled", "offline", "online", "auto")
 LONG_PAGE_POLICIES = ("truncate", "drop")
+SWITCH_MODES = ("auto", "on", "off")
+# `auto` switches the long-block levers on from this block size. Measured on the 7B shape (bench/README.md):
+# below it the layer checkpoints (0.5 GiB at 2048) and the block mask are small and the plain path is faster;
+# at 16384 offloading is what lets a T4 train at all, and per-example attention saves 0.75 GiB at equal speed
+LONG_BLOCK_TOKENS = 16384
 
 
 @dataclass
@@ -34,6 +39,12 @@ class Config:
     precision: str = "auto"  # auto | fp16 | bf16 | fp32: compute dtype and autocast mode
     gradient_checkpointing: bool = True
     loss_scaling: str = "auto"  # auto = GradScaler exactly when precision is fp16 | on | off
+    # --- memory & speed levers (bench/README.md measures each) ---
+    packed_attention: str = "auto"  # per-example attention, no block x block mask: auto = blocks >= 16384 | on | off
+    loss_chunk_tokens: int = 1024  # vocabulary projection + loss this many tokens at a time; 0 = whole block
+    embeddings_in_compute_dtype: bool = True  # keep the frozen embeddings/head in fp16/bf16, not fp32
+    offload_activations: str = "auto"  # park layer checkpoints in CPU memory (CUDA): auto = blocks >= 16384 | on | off
+    compile_generation: bool = False  # static KV cache + compiled decode step (CUDA; first call compiles)
     # --- data ---
     dataset: str = BUNDLED_DATASET  # "bundled", a hub id, or a local .json/.jsonl/.csv file
     label_column: str = "label"  # the description column
@@ -91,7 +102,7 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(name, "must be a whole number >= 1")
-        for name in ("warmup_steps", "checkpoint_every", "seed"):
+        for name in ("warmup_steps", "checkpoint_every", "seed", "loss_chunk_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 fail(name, "must be a whole number >= 0")
@@ -115,6 +126,12 @@ class Config:
             fail("precision", f"must be one of {PRECISIONS}")
         if self.loss_scaling not in LOSS_SCALING:
             fail("loss_scaling", f"must be one of {LOSS_SCALING}")
+        for name in ("offload_activations", "packed_attention"):
+            if getattr(self, name) not in SWITCH_MODES:
+                fail(name, f"must be one of {SWITCH_MODES}")
+        for name in ("embeddings_in_compute_dtype", "compile_generation"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be true or false")
         if self.wandb_mode not in WANDB_MODES:
             fail("wandb_mode", f"must be one of {WANDB_MODES}")
         if self.long_page_policy not in LONG_PAGE_POLICIES:
@@ -143,6 +160,11 @@ class Config:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+    def long_block_lever(self, name: str) -> bool:
+        """Whether an `auto | on | off` lever (`offload_activations`, `packed_attention`) is on for this run."""
+        value = getattr(self, name)
+        return value == "on" or (value == "auto" and self.block_size >= LONG_BLOCK_TOKENS)
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -187,14 +209,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         model_id="meta-llama/Llama-2-7b-hf", precision="fp16", gradient_checkpointing=True,
         block_size=2048, max_example_tokens=2048, micro_batch_size=1, gradient_accumulation_steps=4,
         epochs=1, max_steps=-1, eval_every=50, checkpoint_every=50, max_new_tokens=1024,
-        generation_batch_size=8, run_dir="runs/colab-t4",
+        generation_batch_size=8, compile_generation=True, run_dir="runs/colab-t4",
     ),
     # Ampere or newer (A100, L4, H100): bf16 needs no loss scaling, so a bigger micro-batch.
     "ampere-bf16": dict(
         model_id="meta-llama/Llama-2-7b-hf", precision="bf16", gradient_checkpointing=True,
         block_size=2048, max_example_tokens=2048, micro_batch_size=4, gradient_accumulation_steps=4,
         epochs=1, max_steps=-1, eval_every=50, checkpoint_every=50, max_new_tokens=1024,
-        generation_batch_size=32, run_dir="runs/ampere-bf16",
+        generation_batch_size=32, compile_generation=True, run_dir="runs/ampere-bf16",
     ),
     # The small pre-trained Llama shipped with the package, on CPU: what tests, CI and GPU-less machines run.
     "tiny": dict(

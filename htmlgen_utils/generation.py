@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -47,6 +49,55 @@ def clean_page(text: str) -> str:
     return text.strip()
 
 
+@contextmanager
+def compiled_decoding(model):
+    """Let `generate` compile its decode step for our 4-bit model.
+
+    With a static KV cache, transformers compiles the one-token forward (`mode="reduce-overhead"`: CUDA graphs)
+    on CUDA, which removes the per-token Python and kernel-launch overhead that bounds 4-bit + LoRA decoding
+    (hundreds of small kernels a token). It refuses for every bitsandbytes model, a rule older than
+    bitsandbytes' own support (4-bit layers compile since 0.46 with torch >= 2.8 and run in CUDA graphs since
+    0.44), so the model's quantizer is hidden from that one check for the duration of the call. The first
+    call of each batch size compiles (tens of seconds); later calls reuse it.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    quantizer = getattr(base, "hf_quantizer", None)
+    base.hf_quantizer = None
+    try:
+        yield
+    finally:
+        base.hf_quantizer = quantizer
+
+
+def wants_compiled_decode(model, config) -> bool:
+    """The config's `compile_generation`, on CUDA only (on CPU there is nothing to gain from compiling)."""
+    return bool(config.compile_generation) and next(model.parameters()).device.type == "cuda"
+
+
+CACHE_LENGTH_STEP = 256  # static caches are sized in steps of this, so prompts of similar length share one
+
+
+def static_cache(model, batch_size: int, tokens: int):
+    """A static KV cache for `batch_size` rows of up to `tokens` (rounded up), kept on the model and reused:
+    the compiled decode step is specialised to its tensors, so a new cache would mean a new compilation."""
+    from transformers import StaticCache
+
+    length = -(-tokens // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP
+    caches = model.__dict__.setdefault("_htmlgen_static_caches", {})
+    key = (batch_size, length)
+    if key not in caches:
+        caches[key] = StaticCache(config=model.config, max_cache_len=length)
+    caches[key].reset()
+    return caches[key]
+
+
+def _generate_with_cache(model, cache, **kwargs):
+    """`generate` with our static cache (passed as `past_key_values`, the name every transformers 4.56-5.x takes)."""
+    with compiled_decoding(model), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+        return model.generate(**kwargs, past_key_values=cache)
+
+
 def _generation_kwargs(tokenizer, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
                        stop_at_html_end: bool) -> dict:
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
@@ -63,15 +114,20 @@ def _generation_kwargs(tokenizer, max_new_tokens: int, do_sample: bool, temperat
 @torch.no_grad()
 def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: int = 1024, batch_size: int = 8,
                    do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.95,
-                   stop_at_html_end: bool = True, seed: int = 0) -> GenerationResult:
+                   stop_at_html_end: bool = True, seed: int = 0, compile_decode: bool = False) -> GenerationResult:
     """Pages for `descriptions`, in their order. Prompts are batched by similar length to waste little
-    padding; greedy by default (deterministic), sampling with `do_sample=True`."""
+    padding; greedy by default (deterministic), sampling with `do_sample=True`.
+
+    `compile_decode` uses a static KV cache and (on CUDA) a compiled decode step, see `compiled_decoding`;
+    every batch then has the same size (the last one is filled up with repeats, whose pages are dropped) and
+    one cache, sized for the longest prompt, so one compiled step serves every batch."""
     if not descriptions:
         raise ValueError("generate_pages needs at least one description")
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
     prompts = [build_prompt(d) for d in descriptions]
-    order = sorted(range(len(prompts)), key=lambda i: len(tokenizer(prompts[i]).input_ids))
+    lengths = [len(tokenizer(p).input_ids) for p in prompts]
+    order = sorted(range(len(prompts)), key=lengths.__getitem__)
     pages: list[str] = [""] * len(prompts)
     counts: list[int] = [0] * len(prompts)
     kwargs = _generation_kwargs(tokenizer, max_new_tokens, do_sample, temperature, top_p, stop_at_html_end)
@@ -81,9 +137,14 @@ def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: in
     started = time.perf_counter()
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        inputs = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True).to(device)
-        output = model.generate(**inputs, **kwargs)
-        new = output[:, inputs["input_ids"].shape[1]:]
+        filled = rows + rows[-1:] * (batch_size - len(rows)) if compile_decode and len(order) > batch_size else rows
+        inputs = tokenizer([prompts[i] for i in filled], return_tensors="pt", padding=True).to(device)
+        if compile_decode:
+            cache = static_cache(model, len(filled), max(lengths) + max_new_tokens)
+            output = _generate_with_cache(model, cache, **inputs, **kwargs)
+        else:
+            output = model.generate(**inputs, **kwargs)
+        new = output[:len(rows), inputs["input_ids"].shape[1]:]
         for row, ids in zip(rows, new):
             ids = ids.tolist()
             # tokens up to and including the first EOS; rows that finished early are padded after it
@@ -97,12 +158,12 @@ def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: in
     if was_training:
         model.train()
     settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                "stop_at_html_end": stop_at_html_end}
+                "stop_at_html_end": stop_at_html_end, "compile_decode": compile_decode}
     return GenerationResult(pages, counts, seconds, settings)
 
 
 def stream_page(model, tokenizer, description: str, max_new_tokens: int = 1024, do_sample: bool = False,
-                temperature: float = 0.7, top_p: float = 0.95) -> Iterator[str]:
+                temperature: float = 0.7, top_p: float = 0.95, compile_decode: bool = False) -> Iterator[str]:
     """Yield the page's text piece by piece as it is generated (for the playground)."""
     from transformers import TextIteratorStreamer
 
@@ -111,7 +172,15 @@ def stream_page(model, tokenizer, description: str, max_new_tokens: int = 1024, 
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = _generation_kwargs(tokenizer, max_new_tokens, do_sample, temperature, top_p, True)
     model.eval()
-    worker = threading.Thread(target=model.generate, kwargs={**inputs, **kwargs, "streamer": streamer}, daemon=True)
+
+    def write() -> None:
+        if compile_decode:
+            cache = static_cache(model, 1, inputs["input_ids"].shape[1] + max_new_tokens)
+            _generate_with_cache(model, cache, **inputs, **kwargs, streamer=streamer)
+        else:
+            model.generate(**inputs, **kwargs, streamer=streamer)
+
+    worker = threading.Thread(target=write, daemon=True)
     worker.start()
     for piece in streamer:
         yield piece

@@ -8,7 +8,7 @@ the training loop), bfloat16 on Ampere or newer, float32 on CPU.
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +130,8 @@ def prepare_for_training(model, config: Config):
             model, use_gradient_checkpointing=config.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+        if config.embeddings_in_compute_dtype:
+            keep_frozen_embeddings_in(model, compute_dtype(config.precision))
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -137,6 +139,24 @@ def prepare_for_training(model, config: Config):
     model = get_peft_model(model, create_peft_config(find_linear_layer_names(model), config))
     _keep_cpu_4bit_layers_differentiable(model)
     return model
+
+
+def keep_frozen_embeddings_in(model, dtype: torch.dtype) -> None:
+    """Undo k-bit preparation's fp32 upcast of the frozen input embeddings and output head.
+
+    `prepare_model_for_kbit_training` casts every non-quantised weight to fp32. For the norms that is cheap and
+    helps stability; for Llama-2-7B's embeddings and head it costs 0.5 GiB of weights, a fp16 copy of the head
+    that autocast makes on every forward, and a fp32 residual stream (so every layer checkpoint is twice the size).
+    Both stay frozen and autocast runs the head in fp16/bf16 anyway, so the loss is unchanged within rounding.
+    """
+    if dtype == torch.float32:
+        return
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None and not module.weight.requires_grad:
+            module.to(dtype)
+    head = model.get_output_embeddings()
+    if head is not None:  # the fp32 final norm feeds it; outside autocast (generation) match the head's dtype
+        head.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
 
 
 def _keep_cpu_4bit_layers_differentiable(model) -> None:
@@ -149,6 +169,82 @@ def _keep_cpu_4bit_layers_differentiable(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+# ---------------------------------------------------------------------------------------------- packed attention
+PACKED_ATTENTION = "htmlgen_packed_sdpa"
+_spans_cache: list = [None, None, None]  # (position ids, their memory and shape, spans)
+
+
+def example_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """For each row of a packed batch, the [start, end) of every example (position ids restart at 0 for each).
+
+    Read once per forward (one small device-to-host copy, which waits for the GPU) and reused by every layer
+    and by checkpoint recompute, which get the same ids, sometimes as a new view: the cache is keyed on the
+    memory and shape and holds the tensor, so that memory cannot be reused by another batch meanwhile."""
+    key = (position_ids.data_ptr(), tuple(position_ids.shape), position_ids.device)
+    if _spans_cache[1] == key:
+        return _spans_cache[2]
+    spans = []
+    for row in position_ids.tolist():
+        starts = [i for i, position in enumerate(row) if position == 0] or [0]
+        spans.append(list(zip(starts, starts[1:] + [len(row)])))
+    _spans_cache[:] = [position_ids, key, spans]
+    return spans
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                          position_ids: torch.Tensor | None = None, **kwargs):
+    """Attention for packed blocks without a [block x block] mask: causal SDPA on each example on its own.
+
+    transformers turns restarting position ids into a block-diagonal 4-D mask: 1 GiB (bool) at 32768 tokens,
+    and SDPA must then compute every masked-out score and cannot use its FlashAttention kernel. Cutting the
+    block at the example boundaries gives the same result (each token sees only its own example, causally)
+    with plain `is_causal` SDPA: no mask tensor, and attention work that grows with the examples' lengths
+    squared instead of the block's. Anything that is not a packed training block (a padding mask, a KV cache,
+    one query token) goes to transformers' own SDPA path unchanged.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2] or query.shape[2] == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    spans_per_row = example_spans(position_ids)
+    if len(spans_per_row) != query.shape[0]:  # one row of position ids shared by the whole batch
+        spans_per_row = spans_per_row[:1] * query.shape[0]
+    rows = []
+    for row, spans in enumerate(spans_per_row):
+        pieces = [sdpa_attention_forward(module, query[row:row + 1, :, a:b], key[row:row + 1, :, a:b],
+                                         value[row:row + 1, :, a:b], None, dropout=dropout, scaling=scaling)[0]
+                  for a, b in spans]
+        rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
+    return (rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)), None
+
+
+def _register_packed_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+    # like FlashAttention's: no 4-D mask at all when nothing is padded
+    AttentionMaskInterface.register(PACKED_ATTENTION, flash_attention_mask)
+
+
+_register_packed_attention()
+
+
+@contextmanager
+def packed_attention(model, enabled: bool = True):
+    """Run the model with `packed_sdpa_attention` inside the block (training and teacher-forced evaluation,
+    forward and backward: checkpoint recompute must see the same attention), and restore its own after."""
+    config = model.config
+    previous = config._attn_implementation
+    if enabled and previous == "sdpa":
+        config._attn_implementation = PACKED_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 def load_for_training(config: Config):

@@ -68,7 +68,7 @@ def show_gallery(table, limit: int = 6, height: int = 320):
 
 
 def playground(model, tokenizer, max_new_tokens: int = 1024, default: str = "A minimalist landing page with a "
-               "download button"):
+               "download button", compile_decode: bool = False):
     """An ipywidgets playground: type a description, press Generate, see the page (streamed source, then the
     sandboxed preview). Works in Jupyter and Colab; returns the widget box."""
     import ipywidgets as widgets
@@ -88,7 +88,8 @@ def playground(model, tokenizer, max_new_tokens: int = 1024, default: str = "A m
         status.value = "generating…"
         page = ""
         try:
-            for count, piece in enumerate(stream_page(model, tokenizer, text.value, tokens.value, sample.value), 1):
+            for count, piece in enumerate(stream_page(model, tokenizer, text.value, tokens.value, sample.value,
+                                                                  compile_decode=compile_decode), 1):
                 page += piece
                 if count % 16 == 0:
                     preview.value = f"<pre style='white-space:pre-wrap;font-size:11px'>{html.escape(page)}</pre>"

@@ -41,8 +41,9 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def create_app(model, tokenizer, max_new_tokens_cap: int = 1024, default_max_new_tokens: int | None = None,
-               max_waiting: int = 32, description: str = "") -> FastAPI:
-    """The API around an already loaded model (tests build it around the tiny model)."""
+               max_waiting: int = 32, description: str = "", compile_decode: bool = False) -> FastAPI:
+    """The API around an already loaded model (tests build it around the tiny model). `compile_decode`: the
+    static-cache, compiled decode step (`generation.compiled_decoding`) for every request."""
     from .generation import generate_pages
 
     app = FastAPI(title="htmlgen", docs_url=None, redoc_url=None, openapi_url=None)
@@ -88,7 +89,8 @@ def create_app(model, tokenizer, max_new_tokens_cap: int = 1024, default_max_new
             with lock:  # one generation at a time on the one model
                 temperature = float(body.temperature or 0.0)
                 result = generate_pages(model, tokenizer, [body.user_prompt], max_new_tokens=tokens, batch_size=1,
-                                        do_sample=temperature > 0, temperature=temperature or 1.0)
+                                        do_sample=temperature > 0, temperature=temperature or 1.0,
+                                        compile_decode=compile_decode)
         except Exception as error:  # never let one request take the server down
             counters["errors"] += 1
             return _error(500, f"generation failed: {type(error).__name__}: {error}")
@@ -134,10 +136,12 @@ document.getElementById('go').onclick = async () => {
 
 
 def load_app(run_dir: str | Path, max_waiting: int = 32) -> FastAPI:
+    from .generation import wants_compiled_decode
     from .model import load_trained
 
     model, tokenizer, config = load_trained(run_dir)
     return create_app(model, tokenizer, max_new_tokens_cap=max(config.max_new_tokens, 32),
+                      compile_decode=wants_compiled_decode(model, config),
                       default_max_new_tokens=config.max_new_tokens, max_waiting=max_waiting,
                       description=f"{config.model_id} + adapter from {Path(run_dir).name}")
 

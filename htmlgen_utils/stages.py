@@ -11,7 +11,7 @@ from pathlib import Path
 from .config import Config
 from .data import DataReport, load_saved_splits, load_splits, save_splits
 from .evaluation import score_pages, write_metrics
-from .generation import generate_pages
+from .generation import generate_pages, wants_compiled_decode
 from .model import load_tokenizer, load_trained
 from .packing import PackingStats, load_packed, pack_splits, save_packed
 from .train import evaluate_blocks
@@ -44,7 +44,8 @@ def evaluate_run(config: Config, compare_base: bool = True, visual: bool = False
 
     def generate_and_score():
         result = generate_pages(model, tokenizer, descriptions, trained_config.max_new_tokens,
-                                trained_config.generation_batch_size)
+                                trained_config.generation_batch_size,
+                                compile_decode=wants_compiled_decode(model, trained_config))
         table, summary = score_pages(descriptions, result.pages, references, visual=visual)
         return result, table, summary
 

@@ -15,17 +15,19 @@ import os
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .config import Config
-from .model import autocast_context, device_for, hf_token, load_for_training, resolve_precision
+from .model import autocast_context, device_for, hf_token, load_for_training, packed_attention, resolve_precision
 from .packing import IGNORE_INDEX, load_packed, make_dataloader
 
 CHECKPOINT_DIR = "checkpoints"
@@ -65,9 +67,88 @@ def use_grad_scaler(config: Config) -> bool:
     return config.loss_scaling == "on"
 
 
+def _decoder_outputs(model, batch: dict) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """(output head, final hidden states of positions 0..n-2, the tokens they predict at 1..n-1), flattened.
+
+    Runs the decoder without its head; `use_cache=False` matters: with a KV cache transformers ignores the
+    restarting position ids and lets packed examples attend to each other."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal_lm.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                             use_cache=False).last_hidden_state
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = batch["labels"][:, 1:].reshape(-1)  # the one shift: position t predicts token t + 1
+    return causal_lm.get_output_embeddings(), hidden, targets
+
+
+def _chunk_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def next_token_loss(model, batch: dict, chunk_tokens: int) -> torch.Tensor:
+    """Mean cross-entropy of every labelled position against the next token: the model's own causal-LM loss.
+
+    `chunk_tokens=0` asks the model for it (the block's whole fp32 [tokens, 32000] logits exist at once:
+    0.25 GiB at 2048 tokens, 4 GiB at 32768, plus their gradient). Otherwise the head and the loss run
+    `chunk_tokens` positions at a time under checkpointing, so only one chunk's logits ever exist; the
+    backward pass recomputes each chunk's logits (one extra head matmul, ~2% of a 7B step's FLOPs)."""
+    if chunk_tokens <= 0:
+        return model(**batch, use_cache=False).loss
+    head, hidden, targets = _decoder_outputs(model, batch)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk_tokens):
+        piece = slice(start, start + chunk_tokens)
+        total = total + checkpoint(_chunk_loss_sum, head, hidden[piece], targets[piece], use_reentrant=False)
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+class offload_activations(torch.autograd.graph.saved_tensors_hooks):
+    """Inside this context, residual-stream tensors saved for backward (the layer checkpoints: one
+    [batch, block, hidden] tensor per layer) wait in pinned CPU memory instead of on the GPU.
+
+    With gradient checkpointing those checkpoints are most of what grows with the block: 32 x 2048 x 4096 fp16
+    = 0.5 GiB at 2048 tokens, 8 GiB at 32768. Only tensors on `device_type` whose last dimension is the hidden
+    size move; masks, rotary tables and ids stay (they are shared by every layer). The copies are asynchronous
+    and come back in backward, layer by layer.
+    """
+
+    def __init__(self, hidden_size: int, device_type: str = "cuda"):
+        self.offloaded = 0
+
+        def pack(tensor: torch.Tensor):
+            if (tensor.device.type != device_type or tensor.dim() < 2 or tensor.shape[-1] != hidden_size
+                    or not tensor.is_floating_point() or isinstance(tensor, torch.nn.Parameter)):
+                return tensor
+            parked = torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=device_type == "cuda")
+            parked.copy_(tensor, non_blocking=True)
+            self.offloaded += 1
+            return tensor.device, parked
+
+        def unpack(packed):
+            if isinstance(packed, tuple):
+                device, parked = packed
+                return parked.to(device, non_blocking=True)
+            return packed
+
+        super().__init__(pack, unpack)
+
+
+def activation_context(model, config: Config, device: torch.device):
+    """`offload_activations` on a GPU when the config says `on`, or `auto` with blocks of 16384 tokens or more
+    (where the checkpoints outgrow everything else); otherwise nothing."""
+    if config.long_block_lever("offload_activations") and device.type == "cuda":
+        return offload_activations(model.config.hidden_size)
+    return nullcontext()
+
+
 @torch.no_grad()
 def evaluate_blocks(model, blocks, config: Config, device: torch.device, max_batches: int | None = None) -> dict:
     """Token-weighted mean loss and next-token accuracy over packed blocks (teacher forcing)."""
+    with packed_attention(model, config.long_block_lever("packed_attention")):
+        return _evaluate_blocks(model, blocks, config, device, max_batches)
+
+
+def _evaluate_blocks(model, blocks, config: Config, device: torch.device, max_batches: int | None) -> dict:
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -78,14 +159,16 @@ def evaluate_blocks(model, blocks, config: Config, device: torch.device, max_bat
             break
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast_context(config.precision, device):
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        targets = batch["labels"][:, 1:]
-        mask = targets != IGNORE_INDEX
-        logits = logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum")
-        loss_sum += loss.double()
-        correct += (logits.argmax(-1)[mask] == targets[mask]).sum()
-        count += mask.sum()
+            head, hidden, targets = _decoder_outputs(model, batch)
+            chunk = config.loss_chunk_tokens or targets.numel()
+            for start in range(0, targets.numel(), chunk):  # one chunk's fp32 logits at a time
+                piece_targets = targets[start:start + chunk]
+                logits = head(hidden[start:start + chunk]).float()
+                mask = piece_targets != IGNORE_INDEX
+                loss_sum += torch.nn.functional.cross_entropy(
+                    logits, piece_targets, ignore_index=IGNORE_INDEX, reduction="sum").double()
+                correct += (logits.argmax(-1)[mask] == piece_targets[mask]).sum()
+                count += mask.sum()
     if was_training:
         model.train()
     n = max(1, int(count))
@@ -229,12 +312,13 @@ def train(model, tokenizer, packed, config: Config, run_dir: str | Path, resume:
                                  epoch=state.epoch, skip_batches=state.batch_in_epoch)
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with autocast_context(config.precision, device):
-                # use_cache=False: with a KV cache transformers ignores the restarting position ids
-                loss = model(**batch, use_cache=False).loss / accumulation
-            if corrupt_loss is not None and corrupt_loss(micro_step):
-                loss = loss * float("nan")
-            scaler.scale(loss).backward()
+            # the same attention for the forward and for the backward's checkpoint recompute
+            with packed_attention(model, config.long_block_lever("packed_attention")):
+                with autocast_context(config.precision, device), activation_context(model, config, device):
+                    loss = next_token_loss(model, batch, config.loss_chunk_tokens) / accumulation
+                if corrupt_loss is not None and corrupt_loss(micro_step):
+                    loss = loss * float("nan")
+                scaler.scale(loss).backward()
             running_loss += loss.detach()
             tokens_in_step += batch["input_ids"].numel()
             state.batch_in_epoch += 1

@@ -42,7 +42,7 @@ def test_optimiser_steps_after_every_fourth_micro_batch(tiny_config, small_split
     config = tiny_config.replace(max_steps=5, checkpoint_every=0)
     model, tokenizer, packed = _setup(config, small_splits)
     events = []
-    model.register_forward_pre_hook(lambda module, args: events.append("micro"))
+    model.get_base_model().model.register_forward_pre_hook(lambda module, args: events.append("micro"))  # the decoder
     real_build = train_module.build_optimizer
 
     def counting_optimizer(*args, **kwargs):

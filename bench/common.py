@@ -1,0 +1,102 @@
+"""What the GPU benchmarks share: a Llama-2-7B-shaped checkpoint, the T4 memory cap, versions, JSON output.
+
+Weights are random (the hub is out of reach on the benchmark machine; values change neither speed nor memory).
+The checkpoint gets the tiny base's tokenizer: its ids are < 32000 and BOS/EOS are 1/2 like Llama's, so the
+bundled data tokenises into the same kind of blocks a Llama tokenizer gives (fewer tokens per page).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768, rms_norm_eps=1e-5)
+T4_GIB = 15.0
+
+
+def build_checkpoint(path: Path, smoke: bool = False) -> Path:
+    """A random-weight Llama-2-7B-shaped checkpoint in fp16 (or, with `smoke`, the tiny base itself)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from htmlgen_utils.config import TINY_BASE_DIR
+
+    if smoke:
+        return TINY_BASE_DIR
+    if (path / "config.json").exists():
+        return path
+    tokenizer = AutoTokenizer.from_pretrained(TINY_BASE_DIR)
+    config = LlamaConfig(**LLAMA2_7B, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.float16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    del model
+    free_memory()
+    return path
+
+
+def cap_memory(gib: float | None) -> None:
+    """Limit this process to `gib` of GPU memory (a T4's 15 GiB): an out-of-memory here is one on a T4."""
+    if gib and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+
+
+def peak_gib() -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def versions() -> dict:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    info = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+    try:
+        import trl
+
+        info["trl"] = trl.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def write_report(report: dict, out_dir: Path, name: str, quiet: bool = False) -> Path:
+    """Write the report as JSON under `out_dir` and (unless `quiet`) print it as the last thing on stdout."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    if not quiet:
+        print(json.dumps(report, indent=2), flush=True)
+    return path

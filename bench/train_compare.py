@@ -1,0 +1,318 @@
+"""Training throughput and memory, side by side: the seed-style loop, TRL's SFTTrainer, and ours.
+
+    PYTHONPATH=$PWD python bench/train_compare.py --out $OUT        # one H200 (or any CUDA GPU); ~9 minutes
+    PYTHONPATH=$PWD python bench/train_compare.py --smoke --out /tmp/bench   # CPU, tiny model: checks the script
+
+All systems train the same random-weight Llama-2-7B-shaped checkpoint on the bundled data packed into the same
+blocks, with the same recipe: NF4 double-quant 4-bit base, LoRA r16/a64/dropout 0.05 on every linear layer,
+paged 8-bit AdamW at 2e-4, fp16 autocast + GradScaler, gradient checkpointing, micro-batch 1, accumulation 4,
+under a T4's 15 GiB (`torch.cuda.set_per_process_memory_fraction`):
+
+- `seed-style`: transformers + PEFT + bitsandbytes in a plain, correct loop the way the original wrote it
+  (`prepare_model_for_kbit_training` defaults, `model(input_ids, labels=input_ids).loss`, `loss.item()` each
+  micro-batch, model in train mode);
+- `trl`: TRL's `SFTTrainer` with packing (its own best-fit packing of the same tokenised examples);
+- `ours`: the `colab-t4` preset through `htmlgen_utils.train.train` (the loop notebook 04 runs), and, at 2048 and
+  4096 tokens, the same with one lever switched back each, to show what each bought;
+- `ours bf16`: the `ampere-bf16` preset at its own micro-batch, without the memory cap.
+
+Each system runs in its own process (clean peaks; an out-of-memory cannot spoil the next one). Per block: one
+optimiser step of warm-up, then `--steps` measured (one for blocks >= 8192); tokens/s is the median over
+measured optimiser steps of (tokens in the step) / (wall time of the step, synchronised). Peak is
+`torch.cuda.max_memory_allocated` over load + training. Prints one JSON table last and writes it to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common import REPO, T4_GIB, build_checkpoint, cap_memory, free_memory, peak_gib, reset_peak, sync, versions, \
+    write_report
+
+BLOCKS = (1024, 2048, 4096, 8192, 16384, 32768)
+LEVERS = {  # each lever switched the other way, as Config overrides, and the blocks where that is measured
+    "whole-block logits (loss_chunk_tokens=0)": ({"loss_chunk_tokens": 0}, (2048,)),
+    "fp32 embeddings/head (embeddings_in_compute_dtype=false)": ({"embeddings_in_compute_dtype": False}, (2048,)),
+    "4-D block mask (packed_attention=false)": ({"packed_attention": False}, (2048, 4096)),
+    "checkpoints kept on the GPU (offload_activations=off)": ({"offload_activations": "off"}, (16384,)),
+}
+
+
+# ---------------------------------------------------------------------------------------------- data
+def blocks_for(block_size: int, model_path: str, work: Path) -> Path:
+    """The bundled data packed by our code into `block_size` blocks; every system reads these."""
+    from htmlgen_utils.config import Config
+    from htmlgen_utils.stages import prepare_data
+
+    run_dir = work / f"data-{block_size}"
+    if not (run_dir / "packed" / "dataset_dict.json").exists():
+        prepare_data(Config.from_preset("colab-t4", model_id=model_path, run_dir=str(run_dir), block_size=block_size,
+                                        max_example_tokens=min(block_size, 2048), wandb_mode="disabled"))
+    return run_dir
+
+
+def examples_in(blocks) -> list[list[int]]:
+    """The tokenised examples inside packed blocks (split where the position ids restart; padding dropped)."""
+    examples = []
+    for ids, positions, labels in zip(blocks["input_ids"], blocks["position_ids"], blocks["labels"]):
+        current: list[int] = []
+        for token, position, label in zip(ids, positions, labels):
+            if position == 0 and current:
+                examples.append(current)
+                current = []
+            current.append(token)
+        examples.append(current)
+    return [e for e in examples if len(e) > 1]
+
+
+def measured(step_records: list[tuple[int, float]], warmup: int) -> float:
+    rates = [tokens / seconds for tokens, seconds in step_records[warmup:]]
+    return round(statistics.median(rates), 1) if rates else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------- systems
+def seed_style(model_path: str, data_dir: Path, block_size: int, steps: int, precision: str) -> dict:
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from htmlgen_utils.packing import load_packed
+
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=dtype, device_map={"": 0} if device == "cuda" else "cpu",
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
+    model = prepare_model_for_kbit_training(model)  # its defaults: fp32 non-quantised weights, checkpointing
+    torch.manual_seed(42)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=64, lora_dropout=0.05, bias="none",
+                                             task_type="CAUSAL_LM", target_modules="all-linear"))
+    optimizer = (bnb.optim.PagedAdamW8bit if device == "cuda" else bnb.optim.AdamW8bit)(
+        [p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
+    blocks = load_packed(data_dir)["train"]
+    model.train()
+    records, losses, micro = [], [], 0
+    sync()
+    started = time.perf_counter()
+    for step in range(steps):
+        for _ in range(4):
+            ids = torch.tensor([blocks[micro % len(blocks)]["input_ids"]], device=device)
+            micro += 1
+            with torch.autocast(device, dtype=dtype, enabled=precision == "fp16"):
+                loss = model(input_ids=ids, labels=ids).loss / 4
+            scaler.scale(loss).backward()
+            losses.append(loss.item() * 4)
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        now = time.perf_counter()
+        records.append((4 * block_size, now - started))
+        started = now
+    return {"records": records, "final_loss": round(statistics.mean(losses[-4:]), 4)}
+
+
+def trl_sft(model_path: str, data_dir: Path, block_size: int, steps: int, precision: str) -> dict:
+    import datasets
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from htmlgen_utils.model import load_tokenizer
+    from htmlgen_utils.packing import load_packed
+
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    on_gpu = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=dtype, device_map={"": 0} if on_gpu else "cpu",
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
+    train = datasets.Dataset.from_dict({"input_ids": examples_in(load_packed(data_dir)["train"])})
+    args = SFTConfig(output_dir=str(data_dir / "trl"), per_device_train_batch_size=1, gradient_accumulation_steps=4,
+                     max_steps=steps, learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0,
+                     fp16=precision == "fp16", bf16=False, optim="paged_adamw_8bit" if on_gpu else "adamw_torch",
+                     gradient_checkpointing=True, packing=True, max_length=block_size, logging_steps=1,
+                     save_strategy="no", report_to=[], seed=42, dataloader_num_workers=0, max_grad_norm=1.0,
+                     include_num_input_tokens_seen=True, use_cpu=not on_gpu)
+    torch.manual_seed(42)
+    lora = LoraConfig(r=16, lora_alpha=64, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
+                      target_modules="all-linear")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, peft_config=lora,
+                         processing_class=load_tokenizer(model_path))
+    for parameter in trainer.model.parameters():  # TRL leaves LoRA weights in half precision; GradScaler needs fp32
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    records, losses = [], []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            sync()
+            self.started, self.tokens = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            records.append((state.num_input_tokens_seen - self.tokens, time.perf_counter() - self.started))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    trainer.add_callback(Timer())
+    trainer.train()
+    return {"records": records, "final_loss": round(losses[-1], 4) if losses else None}
+
+
+def ours(model_path: str, data_dir: Path, block_size: int, steps: int, preset: str, overrides: dict) -> dict:
+    from htmlgen_utils.config import Config
+    from htmlgen_utils.model import load_for_training
+    from htmlgen_utils.packing import load_packed
+    from htmlgen_utils.train import train
+
+    config = Config.from_preset(preset, model_id=model_path, run_dir=str(data_dir / f"ours-{preset}"),
+                                block_size=block_size, max_example_tokens=min(block_size, 2048), max_steps=steps,
+                                eval_every=10_000, max_eval_batches=1, checkpoint_every=0, wandb_mode="disabled",
+                                warmup_steps=0, **overrides)
+    model, tokenizer = load_for_training(config)
+    after_load = peak_gib()
+    state = train(model, tokenizer, load_packed(data_dir), config, config.run_dir, resume=False)
+    steps_log = [h for h in state.history if "tokens_per_s" in h]
+    return {"records": [(h["tokens_per_s"] * h["seconds"], h["seconds"]) for h in steps_log],
+            "final_loss": round(steps_log[-1]["loss"] * 1.0, 4), "skipped_steps": state.skipped_steps,
+            "peak_after_load_gib": after_load}
+
+
+# ---------------------------------------------------------------------------------------------- one process each
+def worker(args: argparse.Namespace) -> None:
+    """Run one system over the given blocks (ascending) in this process; print one JSON line per block."""
+    cap_memory(None if args.uncapped or args.smoke else T4_GIB)
+    precision = "fp32" if args.smoke else "fp16"
+    overrides = json.loads(args.overrides)
+    preset = "tiny" if args.smoke else args.preset
+    if args.smoke:
+        overrides = {**overrides, "precision": "fp32"}
+    for position, block in enumerate(int(b) for b in args.blocks.split(",")):
+        steps = args.steps + 1 if block < 8192 else 2
+        row = {"system": args.system, "block": block, "micro_batch": 1}
+        data_dir = Path(args.work) / f"data-{block}"
+        free_memory()
+        reset_peak()
+        try:
+            if args.system == "seed-style":
+                result = seed_style(args.model, data_dir, block, steps, precision)
+            elif args.system == "trl":
+                result = trl_sft(args.model, data_dir, block, steps, precision)
+            else:
+                result = ours(args.model, data_dir, block, steps, preset, overrides)
+                row["micro_batch"] = result.pop("micro_batch", None) or (4 if preset == "ampere-bf16" else 1)
+            records = result.pop("records")
+            row.update(tokens_per_s=measured(records, 1), peak_gib=peak_gib(), oom=False,
+                       measured_steps=len(records) - 1, **result)
+        except torch.OutOfMemoryError:
+            row.update(tokens_per_s=None, peak_gib=peak_gib(), oom=True)
+        print("ROW " + json.dumps(row), flush=True)
+        if row["oom"]:
+            for larger in args.blocks.split(",")[position + 1:]:
+                print("ROW " + json.dumps({"system": args.system, "block": int(larger), "oom": True,
+                                           "note": f"not run: {block} already out of memory"}), flush=True)
+            return
+        free_memory()
+
+
+def run_worker(system: str, blocks: list[int], args: argparse.Namespace, model_path: Path, preset: str = "colab-t4",
+               overrides: dict | None = None, uncapped: bool = False, label: str | None = None) -> list[dict]:
+    command = [sys.executable, __file__, "--worker", "--system", system, "--blocks", ",".join(map(str, blocks)),
+               "--model", str(model_path), "--work", str(args.work), "--steps", str(args.steps), "--preset", preset,
+               "--overrides", json.dumps(overrides or {})]
+    command += ["--smoke"] if args.smoke else []
+    command += ["--uncapped"] if uncapped else []
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    rows = [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")]
+    for row in rows:
+        row["system"] = label or system
+    if done.returncode != 0:
+        rows.append({"system": label or system, "error": done.stderr[-3000:]})
+    print(f"{label or system}: {time.perf_counter() - started:.0f} s", *map(json.dumps, rows), sep="\n", flush=True)
+    return rows
+
+
+def ratios(rows: list[dict]) -> dict:
+    """ours / seed-style and ours / TRL tokens/s per block, and the longest block each trains."""
+    def rate(system, block):
+        found = [r for r in rows if r["system"] == system and r.get("block") == block and r.get("tokens_per_s")]
+        return found[0]["tokens_per_s"] if found else None
+
+    out = {}
+    for block in sorted({r["block"] for r in rows if "block" in r}):
+        mine, seed, trl = rate("ours", block), rate("seed-style", block), rate("trl", block)
+        out[str(block)] = {"ours_vs_seed_style": round(mine / seed, 2) if mine and seed else None,
+                           "ours_vs_trl": round(mine / trl, 2) if mine and trl else None}
+    longest = {}
+    for system in ("seed-style", "trl", "ours"):
+        fits = [r["block"] for r in rows if r["system"] == system and r.get("oom") is False]
+        longest[system] = max(fits) if fits else None
+    return {"tokens_per_s_ratio": out, "longest_block_under_cap": longest}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/htmlgen-bench"))
+    parser.add_argument("--blocks", default=",".join(map(str, BLOCKS)))
+    parser.add_argument("--systems", default="seed-style,trl,ours,levers,bf16")
+    parser.add_argument("--levers", default="", help="run only the levers whose name contains this text")
+    parser.add_argument("--steps", type=int, default=2, help="measured optimiser steps for blocks below 8192")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, short blocks: checks the script")
+    # worker-only
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--system", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--preset", default="colab-t4", help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--uncapped", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    started = time.perf_counter()
+    blocks = [int(b) for b in args.blocks.split(",")]
+    systems = args.systems.split(",")
+    model_path = build_checkpoint(args.work / "llama2-7b-shaped", smoke=args.smoke)
+    for block in sorted(set(blocks + [2048])):
+        blocks_for(block, str(model_path), args.work)
+    report = {**versions(), "memory_cap_gib": None if args.smoke else T4_GIB, "smoke": args.smoke,
+              "recipe": "NF4 double-quant, LoRA r16/a64/0.05 all linear, paged AdamW8bit 2e-4, fp16 autocast + "
+                        "GradScaler, gradient checkpointing, micro-batch 1, accumulation 4", "rows": []}
+    rows = report["rows"]
+    for system in ("seed-style", "trl", "ours"):
+        if system in systems:
+            rows += run_worker(system, blocks, args, model_path)
+            write_report(report, args.out, "train_compare.json", quiet=True)  # partial results survive a timeout
+    if "levers" in systems:
+        for name, (overrides, lever_blocks) in LEVERS.items():
+            if args.levers not in name:
+                continue
+            lever_blocks = [b for b in lever_blocks if b in blocks] or blocks[:1]
+            rows += run_worker("ours", lever_blocks, args, model_path, overrides=overrides, label=f"ours, {name}")
+            write_report(report, args.out, "train_compare.json", quiet=True)
+    if "bf16" in systems:
+        rows += run_worker("ours", [2048], args, model_path, preset="ampere-bf16", uncapped=True,
+                           label="ours bf16 preset (uncapped)")
+    report.update(ratios(rows))
+    report["total_s"] = round(time.perf_counter() - started, 1)
+    write_report(report, args.out, "train_compare.json")
+
+
+if __name__ == "__main__":
+    main()
