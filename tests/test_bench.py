@@ -1,0 +1,45 @@
+"""The GPU benchmark scripts run end to end on CPU with the tiny model (`--smoke`), so they cannot rot
+between GPU runs. Their figures here mean nothing; the shape of the report does."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, *args: str, out: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / script), "--smoke", "--out", str(out), *args],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / script.replace(".py", ".json")).read_text())
+    printed = "\n" + done.stdout
+    assert json.loads(printed[printed.rindex("\n{\n") + 1:]) == report  # the JSON table is printed last
+    return report
+
+
+def test_training_comparison_runs(tmp_path):
+    report = run_bench("train_compare.py", "--systems", "seed-style,ours,levers", "--blocks", "256",
+                       "--levers", "whole-block", "--work", str(tmp_path / "work"), out=tmp_path)
+    rows = {row["system"]: row for row in report["rows"]}
+    assert set(rows) == {"seed-style", "ours", "ours, whole-block logits (loss_chunk_tokens=0)"}, rows
+    for row in rows.values():
+        assert row["block"] == 256 and row["oom"] is False and row["tokens_per_s"] > 0 and row["measured_steps"] == 2
+    # the chunked loss and the whole-block loss train the same run
+    assert abs(rows["ours"]["final_loss"] - rows["ours, whole-block logits (loss_chunk_tokens=0)"]["final_loss"]) < 1e-3
+    assert report["tokens_per_s_ratio"]["256"]["ours_vs_seed_style"] > 0
+    assert report["longest_block_under_cap"] == {"seed-style": 256, "trl": None, "ours": 256}
+
+
+def test_generation_comparison_runs(tmp_path):
+    report = run_bench("generation_compare.py", "--prompts", "4", "--seed-style-prompts", "1", "--batches", "2",
+                       "--work", str(tmp_path / "work"), out=tmp_path)
+    rows = report["rows"]
+    assert set(rows) == {"seed-style, one at a time", "ours, batch 2, compiled decode", "ours, batch 2, eager decode",
+                         "batch-1 decode, compiled"}
+    seed = rows["seed-style, one at a time"]
+    assert seed["new_tokens"] == 256 and seed["prompts"] == 1  # the original's way: never stops early
+    assert all(row["examples_per_s"] > 0 for row in rows.values())
+    assert set(report["speedups"]) == set(rows)

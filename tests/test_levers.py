@@ -1,0 +1,146 @@
+"""The memory and speed levers keep the plain path's numbers: same loss, same gradients, same pages."""
+import datasets
+import pytest
+import torch
+
+from htmlgen_utils.config import TINY_BASE_DIR, Config
+from htmlgen_utils.generation import generate_pages, stream_page
+from htmlgen_utils.model import (PACKED_ATTENTION, example_spans, keep_frozen_embeddings_in, load_base_model,
+                                 load_for_training, load_tokenizer, packed_attention)
+from htmlgen_utils.packing import make_dataloader, pack_splits
+from htmlgen_utils.train import activation_context, next_token_loss, offload_activations
+
+
+BASE = str(TINY_BASE_DIR)  # trained weights: its attention matters, so a leak or a wrong mask would show
+
+
+@pytest.fixture(scope="module")
+def packed_batch(bundled_rows):
+    """Two packed blocks of several examples each (pages cut to 300 tokens; position ids restart per example)."""
+    config = Config.from_preset("tiny", block_size=1024, max_example_tokens=300, run_dir="unused")
+    rows = [{"label": r["label"], "html": r["html"]} for r in bundled_rows[:40]]
+    splits = datasets.DatasetDict({name: datasets.Dataset.from_list(rows) for name in ("train", "validation", "test")})
+    packed, _ = pack_splits(splits, load_tokenizer(BASE), config)
+    batch = next(iter(make_dataloader(packed["train"], 2)))
+    assert all(len(spans) >= 4 for spans in example_spans(batch["position_ids"]))  # 3+ examples, then padding
+    return batch
+
+
+@pytest.fixture
+def training_model(tiny_config):
+    """The 4-bit tiny Llama with LoRA, checkpointing on and dropout off, so two passes are comparable."""
+    config = tiny_config.replace(model_id=BASE, gradient_checkpointing=True, lora_dropout=0.0)
+    model, _ = load_for_training(config)
+    model.train()
+    return model
+
+
+def loss_and_grads(model, batch, chunk_tokens=0, attention_per_example=False, hooks=None):
+    model.zero_grad(set_to_none=True)
+    with packed_attention(model, attention_per_example):
+        with hooks if hooks is not None else torch.enable_grad():
+            loss = next_token_loss(model, batch, chunk_tokens)
+        loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def assert_same(reference, other, atol=1e-5):
+    (loss_a, grads_a), (loss_b, grads_b) = reference, other
+    assert torch.allclose(loss_a, loss_b, atol=atol), (loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys()
+    scale = max(g.abs().max() for g in grads_a.values())
+    assert scale > 0
+    worst = max((grads_a[k] - grads_b[k]).abs().max() for k in grads_a)
+    assert worst <= atol * max(1.0, float(scale)), worst
+
+
+def test_model_loss_is_the_shifted_next_token_loss(training_model, packed_batch):
+    model_loss = training_model(**packed_batch, use_cache=False).loss
+    ours = next_token_loss(training_model, packed_batch, 300)
+    assert torch.allclose(ours, model_loss, atol=1e-6)
+    logits = training_model(**{k: v for k, v in packed_batch.items() if k != "labels"}, use_cache=False).logits
+    unshifted = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), packed_batch["labels"].flatten())
+    assert not torch.allclose(ours, unshifted, atol=1e-3)  # the original's defect would be caught
+
+
+def test_chunked_loss_matches_whole_block_loss(training_model, packed_batch):
+    whole = loss_and_grads(training_model, packed_batch, chunk_tokens=0)
+    for chunk in (100, 512):
+        assert_same(whole, loss_and_grads(training_model, packed_batch, chunk_tokens=chunk))
+
+
+def test_per_example_attention_matches_the_block_mask(training_model, packed_batch):
+    masked = loss_and_grads(training_model, packed_batch, chunk_tokens=256)
+    per_example = loss_and_grads(training_model, packed_batch, chunk_tokens=256, attention_per_example=True)
+    assert_same(masked, per_example)
+    assert training_model.config._attn_implementation == "sdpa"  # restored after the block
+    # and it is really a different path: without restarting position ids the two disagree
+    unpacked = {**packed_batch, "position_ids": torch.arange(packed_batch["input_ids"].shape[1]).expand(2, -1)}
+    leaked = loss_and_grads(training_model, unpacked, chunk_tokens=256, attention_per_example=True)
+    worst = max((leaked[1][k] - per_example[1][k]).abs().max() for k in per_example[1])
+    assert worst > 1e-2 * max(g.abs().max() for g in per_example[1].values())
+    assert abs(float(leaked[0]) - float(per_example[0])) > 1e-3
+
+
+def test_example_spans_follow_restarting_position_ids():
+    ids = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    assert example_spans(ids) == [[(0, 3), (3, 5), (5, 6)], [(0, 6)]]
+    assert example_spans(ids) is example_spans(ids)  # read once, reused by every layer
+
+
+def test_offloaded_checkpoints_give_the_same_gradients(training_model, packed_batch):
+    plain = loss_and_grads(training_model, packed_batch, chunk_tokens=256)
+    hooks = offload_activations(training_model.config.hidden_size, device_type="cpu")  # CPU copies stand in
+    offloaded = loss_and_grads(training_model, packed_batch, chunk_tokens=256, hooks=hooks)
+    assert_same(plain, offloaded)
+    layers = training_model.config.num_hidden_layers
+    assert hooks.offloaded >= layers  # at least every layer's checkpoint went through the hook
+
+
+def test_long_block_levers_switch_on_where_measured():
+    short = Config.from_preset("colab-t4")
+    long = Config.from_preset("colab-t4", block_size=16384, max_example_tokens=2048)
+    assert not short.long_block_lever("offload_activations") and not short.long_block_lever("packed_attention")
+    assert long.long_block_lever("offload_activations") and long.long_block_lever("packed_attention")
+    assert Config.from_preset("colab-t4", offload_activations="on").long_block_lever("offload_activations")
+    assert not long.replace(packed_attention="off").long_block_lever("packed_attention")
+    on_cpu = activation_context(None, long, torch.device("cpu"))
+    assert not isinstance(on_cpu, offload_activations)  # offloading is for GPU memory only
+    with pytest.raises(ValueError, match="offload_activations"):
+        Config.from_preset("colab-t4", offload_activations=True)
+    with pytest.raises(ValueError, match="loss_chunk_tokens"):
+        Config.from_preset("colab-t4", loss_chunk_tokens=-1)
+    assert PACKED_ATTENTION != "sdpa"
+
+
+def test_half_precision_head_still_generates_outside_autocast():
+    """k-bit preparation leaves the final norm in fp32; the head kept in half precision must still accept its
+    output when generating without autocast (a GPU run crashed on exactly this)."""
+    config = Config.from_preset("tiny")
+    model = load_base_model(config)
+    tokenizer = load_tokenizer(config.model_id)
+    model.requires_grad_(False)
+    model.model.norm.float()
+    keep_frozen_embeddings_in(model, torch.bfloat16)
+    assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    result = generate_pages(model, tokenizer, ["A pricing page for Acme"], max_new_tokens=12)
+    assert result.new_tokens == [12]
+
+
+def test_static_cache_decoding_writes_the_same_pages():
+    config = Config.from_preset("tiny")
+    model = load_base_model(config)
+    model.eval()
+    tokenizer = load_tokenizer(config.model_id)
+    descriptions = ["A modern landing page for Acme in blue", "Build a retro 404 error page for Nova.",
+                    "A login page for Orbit", "A blog about cats with a dark theme", "Portfolio"]
+    eager = generate_pages(model, tokenizer, descriptions, max_new_tokens=48, batch_size=2)
+    static = generate_pages(model, tokenizer, descriptions, max_new_tokens=48, batch_size=2, compile_decode=True)
+    assert static.pages == eager.pages and static.new_tokens == eager.new_tokens
+    assert static.settings["compile_decode"] is True
+    caches = model.__dict__["_htmlgen_static_caches"]
+    assert list(caches) == [(2, 256)]  # one cache (every batch filled to 2 rows) reused by all three batches
+    streamed = "".join(stream_page(model, tokenizer, descriptions[1], max_new_tokens=48, compile_decode=True))
+    assert streamed.strip().startswith(eager.pages[1][:40])
