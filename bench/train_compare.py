@@ -1,6 +1,6 @@
 """Training throughput and memory, side by side: the seed-style loop, TRL's SFTTrainer, and ours.
 
-    PYTHONPATH=$PWD python bench/train_compare.py --out $OUT        # one H200 (or any CUDA GPU); ~9 minutes
+    PYTHONPATH=$PWD python bench/train_compare.py --out $OUT        # one H200 (or any CUDA GPU); ~9.5 minutes
     PYTHONPATH=$PWD python bench/train_compare.py --smoke --out /tmp/bench   # CPU, tiny model: checks the script
 
 All systems train the same random-weight Llama-2-7B-shaped checkpoint on the bundled data packed into the same
@@ -12,8 +12,8 @@ under a T4's 15 GiB (`torch.cuda.set_per_process_memory_fraction`):
   (`prepare_model_for_kbit_training` defaults, `model(input_ids, labels=input_ids).loss`, `loss.item()` each
   micro-batch, model in train mode);
 - `trl`: TRL's `SFTTrainer` with packing (its own best-fit packing of the same tokenised examples);
-- `ours`: the `colab-t4` preset through `htmlgen_utils.train.train` (the loop notebook 04 runs), and, at 2048 and
-  4096 tokens, the same with one lever switched back each, to show what each bought;
+- `ours`: the `colab-t4` preset through `htmlgen_utils.train.train` (the loop notebook 04 runs), and the same
+  with one lever switched the other way each (`LEVERS`, at the blocks named there), to show what each bought;
 - `ours bf16`: the `ampere-bf16` preset at its own micro-batch, without the memory cap.
 
 Each system runs in its own process (clean peaks; an out-of-memory cannot spoil the next one). Per block: one
