@@ -102,7 +102,7 @@ def next_token_loss(model, batch: dict, chunk_tokens: int) -> torch.Tensor:
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
-class offload_activations(torch.autograd.graph.saved_tensors_hooks):
+class CheckpointsOnCPU(torch.autograd.graph.saved_tensors_hooks):
     """Inside this context, residual-stream tensors saved for backward (the layer checkpoints: one
     [batch, block, hidden] tensor per layer) wait in pinned CPU memory instead of on the GPU.
 
@@ -134,10 +134,10 @@ class offload_activations(torch.autograd.graph.saved_tensors_hooks):
 
 
 def activation_context(model, config: Config, device: torch.device):
-    """`offload_activations` on a GPU when the config says `on`, or `auto` with blocks of 16384 tokens or more
+    """`CheckpointsOnCPU` on a GPU when `offload_activations` is `on`, or `auto` with blocks of 16384 tokens or more
     (where the checkpoints outgrow everything else); otherwise nothing."""
     if config.long_block_lever("offload_activations") and device.type == "cuda":
-        return offload_activations(model.config.hidden_size)
+        return CheckpointsOnCPU(model.config.hidden_size)
     return nullcontext()
 
 

@@ -8,7 +8,7 @@ from htmlgen_utils.generation import generate_pages, stream_page
 from htmlgen_utils.model import (PACKED_ATTENTION, example_spans, keep_frozen_embeddings_in, load_base_model,
                                  load_for_training, load_tokenizer, packed_attention)
 from htmlgen_utils.packing import make_dataloader, pack_splits
-from htmlgen_utils.train import activation_context, next_token_loss, offload_activations
+from htmlgen_utils.train import CheckpointsOnCPU, activation_context, next_token_loss
 
 
 BASE = str(TINY_BASE_DIR)  # trained weights: its attention matters, so a leak or a wrong mask would show
@@ -91,7 +91,7 @@ def test_example_spans_follow_restarting_position_ids():
 
 def test_offloaded_checkpoints_give_the_same_gradients(training_model, packed_batch):
     plain = loss_and_grads(training_model, packed_batch, chunk_tokens=256)
-    hooks = offload_activations(training_model.config.hidden_size, device_type="cpu")  # CPU copies stand in
+    hooks = CheckpointsOnCPU(training_model.config.hidden_size, device_type="cpu")  # CPU copies stand in
     offloaded = loss_and_grads(training_model, packed_batch, chunk_tokens=256, hooks=hooks)
     assert_same(plain, offloaded)
     layers = training_model.config.num_hidden_layers
@@ -106,7 +106,7 @@ def test_long_block_levers_switch_on_where_measured():
     assert Config.from_preset("colab-t4", offload_activations="on").long_block_lever("offload_activations")
     assert not long.replace(packed_attention="off").long_block_lever("packed_attention")
     on_cpu = activation_context(None, long, torch.device("cpu"))
-    assert not isinstance(on_cpu, offload_activations)  # offloading is for GPU memory only
+    assert not isinstance(on_cpu, CheckpointsOnCPU)  # offloading is for GPU memory only
     with pytest.raises(ValueError, match="offload_activations"):
         Config.from_preset("colab-t4", offload_activations=True)
     with pytest.raises(ValueError, match="loss_chunk_tokens"):
