@@ -134,8 +134,8 @@ class CheckpointsOnCPU(torch.autograd.graph.saved_tensors_hooks):
 
 
 def activation_context(model, config: Config, device: torch.device):
-    """`CheckpointsOnCPU` on a GPU when `offload_activations` is `on`, or `auto` with blocks of 16384 tokens or more
-    (where the checkpoints outgrow everything else); otherwise nothing."""
+    """`CheckpointsOnCPU` on a GPU when `offload_activations` is `on`, or `auto` with blocks of 16384 tokens
+    or more (where the checkpoints outgrow everything else); otherwise nothing."""
     if config.long_block_lever("offload_activations") and device.type == "cuda":
         return CheckpointsOnCPU(model.config.hidden_size)
     return nullcontext()
