@@ -40,7 +40,8 @@ def load_model(model_path: Path, smoke: bool):
     return model, tokenizer, config
 
 
-def timed(model, tokenizer, prompts: list[str], batch: int, compile_decode: bool, warmup: bool) -> dict:
+def timed(model, tokenizer, prompts: list[str], batch: int, compile_decode: bool, warmup: bool,
+          stop: bool = True) -> dict:
     from htmlgen_utils.generation import generate_pages
     from htmlgen_utils.packing import build_prompt
 
@@ -53,7 +54,7 @@ def timed(model, tokenizer, prompts: list[str], batch: int, compile_decode: bool
     free_memory()
     reset_peak()
     try:
-        result = generate_pages(model, tokenizer, prompts, NEW_TOKENS, batch, stop_at_html_end=batch > 1 or compile_decode,
+        result = generate_pages(model, tokenizer, prompts, NEW_TOKENS, batch, stop_at_html_end=stop,
                                 compile_decode=compile_decode)
     except torch.OutOfMemoryError:
         return {**row, "oom": True}
@@ -87,8 +88,9 @@ def main() -> None:
     rows = report["rows"]
     save = lambda: write_report(report, args.out, "generation_compare.json", quiet=True)  # noqa: E731
     # the original's way: one at a time, plain generate, no stop
-    timed(model, tokenizer, prompts[:1], 1, False, warmup=False)  # CUDA/cuBLAS start-up, not timed below
-    rows["seed-style, one at a time"] = timed(model, tokenizer, prompts[:args.seed_style_prompts], 1, False, False)
+    timed(model, tokenizer, prompts[:1], 1, False, warmup=False, stop=False)  # CUDA start-up, not timed below
+    rows["seed-style, one at a time"] = timed(model, tokenizer, prompts[:args.seed_style_prompts], 1, False, False,
+                                             stop=False)
     save()
     batches = [int(b) for b in args.batches.split(",")]
     for batch in batches:

@@ -61,9 +61,9 @@ def blocks_for(block_size: int, model_path: str, work: Path) -> Path:
 def examples_in(blocks) -> list[list[int]]:
     """The tokenised examples inside packed blocks (split where the position ids restart; padding dropped)."""
     examples = []
-    for ids, positions, labels in zip(blocks["input_ids"], blocks["position_ids"], blocks["labels"]):
+    for ids, positions in zip(blocks["input_ids"], blocks["position_ids"]):
         current: list[int] = []
-        for token, position, label in zip(ids, positions, labels):
+        for token, position in zip(ids, positions):
             if position == 0 and current:
                 examples.append(current)
                 current = []
@@ -188,7 +188,8 @@ def ours(model_path: str, data_dir: Path, block_size: int, steps: int, preset: s
     state = train(model, tokenizer, load_packed(data_dir), config, config.run_dir, resume=False)
     steps_log = [h for h in state.history if "tokens_per_s" in h]
     return {"records": [(h["tokens_per_s"] * h["seconds"], h["seconds"]) for h in steps_log],
-            "final_loss": round(steps_log[-1]["loss"] * 1.0, 4), "skipped_steps": state.skipped_steps,
+            "final_loss": round(steps_log[-1]["loss"], 4), "skipped_steps": state.skipped_steps,
+            "micro_batch": config.micro_batch_size,
             "peak_after_load_gib": after_load}
 
 
@@ -214,7 +215,6 @@ def worker(args: argparse.Namespace) -> None:
                 result = trl_sft(args.model, data_dir, block, steps, precision)
             else:
                 result = ours(args.model, data_dir, block, steps, preset, overrides)
-                row["micro_batch"] = result.pop("micro_batch", None) or (4 if preset == "ampere-bf16" else 1)
             records = result.pop("records")
             row.update(tokens_per_s=measured(records, 1), peak_gib=peak_gib(), oom=False,
                        measured_steps=len(records) - 1, **result)

@@ -88,8 +88,8 @@ def playground(model, tokenizer, max_new_tokens: int = 1024, default: str = "A m
         status.value = "generating…"
         page = ""
         try:
-            for count, piece in enumerate(stream_page(model, tokenizer, text.value, tokens.value, sample.value,
-                                                                  compile_decode=compile_decode), 1):
+            pieces = stream_page(model, tokenizer, text.value, tokens.value, sample.value, compile_decode=compile_decode)
+            for count, piece in enumerate(pieces, 1):
                 page += piece
                 if count % 16 == 0:
                     preview.value = f"<pre style='white-space:pre-wrap;font-size:11px'>{html.escape(page)}</pre>"
