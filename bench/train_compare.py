@@ -38,12 +38,12 @@ from common import REPO, T4_GIB, build_checkpoint, cap_memory, free_memory, peak
 
 BLOCKS = (1024, 2048, 4096, 8192, 16384, 32768)
 LEVERS = {  # each lever switched the other way, as Config overrides, and the blocks where that is measured
+    "layers not compiled (compile_training=false)": ({"compile_training": False}, (2048, 4096)),
+    "checkpoints kept on the GPU (offload_activations=off)": ({"offload_activations": "off"}, (2048, 16384)),
     "whole-block logits (loss_chunk_tokens=0)": ({"loss_chunk_tokens": 0}, (2048,)),
     "fp32 embeddings/head (embeddings_in_compute_dtype=false)": ({"embeddings_in_compute_dtype": False}, (2048,)),
-    "4-D block mask (packed_attention=false)": ({"packed_attention": False}, (2048, 4096)),
-    "checkpoints kept on the GPU (offload_activations=off)": ({"offload_activations": "off"}, (16384,)),
+    "per-example attention (packed_attention=on)": ({"packed_attention": "on"}, (2048,)),
 }
-
 
 # ---------------------------------------------------------------------------------------------- data
 def blocks_for(block_size: int, model_path: str, work: Path) -> Path:
@@ -185,12 +185,13 @@ def ours(model_path: str, data_dir: Path, block_size: int, steps: int, preset: s
                                 warmup_steps=0, **overrides)
     model, tokenizer = load_for_training(config)
     after_load = peak_gib()
+    reset_peak()
     state = train(model, tokenizer, load_packed(data_dir), config, config.run_dir, resume=False)
     steps_log = [h for h in state.history if "tokens_per_s" in h]
     return {"records": [(h["tokens_per_s"] * h["seconds"], h["seconds"]) for h in steps_log],
             "final_loss": round(steps_log[-1]["loss"], 4), "skipped_steps": state.skipped_steps,
-            "micro_batch": config.micro_batch_size,
-            "peak_after_load_gib": after_load}
+            "micro_batch": config.micro_batch_size, "peak_load_gib": after_load,
+            "peak_training_gib": peak_gib()}
 
 
 # ---------------------------------------------------------------------------------------------- one process each
@@ -216,7 +217,8 @@ def worker(args: argparse.Namespace) -> None:
             else:
                 result = ours(args.model, data_dir, block, steps, preset, overrides)
             records = result.pop("records")
-            row.update(tokens_per_s=measured(records, 1), peak_gib=peak_gib(), oom=False,
+            peak = max(filter(None, (peak_gib(), result.get("peak_load_gib"))), default=None)
+            row.update(tokens_per_s=measured(records, 1), peak_gib=peak, oom=False,
                        measured_steps=len(records) - 1, **result)
         except torch.OutOfMemoryError:
             row.update(tokens_per_s=None, peak_gib=peak_gib(), oom=True)
@@ -272,6 +274,8 @@ def main() -> None:
     parser.add_argument("--blocks", default=",".join(map(str, BLOCKS)))
     parser.add_argument("--systems", default="seed-style,trl,ours,levers,bf16")
     parser.add_argument("--levers", default="", help="run only the levers whose name contains this text")
+    parser.add_argument("--variants", default="{}",
+                        help='more rows of ours: JSON {"label": {Config overrides}}, run at every --blocks')
     parser.add_argument("--steps", type=int, default=2, help="measured optimiser steps for blocks below 8192")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, short blocks: checks the script")
     # worker-only
@@ -306,6 +310,9 @@ def main() -> None:
             lever_blocks = [b for b in lever_blocks if b in blocks] or blocks[:1]
             rows += run_worker("ours", lever_blocks, args, model_path, overrides=overrides, label=f"ours, {name}")
             write_report(report, args.out, "train_compare.json", quiet=True)
+    for label, overrides in json.loads(args.variants).items():
+        rows += run_worker("ours", blocks, args, model_path, overrides=overrides, label=f"ours, {label}")
+        write_report(report, args.out, "train_compare.json", quiet=True)
     if "bf16" in systems:
         rows += run_worker("ours", [2048], args, model_path, preset="ampere-bf16", uncapped=True,
                            label="ours bf16 preset (uncapped)")

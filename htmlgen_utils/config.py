@@ -44,6 +44,7 @@ class Config:
     loss_chunk_tokens: int = 1024  # vocabulary projection + loss this many tokens at a time; 0 = whole block
     embeddings_in_compute_dtype: bool = True  # keep the frozen embeddings/head in fp16/bf16, not fp32
     offload_activations: str = "auto"  # park layer checkpoints in CPU memory (CUDA): auto = blocks >= 16384 | on | off
+    compile_training: bool = False  # torch.compile each decoder layer for training (the first steps compile)
     compile_generation: bool = False  # static KV cache + compiled decode step (CUDA; first call compiles)
     # --- data ---
     dataset: str = BUNDLED_DATASET  # "bundled", a hub id, or a local .json/.jsonl/.csv file
@@ -129,7 +130,7 @@ class Config:
         for name in ("offload_activations", "packed_attention"):
             if getattr(self, name) not in SWITCH_MODES:
                 fail(name, f"must be one of {SWITCH_MODES}")
-        for name in ("embeddings_in_compute_dtype", "compile_generation"):
+        for name in ("embeddings_in_compute_dtype", "compile_training", "compile_generation"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "must be true or false")
         if self.wandb_mode not in WANDB_MODES:
@@ -209,14 +210,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         model_id="meta-llama/Llama-2-7b-hf", precision="fp16", gradient_checkpointing=True,
         block_size=2048, max_example_tokens=2048, micro_batch_size=1, gradient_accumulation_steps=4,
         epochs=1, max_steps=-1, eval_every=50, checkpoint_every=50, max_new_tokens=1024,
-        generation_batch_size=8, compile_generation=True, run_dir="runs/colab-t4",
+        generation_batch_size=8, compile_training=True, offload_activations="on", compile_generation=True,
+        run_dir="runs/colab-t4",
     ),
     # Ampere or newer (A100, L4, H100): bf16 needs no loss scaling, so a bigger micro-batch.
     "ampere-bf16": dict(
         model_id="meta-llama/Llama-2-7b-hf", precision="bf16", gradient_checkpointing=True,
         block_size=2048, max_example_tokens=2048, micro_batch_size=4, gradient_accumulation_steps=4,
         epochs=1, max_steps=-1, eval_every=50, checkpoint_every=50, max_new_tokens=1024,
-        generation_batch_size=32, compile_generation=True, run_dir="runs/ampere-bf16",
+        generation_batch_size=32, compile_training=True, compile_generation=True, run_dir="runs/ampere-bf16",
     ),
     # The small pre-trained Llama shipped with the package, on CPU: what tests, CI and GPU-less machines run.
     "tiny": dict(

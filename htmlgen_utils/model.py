@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from .config import Config
@@ -124,30 +124,46 @@ def create_peft_config(target_modules: list[str], config: Config) -> LoraConfig:
 
 
 def prepare_for_training(model, config: Config):
-    """k-bit preparation (norms in fp32, input grads for checkpointing), then LoRA on every linear layer."""
+    """k-bit preparation (frozen base, norms in fp32, checkpointing), then LoRA on every linear layer."""
     if getattr(model, "is_loaded_in_4bit", False):
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=config.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-        if config.embeddings_in_compute_dtype:
-            keep_frozen_embeddings_in(model, compute_dtype(config.precision))
+        prepare_4bit_for_training(model, config)
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
     torch.manual_seed(config.seed)  # the adapters' random initialisation is part of the run's recipe
     model = get_peft_model(model, create_peft_config(find_linear_layer_names(model), config))
     _keep_cpu_4bit_layers_differentiable(model)
     return model
 
 
-def keep_frozen_embeddings_in(model, dtype: torch.dtype) -> None:
-    """Undo k-bit preparation's fp32 upcast of the frozen input embeddings and output head.
+def prepare_4bit_for_training(model, config: Config) -> None:
+    """What peft's `prepare_model_for_kbit_training` does, minus one cost: freeze the base, cast its
+    non-quantised weights (the norms) to fp32 for stability, and turn on gradient checkpointing (non-reentrant,
+    so the inputs need no `requires_grad` hook).
 
-    `prepare_model_for_kbit_training` casts every non-quantised weight to fp32. For the norms that is cheap and
-    helps stability; for Llama-2-7B's embeddings and head it costs 0.5 GiB of weights, a fp16 copy of the head
-    that autocast makes on every forward, and a fp32 residual stream (so every layer checkpoint is twice the size).
-    Both stay frozen and autocast runs the head in fp16/bf16 anyway, so the loss is unchanged within rounding.
+    With `embeddings_in_compute_dtype` the embeddings and head are never upcast at all (peft upcasts every
+    non-quantised weight, so casting them back afterwards still passes through 1 GiB of fp32 copies for
+    Llama-2-7B: a load-time peak above the whole 2048-token training step's)."""
+    keep = set()
+    if config.embeddings_in_compute_dtype:
+        keep = {id(p) for module in (model.get_input_embeddings(), model.get_output_embeddings())
+                if module is not None for p in module.parameters()}
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+        if (parameter.dtype in (torch.float16, torch.bfloat16) and id(parameter) not in keep
+                and parameter.__class__.__name__ != "Params4bit"):
+            parameter.data = parameter.data.to(torch.float32)
+    if keep:
+        keep_frozen_embeddings_in(model, compute_dtype(config.precision))
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def keep_frozen_embeddings_in(model, dtype: torch.dtype) -> None:
+    """Keep the frozen input embeddings and output head in the compute dtype (fp16/bf16), not fp32.
+
+    For Llama-2-7B fp32 would cost 0.5 GiB of weights, a fp16 copy of the head that autocast makes on every
+    forward, and a fp32 residual stream (so every layer checkpoint is twice the size). Both stay frozen and
+    autocast runs the head in fp16/bf16 anyway, so the loss is unchanged within rounding.
     """
     if dtype == torch.float32:
         return
@@ -157,6 +173,19 @@ def keep_frozen_embeddings_in(model, dtype: torch.dtype) -> None:
     head = model.get_output_embeddings()
     if head is not None:  # the fp32 final norm feeds it; outside autocast (generation) match the head's dtype
         head.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
+
+
+def compile_decoder_layers(model) -> None:
+    """`torch.compile` each decoder layer on its own ("regional" compilation).
+
+    The layers are alike, so they share one compiled graph: it compiles once (about a minute), not 32 times,
+    and the embeddings, head, loss and checkpointing around them stay plain PyTorch. Inside a layer the
+    compiler fuses the RMSNorms, rotary embedding, SwiGLU and LoRA's scale-and-add into a few kernels and
+    launches them without Python in between; the 4-bit matmuls stay bitsandbytes' own kernels. Parameter
+    names do not change (`Module.compile` wraps the call, not the module), so adapters save as before."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in causal_lm.model.layers:
+        layer.compile()
 
 
 def _keep_cpu_4bit_layers_differentiable(model) -> None:
@@ -211,6 +240,13 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2] or query.shape[2] == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    return _attention_per_example(module, query, key, value, position_ids, dropout, scaling)
+
+
+@torch.compiler.disable  # data-dependent cuts: compiled layers run this part eagerly, without a recompile per block
+def _attention_per_example(module, query, key, value, position_ids, dropout, scaling):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     spans_per_row = example_spans(position_ids)
     if len(spans_per_row) != query.shape[0]:  # one row of position ids shared by the whole batch
         spans_per_row = spans_per_row[:1] * query.shape[0]

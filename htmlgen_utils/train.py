@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .config import Config
-from .model import autocast_context, device_for, hf_token, load_for_training, packed_attention, resolve_precision
+from .model import (autocast_context, compile_decoder_layers, device_for, hf_token, load_for_training, packed_attention,
+                    resolve_precision)
 from .packing import IGNORE_INDEX, load_packed, make_dataloader
 
 CHECKPOINT_DIR = "checkpoints"
@@ -143,8 +144,12 @@ def activation_context(model, config: Config, device: torch.device):
 
 @torch.no_grad()
 def evaluate_blocks(model, blocks, config: Config, device: torch.device, max_batches: int | None = None) -> dict:
-    """Token-weighted mean loss and next-token accuracy over packed blocks (teacher forcing)."""
-    with packed_attention(model, config.long_block_lever("packed_attention")):
+    """Token-weighted mean loss and next-token accuracy over packed blocks (teacher forcing).
+
+    Runs eagerly even when training compiled the layers: a few validation batches would not repay a second
+    compilation (for no-grad, eval-mode calls)."""
+    per_example = config.long_block_lever("packed_attention")
+    with packed_attention(model, per_example), torch.compiler.set_stance("force_eager"):
         return _evaluate_blocks(model, blocks, config, device, max_batches)
 
 
@@ -302,6 +307,8 @@ def train(model, tokenizer, packed, config: Config, run_dir: str | Path, resume:
     wandb_run = start_wandb(config, run_dir)
 
     model.train()  # gradient checkpointing and LoRA dropout only act in train mode
+    if config.compile_training:
+        compile_decoder_layers(model)
     optimizer.zero_grad(set_to_none=True)
     progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step")
     tokens_in_step, step_started = 0, time.perf_counter()

@@ -7,8 +7,8 @@ import torch
 
 from htmlgen_utils.config import TINY_BASE_DIR, Config
 from htmlgen_utils.generation import generate_pages, stream_page
-from htmlgen_utils.model import (PACKED_ATTENTION, example_spans, keep_frozen_embeddings_in, load_base_model,
-                                 load_for_training, load_tokenizer, packed_attention)
+from htmlgen_utils.model import (PACKED_ATTENTION, compile_decoder_layers, example_spans, keep_frozen_embeddings_in,
+                                 load_base_model, load_for_training, load_tokenizer, packed_attention)
 from htmlgen_utils.packing import make_dataloader, pack_splits
 from htmlgen_utils.train import CheckpointsOnCPU, activation_context, next_token_loss
 
@@ -100,12 +100,26 @@ def test_offloaded_checkpoints_give_the_same_gradients(training_model, packed_ba
     assert hooks.offloaded >= layers  # at least every layer's checkpoint went through the hook
 
 
+def test_compiled_layers_match_eager_ones(training_model, packed_batch):
+    """Regional compilation through the real 4-bit + LoRA + checkpointing path: same loss, same gradients,
+    with the block mask and with per-example attention (which runs eagerly between compiled pieces)."""
+    eager = loss_and_grads(training_model, packed_batch, chunk_tokens=256)
+    eager_per_example = loss_and_grads(training_model, packed_batch, chunk_tokens=256, attention_per_example=True)
+    compile_decoder_layers(training_model)
+    layers = training_model.get_base_model().model.layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert_same(eager, loss_and_grads(training_model, packed_batch, chunk_tokens=256))
+    assert_same(eager_per_example, loss_and_grads(training_model, packed_batch, chunk_tokens=256,
+                                                  attention_per_example=True))
+    assert not any(name.startswith("_orig_mod") for name, _ in training_model.named_parameters())
+
+
 def test_long_block_levers_switch_on_where_measured():
-    short = Config.from_preset("colab-t4")
-    long = Config.from_preset("colab-t4", block_size=16384, max_example_tokens=2048)
+    short = Config.from_preset("ampere-bf16")
+    long = Config.from_preset("ampere-bf16", block_size=16384, max_example_tokens=2048)
     assert not short.long_block_lever("offload_activations") and not short.long_block_lever("packed_attention")
     assert long.long_block_lever("offload_activations") and long.long_block_lever("packed_attention")
-    assert Config.from_preset("colab-t4", offload_activations="on").long_block_lever("offload_activations")
+    assert Config.from_preset("colab-t4").long_block_lever("offload_activations")  # a T4 offloads at every size
     assert not long.replace(packed_attention="off").long_block_lever("packed_attention")
     on_cpu = activation_context(None, long, torch.device("cpu"))
     assert not isinstance(on_cpu, CheckpointsOnCPU)  # offloading is for GPU memory only
