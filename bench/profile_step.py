@@ -71,7 +71,7 @@ def main() -> None:
               "tokens_per_s": [round(h["tokens_per_s"], 1) for h in steps], "peak_gib": peak_gib(),
               "top": [{"name": e.key[:90], "calls": e.count, "ms": round(getattr(e, key) / 1e3, 1)}
                       for e in kernels[:args.top]]}
-    write_report(report, args.out, f"profile_step_{args.block}.json")
+    write_report(report, args.out, "profile_step.json")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Training throughput and memory, side by side: the seed-style loop, TRL's SFTTrainer, and ours.
 
-    PYTHONPATH=$PWD python bench/train_compare.py --out $OUT        # one H200 (or any CUDA GPU); ~9.5 minutes
+    PYTHONPATH=$PWD python bench/train_compare.py --out $OUT        # one H200 (or any CUDA GPU); ~11 minutes
     PYTHONPATH=$PWD python bench/train_compare.py --smoke --out /tmp/bench   # CPU, tiny model: checks the script
 
 All systems train the same random-weight Llama-2-7B-shaped checkpoint on the bundled data packed into the same
@@ -273,7 +273,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/htmlgen-bench"))
     parser.add_argument("--blocks", default=",".join(map(str, BLOCKS)))
     parser.add_argument("--systems", default="seed-style,trl,ours,levers,bf16")
-    parser.add_argument("--levers", default="", help="run only the levers whose name contains this text")
+    parser.add_argument("--levers", default="", help="run only the levers whose name contains one of these (comma-separated) texts")
     parser.add_argument("--variants", default="{}",
                         help='more rows of ours: JSON {"label": {Config overrides}}, run at every --blocks')
     parser.add_argument("--steps", type=int, default=2, help="measured optimiser steps for blocks below 8192")
@@ -305,7 +305,7 @@ def main() -> None:
             write_report(report, args.out, "train_compare.json", quiet=True)  # partial results survive a timeout
     if "levers" in systems:
         for name, (overrides, lever_blocks) in LEVERS.items():
-            if args.levers not in name:
+            if not any(part in name for part in args.levers.split(",")):
                 continue
             lever_blocks = [b for b in lever_blocks if b in blocks] or blocks[:1]
             rows += run_worker("ours", lever_blocks, args, model_path, overrides=overrides, label=f"ours, {name}")

@@ -23,8 +23,9 @@ WANDB_MODES = ("disabled", "offline", "online", "auto")
 LONG_PAGE_POLICIES = ("truncate", "drop")
 SWITCH_MODES = ("auto", "on", "off")
 # `auto` switches the long-block levers on from this block size. Measured on the 7B shape (bench/README.md):
-# below it the layer checkpoints (0.5 GiB at 2048) and the block mask are small and the plain path is faster;
-# at 16384 offloading is what lets a T4 train at all, and per-example attention saves 0.75 GiB at equal speed
+# below it the block mask is small and faster than per-example attention, and offloading the checkpoints costs ~8%
+# speed for ~0.9 GiB (worth it on a T4, where `colab-t4` turns it on at every size); at 16384 offloading is what
+# lets a T4 train at all, and per-example attention saves 0.75 GiB at equal speed
 LONG_BLOCK_TOKENS = 16384
 
 

@@ -182,10 +182,11 @@ def compile_decoder_layers(model) -> None:
     and the embeddings, head, loss and checkpointing around them stay plain PyTorch. Inside a layer the
     compiler fuses the RMSNorms, rotary embedding, SwiGLU and LoRA's scale-and-add into a few kernels and
     launches them without Python in between; the 4-bit matmuls stay bitsandbytes' own kernels. Parameter
-    names do not change (`Module.compile` wraps the call, not the module), so adapters save as before."""
+    names do not change (`Module.compile` wraps the call, not the module), so adapters save as before.
+    `dynamic=False`: a run's packed blocks all have one shape, and a graph specialised to it is the fastest."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     for layer in causal_lm.model.layers:
-        layer.compile()
+        layer.compile(dynamic=False)
 
 
 def _keep_cpu_4bit_layers_differentiable(model) -> None:

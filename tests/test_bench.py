@@ -43,3 +43,12 @@ def test_generation_comparison_runs(tmp_path):
     assert seed["new_tokens"] == 256 and seed["prompts"] == 1  # the original's way: never stops early
     assert all(row["examples_per_s"] > 0 for row in rows.values())
     assert set(report["speedups"]) == set(rows)
+
+
+def test_step_profile_runs(tmp_path):
+    report = run_bench("profile_step.py", "--block", "512", "--top", "40", "--work", str(tmp_path / "work"),
+                       out=tmp_path)
+    assert report["block"] == 512 and len(report["tokens_per_s"]) == 2 and min(report["tokens_per_s"]) > 0
+    names = [row["name"] for row in report["top"]]
+    assert len(names) == 40 and all(row["ms"] > 0 and row["calls"] > 0 for row in report["top"])
+    assert any("dequantize_4bit" in name for name in names)  # the profiled step went through the real 4-bit layers
