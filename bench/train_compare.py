@@ -273,7 +273,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/htmlgen-bench"))
     parser.add_argument("--blocks", default=",".join(map(str, BLOCKS)))
     parser.add_argument("--systems", default="seed-style,trl,ours,levers,bf16")
-    parser.add_argument("--levers", default="", help="run only the levers whose name contains one of these (comma-separated) texts")
+    parser.add_argument("--levers", default="",
+                        help="run only the levers whose name contains one of these comma-separated texts")
     parser.add_argument("--variants", default="{}",
                         help='more rows of ours: JSON {"label": {Config overrides}}, run at every --blocks')
     parser.add_argument("--steps", type=int, default=2, help="measured optimiser steps for blocks below 8192")

@@ -178,7 +178,7 @@ def keep_frozen_embeddings_in(model, dtype: torch.dtype) -> None:
 def compile_decoder_layers(model) -> None:
     """`torch.compile` each decoder layer on its own ("regional" compilation).
 
-    The layers are alike, so they share one compiled graph: it compiles once (about a minute), not 32 times,
+    The layers are alike, so they share one compiled graph: it compiles once (seconds to a minute), not 32 times,
     and the embeddings, head, loss and checkpointing around them stay plain PyTorch. Inside a layer the
     compiler fuses the RMSNorms, rotary embedding, SwiGLU and LoRA's scale-and-add into a few kernels and
     launches them without Python in between; the 4-bit matmuls stay bitsandbytes' own kernels. Parameter
