@@ -3,9 +3,14 @@
 Batched (left padding, so every prompt ends where generation starts), KV cache on, and stopped per row
 at EOS or at `</html>` (transformers' stop-string criterion), so a finished page costs no more tokens.
 The output is the page only: the prompt is stripped and anything after `</html>` is cut.
+
+One prompt at a time with the compiled step (the playground and the query API) skips `generate`: its
+per-token Python and its every-token stop check (a host sync) cost more than the compiled step itself,
+so `decode_one` is a plain loop that looks at its tokens only every `STOP_CHECK_TOKENS`.
 """
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 import warnings
@@ -98,6 +103,77 @@ def _generate_with_cache(model, cache, **kwargs):
         return model.generate(**kwargs, past_key_values=cache)
 
 
+STOP_CHECK_TOKENS = 16  # the loop reads its new tokens back (one host sync) this often, to see if the page ended
+
+
+def _token_picker(do_sample: bool, temperature: float, top_p: float):
+    """Greedy argmax, or sampling with transformers' temperature and top-p warpers (as `generate` samples)."""
+    if not do_sample:
+        return lambda logits: logits.argmax(-1, keepdim=True)
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    warpers = [TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        scores = logits.float()
+        for warp in warpers:
+            scores = warp(None, scores)
+        return torch.multinomial(scores.softmax(-1), 1)
+
+    return pick
+
+
+def _stop_index(tokenizer, tokens: list[int], checked: int, stop_at_html_end: bool) -> int | None:
+    """How many of `tokens` make the page (through EOS, or through the token that completes `</html>`), or
+    None if it goes on. Only the tokens after the first `checked` are new."""
+    eos_end = tokens.index(tokenizer.eos_token_id, checked) + 1 if tokenizer.eos_token_id in tokens[checked:] else None
+    page = tokens[:eos_end]
+    if stop_at_html_end and STOP_STRING in tokenizer.decode(page, skip_special_tokens=True):
+        return next(end for end in range(checked + 1, len(page) + 1)
+                    if STOP_STRING in tokenizer.decode(page[:end], skip_special_tokens=True))
+    return eos_end
+
+
+@torch.no_grad()
+def decode_one(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
+               temperature: float = 0.7, top_p: float = 0.95, stop_at_html_end: bool = True) -> Iterator[list[int]]:
+    """One prompt's new tokens (its EOS included), yielded in pieces as they are read back.
+
+    Prefill the static cache with the prompt, then one compiled forward a token (on CUDA: CUDA graphs; on
+    CPU the same loop runs eagerly). The tokens stay on the GPU and are read back every `STOP_CHECK_TOKENS`,
+    so the host launches steps ahead of the GPU instead of waiting for each; a page that ends mid-piece is cut
+    where it ended (up to `STOP_CHECK_TOKENS - 1` tokens were computed for nothing)."""
+    from transformers import CompileConfig
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    length = input_ids.shape[1]
+    cache = static_cache(model, 1, length + max_new_tokens)
+    step = base.get_compiled_call(CompileConfig()) if input_ids.is_cuda else base.__call__
+    pick = _token_picker(do_sample, temperature, top_p)
+    # the KV cache argument is `cache` from transformers 5.2x on, `past_key_values` before
+    cache_name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    positions = torch.arange(length + max_new_tokens, device=input_ids.device)
+    new = torch.empty((1, max_new_tokens), dtype=torch.long, device=input_ids.device)
+    logits = base(input_ids=input_ids, **{cache_name: cache}, cache_position=positions[:length], use_cache=True,
+                  logits_to_keep=1).logits[:, -1]
+    tokens: list[int] = []
+    for i in range(max_new_tokens):
+        token = pick(logits)
+        new[:, i] = token[:, 0]
+        if (i + 1) % STOP_CHECK_TOKENS == 0 or i + 1 == max_new_tokens:
+            checked = len(tokens)
+            tokens += new[0, checked:i + 1].tolist()
+            end = _stop_index(tokenizer, tokens, checked, stop_at_html_end)
+            yield tokens[checked:end]
+            if end is not None:
+                return
+        if i + 1 < max_new_tokens:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed: reuse its memory
+            position = positions[length + i:length + i + 1]
+            logits = step(input_ids=token, **{cache_name: cache}, cache_position=position,
+                          position_ids=position[None], use_cache=True).logits[:, -1]
+
+
 def _generation_kwargs(tokenizer, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
                        stop_at_html_end: bool) -> dict:
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
@@ -120,7 +196,8 @@ def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: in
 
     `compile_decode` uses a static KV cache and (on CUDA) a compiled decode step, see `compiled_decoding`;
     every batch then has the same size (the last one is filled up with repeats, whose pages are dropped) and
-    one cache, sized for the longest prompt, so one compiled step serves every batch."""
+    one cache, sized for the longest prompt, so one compiled step serves every batch. With `batch_size=1`
+    it runs our own loop, `decode_one`, instead of `generate`."""
     if not descriptions:
         raise ValueError("generate_pages needs at least one description")
     device = next(model.parameters()).device
@@ -137,6 +214,13 @@ def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: in
     started = time.perf_counter()
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
+        if compile_decode and batch_size == 1:
+            ids = tokenizer(prompts[rows[0]], return_tensors="pt").input_ids.to(device)
+            tokens = [t for piece in decode_one(model, tokenizer, ids, max_new_tokens, do_sample, temperature, top_p,
+                                                stop_at_html_end) for t in piece]
+            counts[rows[0]] = len(tokens)
+            pages[rows[0]] = clean_page(tokenizer.decode(tokens, skip_special_tokens=True))
+            continue
         filled = rows + rows[-1:] * (batch_size - len(rows)) if compile_decode and len(order) > batch_size else rows
         inputs = tokenizer([prompts[i] for i in filled], return_tensors="pt", padding=True).to(device)
         if compile_decode:
@@ -164,23 +248,29 @@ def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: in
 
 def stream_page(model, tokenizer, description: str, max_new_tokens: int = 1024, do_sample: bool = False,
                 temperature: float = 0.7, top_p: float = 0.95, compile_decode: bool = False) -> Iterator[str]:
-    """Yield the page's text piece by piece as it is generated (for the playground)."""
+    """Yield the page's text piece by piece as it is generated (for the playground); with `compile_decode`
+    through `decode_one`, a piece every `STOP_CHECK_TOKENS` tokens."""
     from transformers import TextIteratorStreamer
 
     device = next(model.parameters()).device
     inputs = tokenizer([build_prompt(description)], return_tensors="pt").to(device)
+    if compile_decode:
+        model.eval()
+        tokens: list[int] = []
+        shown = ""
+        for piece in decode_one(model, tokenizer, inputs["input_ids"], max_new_tokens, do_sample, temperature, top_p):
+            tokens += piece
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # hold back a character whose bytes are not all generated yet
+                yield text[len(shown):]
+                shown = text
+        yield tokenizer.decode(tokens, skip_special_tokens=True)[len(shown):]
+        return
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = _generation_kwargs(tokenizer, max_new_tokens, do_sample, temperature, top_p, True)
     model.eval()
 
-    def write() -> None:
-        if compile_decode:
-            cache = static_cache(model, 1, inputs["input_ids"].shape[1] + max_new_tokens)
-            _generate_with_cache(model, cache, **inputs, **kwargs, streamer=streamer)
-        else:
-            model.generate(**inputs, **kwargs, streamer=streamer)
-
-    worker = threading.Thread(target=write, daemon=True)
+    worker = threading.Thread(target=lambda: model.generate(**inputs, **kwargs, streamer=streamer), daemon=True)
     worker.start()
     for piece in streamer:
         yield piece

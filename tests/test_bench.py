@@ -52,3 +52,12 @@ def test_step_profile_runs(tmp_path):
     names = [row["name"] for row in report["top"]]
     assert len(names) == 40 and all(row["ms"] > 0 and row["calls"] > 0 for row in report["top"])
     assert any("dequantize_4bit" in name for name in names)  # the profiled step went through the real 4-bit layers
+
+
+def test_decode_profile_runs(tmp_path):
+    report = run_bench("profile_decode.py", "--tokens", "16", "--ways", "plain,ours", "--work", str(tmp_path / "work"),
+                       out=tmp_path)
+    rows = report["rows"]
+    assert set(rows) == {"plain generate", "ours: decode_one, compiled step"}
+    assert all(row["new_tokens"] == 16 and row["tokens_per_s"] > 0 for row in rows.values())
+    assert report["speedup_vs_plain_generate"]["plain generate"] == 1.0

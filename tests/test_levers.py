@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from htmlgen_utils.config import TINY_BASE_DIR, Config
-from htmlgen_utils.generation import generate_pages, stream_page
+from htmlgen_utils.generation import clean_page, generate_pages, stream_page
 from htmlgen_utils.model import (PACKED_ATTENTION, compile_decoder_layers, example_spans, keep_frozen_embeddings_in,
                                  load_base_model, load_for_training, load_tokenizer, packed_attention)
-from htmlgen_utils.packing import make_dataloader, pack_splits
+from htmlgen_utils.packing import build_prompt, make_dataloader, pack_splits
 from htmlgen_utils.train import CheckpointsOnCPU, activation_context, next_token_loss
 
 
@@ -184,3 +184,27 @@ def test_static_cache_decoding_writes_the_same_pages():
     assert list(caches) == [(2, 256)]  # one cache (every batch filled to 2 rows) reused by all three batches
     streamed = "".join(stream_page(model, tokenizer, descriptions[1], max_new_tokens=48, compile_decode=True))
     assert streamed.strip().startswith(eager.pages[1][:40])
+
+
+def test_own_decode_loop_writes_what_generate_writes():
+    """Batch 1 with `compile_decode` runs `decode_one` (on CPU its step runs eagerly): the same greedy pages and
+    token counts as `generate`, cut at `</html>` or EOS at the exact token even when that falls mid-piece."""
+    from htmlgen_utils.generation import STOP_CHECK_TOKENS, decode_one
+
+    config = Config.from_preset("tiny")
+    model = load_base_model(config)
+    model.eval()
+    tokenizer = load_tokenizer(config.model_id)
+    descriptions = ["A modern landing page for Acme in blue", "Build a retro 404 error page for Nova."]
+    for stop in (True, False):  # `</html>` stop string, then EOS only
+        plain = generate_pages(model, tokenizer, descriptions, max_new_tokens=900, stop_at_html_end=stop)
+        ours = generate_pages(model, tokenizer, descriptions, max_new_tokens=900, batch_size=1, compile_decode=True,
+                              stop_at_html_end=stop)
+        assert ours.pages == plain.pages and ours.new_tokens == plain.new_tokens
+        assert all(n < 900 for n in plain.new_tokens) and any(n % STOP_CHECK_TOKENS for n in plain.new_tokens)
+    ids = tokenizer(build_prompt(descriptions[0]), return_tensors="pt").input_ids
+    pieces = list(decode_one(model, tokenizer, ids, max_new_tokens=40, stop_at_html_end=False))
+    assert [len(p) for p in pieces] == [16, 16, 8]  # read back every STOP_CHECK_TOKENS, and the rest at the limit
+    streamed = "".join(stream_page(model, tokenizer, descriptions[1], max_new_tokens=900, compile_decode=True))
+    assert clean_page(streamed) == plain.pages[1]
+
