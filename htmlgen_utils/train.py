@@ -10,6 +10,7 @@ schedule. The model's own loss shifts labels by one, so every position predicts 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -103,31 +104,46 @@ def next_token_loss(model, batch: dict, chunk_tokens: int) -> torch.Tensor:
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
+@functools.cache
+def _copy_stream() -> torch.cuda.Stream:
+    return torch.cuda.Stream()
+
+
 class CheckpointsOnCPU(torch.autograd.graph.saved_tensors_hooks):
     """Inside this context, residual-stream tensors saved for backward (the layer checkpoints: one
     [batch, block, hidden] tensor per layer) wait in pinned CPU memory instead of on the GPU.
 
     With gradient checkpointing those checkpoints are most of what grows with the block: 32 x 2048 x 4096 fp16
     = 0.5 GiB at 2048 tokens, 8 GiB at 32768. Only tensors on `device_type` whose last dimension is the hidden
-    size move; masks, rotary tables and ids stay (they are shared by every layer). The copies are asynchronous
-    and come back in backward, layer by layer.
+    size move; masks, rotary tables and ids stay (they are shared by every layer). On CUDA the copies out run
+    on a side stream, beside the layers' kernels instead of between them; they come back in backward, layer
+    by layer, on the compute stream (which needs them at once).
     """
 
     def __init__(self, hidden_size: int, device_type: str = "cuda"):
         self.offloaded = 0
+        side = _copy_stream() if device_type == "cuda" else None
 
         def pack(tensor: torch.Tensor):
             if (tensor.device.type != device_type or tensor.dim() < 2 or tensor.shape[-1] != hidden_size
                     or not tensor.is_floating_point() or isinstance(tensor, torch.nn.Parameter)):
                 return tensor
-            parked = torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=device_type == "cuda")
-            parked.copy_(tensor, non_blocking=True)
+            parked = torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=side is not None)
+            if side is None:
+                parked.copy_(tensor)
+            else:
+                side.wait_stream(torch.cuda.current_stream())  # the tensor is written
+                with torch.cuda.stream(side):
+                    parked.copy_(tensor, non_blocking=True)
+                tensor.record_stream(side)  # its memory is not reused before the copy has read it
             self.offloaded += 1
             return tensor.device, parked
 
         def unpack(packed):
             if isinstance(packed, tuple):
                 device, parked = packed
+                if side is not None:
+                    torch.cuda.current_stream().wait_stream(side)  # the copy out has finished
                 return parked.to(device, non_blocking=True)
             return packed
 
