@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -100,3 +101,65 @@ def write_report(report: dict, out_dir: Path, name: str, quiet: bool = False) ->
     if not quiet:
         print(json.dumps(report, indent=2), flush=True)
     return path
+
+
+KERNEL_KINDS = [  # (kind, pattern on the kernel's name), first match wins
+    ("attention", r"sdpa|flash|fmha|attention"),
+    ("4-bit dequantize", r"kDequantize"),
+    ("4-bit gemv", r"gemv|kgemm_4bit"),
+    ("optimizer", r"kOptimizer|kPreconditionOptimizer|adam"),
+    ("gemm", r"nvjet|gemm|cutlass|xmma|sm90_|sm80_|ampere_"),
+    ("compiled (triton)", r"^triton_"),
+]
+
+
+def gpu_timeline(profiler, trace_path: Path, steps: int) -> dict:
+    """What the GPU did during a profile, from its trace: the time any kernel or copy ran (overlaps counted
+    once, so it can be set against the wall time: the rest is the GPU waiting for the host), kernels and
+    copies per step, and the time by kind of kernel."""
+    import re
+
+    profiler.export_chrome_trace(str(trace_path))
+    events = [e for e in json.loads(trace_path.read_text())["traceEvents"]
+              if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    busy, end = 0.0, float("-inf")
+    for event in sorted(events, key=lambda e: e["ts"]):
+        start, stop = event["ts"], event["ts"] + event.get("dur", 0)
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    kinds: dict[str, float] = {}
+    for event in events:
+        kind = "copies" if event["cat"] != "kernel" else next(
+            (k for k, pattern in KERNEL_KINDS if re.search(pattern, event["name"])), "other kernels")
+        kinds[kind] = kinds.get(kind, 0.0) + event.get("dur", 0)
+    trace_path.unlink()
+    return {"gpu_busy_s": round(busy / 1e6, 3),
+            "kernels_per_step": round(sum(e["cat"] == "kernel" for e in events) / steps),
+            "copies_per_step": round(sum(e["cat"] == "gpu_memcpy" for e in events) / steps),
+            "seconds_by_kind": {k: round(v / 1e6, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
+
+
+def compiler_counters() -> dict:
+    """torch.compile's own account: graphs compiled, graph breaks (with reasons), CUDA-graph skips."""
+    from torch._dynamo.utils import counters
+
+    return {"unique_graphs": counters["stats"].get("unique_graphs", 0),
+            "graph_breaks": {reason[:200]: n for reason, n in counters["graph_break"].items()},
+            "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0)}
+
+
+class CompilerLog(logging.Handler):
+    """Collects torch.compile's graph-break, recompile and performance-hint messages (why a CUDA graph was
+    skipped, say), each once, for the report."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+        torch._logging.set_logs(graph_breaks=True, recompiles=True, perf_hints=True)
+        logging.getLogger("torch").addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()[:400]
+        if message not in self.messages and len(self.messages) < 40:
+            self.messages.append(message)

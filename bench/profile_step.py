@@ -4,8 +4,10 @@
     PYTHONPATH=$PWD python bench/profile_step.py --smoke --out /tmp/bench     # CPU, tiny model
 
 Trains the `colab-t4` preset (plus any `-p KEY VALUE` overrides) for two optimiser steps of warm-up, then
-profiles two more, and reports the wall time against the time the GPU was busy (kernels) -- the gap is
-launch and Python overhead -- and the kernels that took longest. Prints one JSON report last.
+profiles two more, and reports the wall time against the time the GPU was busy (any kernel or copy running,
+overlaps counted once) -- the gap is the GPU waiting for launches and Python --, the GPU time by kind of kernel,
+the kernels that took longest, the host-side operators that took longest, and torch.compile's graph breaks.
+Prints one JSON report last.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from common import REPO, T4_GIB, build_checkpoint, cap_memory, peak_gib, reset_peak, sync, versions, write_report
+from common import (REPO, T4_GIB, CompilerLog, build_checkpoint, cap_memory, compiler_counters, gpu_timeline, peak_gib,
+                    reset_peak, sync, versions, write_report)
 
 
 def main() -> None:
@@ -50,6 +53,7 @@ def main() -> None:
         prepare_data(config)
     packed = load_packed(run_dir)
     model, tokenizer = load_for_training(config)
+    compiler_log = CompilerLog()
     train(model, tokenizer, packed, config, run_dir, resume=False)  # warm-up (and compilation)
     reset_peak()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -64,13 +68,17 @@ def main() -> None:
     key = "device_time_total" if on_gpu else "self_cpu_time_total"
     kernels = [e for e in events if (e.device_type.name == "CUDA") == on_gpu and getattr(e, key, 0) > 0]
     kernels.sort(key=lambda e: getattr(e, key), reverse=True)
-    busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6 if on_gpu else None
+    host_ops = sorted((e for e in events if e.device_type.name == "CPU"), key=lambda e: e.self_cpu_time_total,
+                      reverse=True)
     steps = [h for h in state.history if "tokens_per_s" in h]
     report = {**versions(), "block": args.block, "overrides": overrides, "profiled_wall_s": round(wall, 3),
-              "gpu_busy_s": round(busy, 3) if busy is not None else None,
+              **(gpu_timeline(profiler, args.work / "trace.json", len(steps)) if on_gpu else {}),
               "tokens_per_s": [round(h["tokens_per_s"], 1) for h in steps], "peak_gib": peak_gib(),
               "top": [{"name": e.key[:90], "calls": e.count, "ms": round(getattr(e, key) / 1e3, 1)}
-                      for e in kernels[:args.top]]}
+                      for e in kernels[:args.top]],
+              "top_host_ops": [{"name": e.key[:90], "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 1)}
+                               for e in host_ops[:15]],
+              "compiler": {**compiler_counters(), "log": compiler_log.messages}}
     write_report(report, args.out, "profile_step.json")
 
 
