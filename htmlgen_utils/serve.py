@@ -42,8 +42,8 @@ def _error(status: int, message: str) -> JSONResponse:
 
 def create_app(model, tokenizer, max_new_tokens_cap: int = 1024, default_max_new_tokens: int | None = None,
                max_waiting: int = 32, description: str = "", compile_decode: bool = False) -> FastAPI:
-    """The API around an already loaded model (tests build it around the tiny model). `compile_decode`: the
-    static-cache, compiled decode step (`generation.compiled_decoding`) for every request."""
+    """The API around an already loaded model (tests build it around the tiny model). `compile_decode`: each
+    request is decoded by `generation.decode_one` around the static-cache, compiled decode step."""
     from .generation import generate_pages
 
     app = FastAPI(title="htmlgen", docs_url=None, redoc_url=None, openapi_url=None)
