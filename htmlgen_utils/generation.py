@@ -83,15 +83,19 @@ CACHE_LENGTH_STEP = 256  # static caches are sized in steps of this, so prompts 
 
 
 def static_cache(model, batch_size: int, tokens: int):
-    """A static KV cache for `batch_size` rows of up to `tokens` (rounded up), kept on the model and reused:
-    the compiled decode step is specialised to its tensors, so a new cache would mean a new compilation."""
+    """A static KV cache for `batch_size` rows of at least `tokens`, kept on the model and reused.
+
+    The compiled decode step is specialised to its cache's tensors, so a new cache means a new compilation
+    (about a minute for a 7B model on a GPU): the shortest cache already built for this batch size that is long
+    enough is reused, and only a longer request builds one (`tokens` rounded up to `CACHE_LENGTH_STEP`)."""
     from transformers import StaticCache
 
-    length = -(-tokens // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP
     caches = model.__dict__.setdefault("_htmlgen_static_caches", {})
-    key = (batch_size, length)
+    long_enough = [key for key in caches if key[0] == batch_size and key[1] >= tokens]
+    key = min(long_enough, key=lambda k: k[1]) if long_enough else (
+        batch_size, -(-tokens // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP)
     if key not in caches:
-        caches[key] = StaticCache(config=model.config, max_cache_len=length)
+        caches[key] = StaticCache(config=model.config, max_cache_len=key[1])
     caches[key].reset()
     return caches[key]
 

@@ -182,6 +182,13 @@ def test_static_cache_decoding_writes_the_same_pages():
     assert static.settings["compile_decode"] is True
     caches = model.__dict__["_htmlgen_static_caches"]
     assert list(caches) == [(2, 256)]  # one cache (every batch filled to 2 rows) reused by all three batches
+    two = descriptions[:2]
+    longer = generate_pages(model, tokenizer, two, max_new_tokens=300, batch_size=2, compile_decode=True)
+    assert list(caches) == [(2, 256), (2, 512)]  # a longer request builds a longer cache ...
+    shorter = generate_pages(model, tokenizer, two, max_new_tokens=48, batch_size=2, compile_decode=True)
+    assert list(caches) == [(2, 256), (2, 512)]  # ... which a shorter one then reuses, with the same pages
+    assert shorter.pages == generate_pages(model, tokenizer, two, max_new_tokens=48, batch_size=2).pages
+    assert longer.pages == generate_pages(model, tokenizer, two, max_new_tokens=300, batch_size=2).pages
     streamed = "".join(stream_page(model, tokenizer, descriptions[1], max_new_tokens=48, compile_decode=True))
     assert streamed.strip().startswith(eager.pages[1][:40])
 
