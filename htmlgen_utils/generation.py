@@ -64,14 +64,23 @@ def compiled_decoding(model):
     bitsandbytes' own support (4-bit layers compile since 0.46 with torch >= 2.8 and run in CUDA graphs since
     0.44), so the model's quantizer is hidden from that one check for the duration of the call. The first
     call of each batch size compiles (tens of seconds); later calls reuse it.
+
+    A model prepared for training in this process carries transformers' hook that marks the embeddings'
+    output as requiring grad (for gradient checkpointing); the compiler cannot trace it and would split the
+    step in two graphs around it, so it is taken off for the call (no gradients are computed here) and put back.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     quantizer = getattr(base, "hf_quantizer", None)
+    hooked = hasattr(base, "_require_grads_hook")
     base.hf_quantizer = None
+    if hooked:
+        base.disable_input_require_grads()
     try:
         yield
     finally:
         base.hf_quantizer = quantizer
+        if hooked:
+            base.enable_input_require_grads()
 
 
 def wants_compiled_decode(model, config) -> bool:
@@ -174,8 +183,9 @@ def decode_one(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, d
         if i + 1 < max_new_tokens:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed: reuse its memory
             position = positions[length + i:length + i + 1]
-            logits = step(input_ids=token, **{cache_name: cache}, cache_position=position,
-                          position_ids=position[None], use_cache=True).logits[:, -1]
+            with compiled_decoding(model):  # one graph, also for a model prepared for training
+                logits = step(input_ids=token, **{cache_name: cache}, cache_position=position,
+                              position_ids=position[None], use_cache=True).logits[:, -1]
 
 
 def _generation_kwargs(tokenizer, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,

@@ -215,3 +215,24 @@ def test_own_decode_loop_writes_what_generate_writes():
     streamed = "".join(stream_page(model, tokenizer, descriptions[1], max_new_tokens=900, compile_decode=True))
     assert clean_page(streamed) == plain.pages[1]
 
+
+
+def test_compiled_decoding_lifts_the_training_hook_for_the_call():
+    """A model prepared for training carries transformers' hook that makes the embeddings' output require grad;
+    torch 2.11's compiler cannot trace it and splits the decode step around it, so compiled decoding takes it
+    off for each step and puts it back (training after generation still gets it)."""
+    from htmlgen_utils.generation import compiled_decoding
+    from htmlgen_utils.model import load_for_training
+
+    model, tokenizer = load_for_training(Config.from_preset("tiny", gradient_checkpointing=True))
+    embeddings = model.get_input_embeddings()
+    hook_names = lambda: [hook.__name__ for hook in embeddings._forward_hooks.values()]  # noqa: E731
+    assert hook_names() == ["make_inputs_require_grads"]
+    with compiled_decoding(model):
+        assert hook_names() == []
+    assert hook_names() == ["make_inputs_require_grads"]
+    model.eval()
+    plain = generate_pages(model, tokenizer, ["A login page for Orbit"], max_new_tokens=24)
+    ours = generate_pages(model, tokenizer, ["A login page for Orbit"], max_new_tokens=24, batch_size=1,
+                          compile_decode=True)
+    assert ours.pages == plain.pages and hook_names() == ["make_inputs_require_grads"]
