@@ -216,7 +216,6 @@ def test_own_decode_loop_writes_what_generate_writes():
     assert clean_page(streamed) == plain.pages[1]
 
 
-
 def test_compiled_decoding_lifts_the_training_hook_for_the_call():
     """A model prepared for training carries transformers' hook that makes the embeddings' output require grad;
     torch 2.11's compiler cannot trace it and splits the decode step around it, so compiled decoding takes it
