@@ -56,7 +56,7 @@ def clean_page(text: str) -> str:
 
 @contextmanager
 def compiled_decoding(model):
-    """Let `generate` compile its decode step for our 4-bit model.
+    """Let `generate` (and `decode_one`) run a compiled decode step for our 4-bit model.
 
     With a static KV cache, transformers compiles the one-token forward (`mode="reduce-overhead"`: CUDA graphs)
     on CUDA, which removes the per-token Python and kernel-launch overhead that bounds 4-bit + LoRA decoding
