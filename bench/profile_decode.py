@@ -35,7 +35,8 @@ def main() -> None:
     from generation_compare import load_model
     from htmlgen_utils.config import Config
     from htmlgen_utils.data import load_splits
-    from htmlgen_utils.generation import _generate_with_cache, _generation_kwargs, decode_one, static_cache
+    from htmlgen_utils.generation import _generation_kwargs
+    from htmlgen_utils.levers.decoding import decode_one, generate_with_static_cache, static_cache
     from htmlgen_utils.packing import build_prompt
 
     model_path = build_checkpoint(args.work / "llama2-7b-shaped", smoke=args.smoke)
@@ -52,7 +53,7 @@ def main() -> None:
 
     def compiled_generate(tokens: int) -> int:
         cache = static_cache(model, 1, input_ids.shape[1] + tokens)
-        _generate_with_cache(model, cache, input_ids=input_ids, **_generation_kwargs(tokenizer, tokens, False, 0, 0,
+        generate_with_static_cache(model, cache, input_ids=input_ids, **_generation_kwargs(tokenizer, tokens, False, 0, 0,
                                                                                     False))
         return tokens
 

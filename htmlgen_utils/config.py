@@ -205,6 +205,35 @@ class Config:
             return text
 
 
+def choose_preset() -> tuple[str, str]:
+    """The preset that fits this machine, and why: `tiny` without a CUDA GPU, `ampere-bf16` from compute
+    capability 8.0 (Ampere: native bfloat16), `colab-t4` below it (a T4 is sm_75).
+
+    Not `torch.cuda.is_bf16_supported()`: it is True on a T4 too, because it counts bfloat16 *emulation*, which
+    runs far slower than fp16 there."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "tiny", "no CUDA GPU: the tiny CPU model and the bundled data"
+    major, minor = torch.cuda.get_device_capability(0)
+    gpu = f"{torch.cuda.get_device_name(0)} (compute capability {major}.{minor})"
+    if major >= 8:
+        return "ampere-bf16", f"{gpu} computes in bfloat16 natively"
+    return "colab-t4", f"{gpu} has no native bfloat16: float16 with a GradScaler"
+
+
+def default_preset() -> str:
+    """The preset that fits this machine (see `choose_preset`)."""
+    return choose_preset()[0]
+
+
+def gpu_has_native_bf16() -> bool:
+    """Compute capability 8.0 or newer (Ampere): bfloat16 in hardware, not emulated."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] >= 8
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Free Colab T4: 15 GiB, fp16 only (no bf16), so GradScaler; checkpointing keeps activations small.
     "colab-t4": dict(

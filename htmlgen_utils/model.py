@@ -8,7 +8,7 @@ the training loop), bfloat16 on Ampere or newer, float32 on CPU.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from .config import Config
+from .config import Config, gpu_has_native_bf16
 
 GATED_HELP = ("{model} is gated or could not be fetched. Accept its licence on huggingface.co, then give a token: "
               "set HF_TOKEN in the environment (on Colab: the key icon -> add a secret named HF_TOKEN). Or use an "
@@ -37,11 +37,12 @@ def hf_token() -> str | None:
 
 
 def resolve_precision(precision: str) -> str:
-    """`auto` -> bf16 where the GPU supports it, fp16 on other GPUs (T4), fp32 on CPU."""
+    """`auto` -> bf16 on GPUs with native bfloat16 (compute capability >= 8.0), fp16 on older GPUs (T4), fp32 on
+    CPU."""
     if precision != "auto":
         return precision
     if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if gpu_has_native_bf16() else "fp16"
     return "fp32"
 
 
@@ -123,14 +124,15 @@ def create_peft_config(target_modules: list[str], config: Config) -> LoraConfig:
                       target_modules=target_modules, bias="none", task_type="CAUSAL_LM")
 
 
-def prepare_for_training(model, config: Config):
-    """k-bit preparation (frozen base, norms in fp32, checkpointing), then LoRA on every linear layer."""
+def prepare_for_training(model, config: Config, lora_config: LoraConfig | None = None):
+    """k-bit preparation (frozen base, norms in fp32, checkpointing), then LoRA: `lora_config` when given (notebook
+    03 passes the one it shows), otherwise `create_peft_config` on every linear layer."""
     if getattr(model, "is_loaded_in_4bit", False):
         prepare_4bit_for_training(model, config)
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(config.seed)  # the adapters' random initialisation is part of the run's recipe
-    model = get_peft_model(model, create_peft_config(find_linear_layer_names(model), config))
+    model = get_peft_model(model, lora_config or create_peft_config(find_linear_layer_names(model), config))
     _keep_cpu_4bit_layers_differentiable(model)
     return model
 
@@ -175,20 +177,6 @@ def keep_frozen_embeddings_in(model, dtype: torch.dtype) -> None:
         head.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
 
 
-def compile_decoder_layers(model) -> None:
-    """`torch.compile` each decoder layer on its own ("regional" compilation).
-
-    The layers are alike, so they share one compiled graph: it compiles once (seconds to a minute), not 32 times,
-    and the embeddings, head, loss and checkpointing around them stay plain PyTorch. Inside a layer the
-    compiler fuses the RMSNorms, rotary embedding, SwiGLU and LoRA's scale-and-add into a few kernels and
-    launches them without Python in between; the 4-bit matmuls stay bitsandbytes' own kernels. Parameter
-    names do not change (`Module.compile` wraps the call, not the module), so adapters save as before.
-    `dynamic=False`: a run's packed blocks all have one shape, and a graph specialised to it is the fastest."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for layer in causal_lm.model.layers:
-        layer.compile(dynamic=False)
-
-
 def _keep_cpu_4bit_layers_differentiable(model) -> None:
     """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for a faster inference kernel the first time
     a layer runs in eval mode without gradients, and never packs them back; that kernel has no backward, so
@@ -199,91 +187,6 @@ def _keep_cpu_4bit_layers_differentiable(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-
-
-# ---------------------------------------------------------------------------------------------- packed attention
-PACKED_ATTENTION = "htmlgen_packed_sdpa"
-_spans_cache: list = [None, None, None]  # (position ids, their memory and shape, spans)
-
-
-def example_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """For each row of a packed batch, the [start, end) of every example (position ids restart at 0 for each).
-
-    Read once per forward (one small device-to-host copy, which waits for the GPU) and reused by every layer
-    and by checkpoint recompute, which get the same ids, sometimes as a new view: the cache is keyed on the
-    memory and shape and holds the tensor, so that memory cannot be reused by another batch meanwhile."""
-    key = (position_ids.data_ptr(), tuple(position_ids.shape), position_ids.device)
-    if _spans_cache[1] == key:
-        return _spans_cache[2]
-    spans = []
-    for row in position_ids.tolist():
-        starts = [i for i, position in enumerate(row) if position == 0] or [0]
-        spans.append(list(zip(starts, starts[1:] + [len(row)])))
-    _spans_cache[:] = [position_ids, key, spans]
-    return spans
-
-
-def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                          position_ids: torch.Tensor | None = None, **kwargs):
-    """Attention for packed blocks without a [block x block] mask: causal SDPA on each example on its own.
-
-    transformers turns restarting position ids into a block-diagonal 4-D mask: 1 GiB (bool) at 32768 tokens,
-    and SDPA must then compute every masked-out score and cannot use its FlashAttention kernel. Cutting the
-    block at the example boundaries gives the same result (each token sees only its own example, causally)
-    with plain `is_causal` SDPA: no mask tensor, and attention work that grows with the examples' lengths
-    squared instead of the block's. Anything that is not a packed training block (a padding mask, a KV cache,
-    one query token) goes to transformers' own SDPA path unchanged. Measured on the 7B shape it is slower than
-    the mask below 16384 tokens and saves memory from there (bench/README.md), so `Config.packed_attention`
-    `auto` uses it for long blocks only.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2] or query.shape[2] == 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    return _attention_per_example(module, query, key, value, position_ids, dropout, scaling)
-
-
-@torch.compiler.disable  # data-dependent cuts: compiled layers run this part eagerly, without a recompile per block
-def _attention_per_example(module, query, key, value, position_ids, dropout, scaling):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    spans_per_row = example_spans(position_ids)
-    if len(spans_per_row) != query.shape[0]:  # one row of position ids shared by the whole batch
-        spans_per_row = spans_per_row[:1] * query.shape[0]
-    rows = []
-    for row, spans in enumerate(spans_per_row):
-        pieces = [sdpa_attention_forward(module, query[row:row + 1, :, a:b], key[row:row + 1, :, a:b],
-                                         value[row:row + 1, :, a:b], None, dropout=dropout, scaling=scaling)[0]
-                  for a, b in spans]
-        rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
-    return (rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)), None
-
-
-def _register_packed_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
-
-    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
-    # like FlashAttention's: no 4-D mask at all when nothing is padded
-    AttentionMaskInterface.register(PACKED_ATTENTION, flash_attention_mask)
-
-
-_register_packed_attention()
-
-
-@contextmanager
-def packed_attention(model, enabled: bool = True):
-    """Run the model with `packed_sdpa_attention` inside the block (training and teacher-forced evaluation,
-    forward and backward: checkpoint recompute must see the same attention), and restore its own after."""
-    config = model.config
-    previous = config._attn_implementation
-    if enabled and previous == "sdpa":
-        config._attn_implementation = PACKED_ATTENTION
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
 
 
 def load_for_training(config: Config):

@@ -7,12 +7,12 @@ def setup(preset: str = "auto", run_dir: str = "runs/notebooks", dataset: str = 
           overrides: dict | None = None) -> Config:
     """The run's `Config` from a notebook's parameters. `preset="auto"` picks what fits this machine:
     `colab-t4` on a T4 (Colab's free GPU), `ampere-bf16` on bf16-capable GPUs, `tiny` without a GPU."""
-    from .train import default_preset
+    from .config import choose_preset
 
-    chosen = default_preset() if preset == "auto" else preset
+    chosen = preset
     if preset == "auto":
-        print(f"preset 'auto' -> {chosen!r}" + (" (no CUDA GPU: the tiny CPU model and the bundled data)"
-                                               if chosen == "tiny" else ""))
+        chosen, why = choose_preset()
+        print(f"preset 'auto' -> {chosen!r}: {why}")
     config = Config.from_preset(chosen, run_dir=run_dir, dataset=dataset, **(overrides or {}))
     return config
 

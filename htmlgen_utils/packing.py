@@ -28,6 +28,9 @@ PROMPT_HEADER = ("Below is an instruction that describes a task. You will be pro
                  "have to generate HTML code. Write a response that appropriately completes the request.")
 
 
+STOP_STRING = "</html>"  # a page ends here; generation stops at it
+
+
 def build_prompt(description: str) -> str:
     """The Alpaca-style prompt; the page follows it directly."""
     return f"{PROMPT_HEADER}\n\n### Instruction:\n{description}\n\n### Response:\n"
@@ -204,14 +207,17 @@ def load_packed(run_dir: str | Path) -> datasets.DatasetDict:
 def make_dataloader(blocks: datasets.Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
                     epoch: int = 0, skip_batches: int = 0) -> DataLoader:
     """Batches of {input_ids, labels, position_ids}. The shuffle order depends only on (seed, epoch), so a
-    resumed run can skip exactly the batches it already trained on."""
+    resumed run can skip exactly the batches it already trained on. The loader gets a generator of its own:
+    otherwise each new loader draws its base seed from the global RNG, and a resumed run (which makes a new
+    loader mid-epoch) would draw different dropout masks from an uninterrupted one."""
     order = list(range(len(blocks)))
     if shuffle:
         generator = torch.Generator().manual_seed(seed * 1000 + epoch)
         order = torch.randperm(len(blocks), generator=generator).tolist()
     order = order[skip_batches * batch_size:]
     subset = blocks.select(order).select_columns(list(BLOCK_COLUMNS))
-    return DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_blocks)
+    return DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_blocks,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 BLOCK_COLUMNS = ("input_ids", "labels", "position_ids")

@@ -75,7 +75,7 @@ def run_pipeline(config: Config, notebooks: tuple[str, ...] = NOTEBOOKS, log_out
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train import config_from_args
+    from .cli import config_from_args
 
     config, _ = config_from_args(argv, "Run notebooks 01-05 in order with papermill.")
     if config.preset == "tiny":
@@ -94,4 +94,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run_cli
+
+    run_cli(main)

@@ -136,7 +136,7 @@ document.getElementById('go').onclick = async () => {
 
 
 def load_app(run_dir: str | Path, max_waiting: int = 32) -> FastAPI:
-    from .generation import wants_compiled_decode
+    from .levers import wants_compiled_decode
     from .model import load_trained
 
     model, tokenizer, config = load_trained(run_dir)
@@ -163,4 +163,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_cli
+
+    run_cli(main)

@@ -11,10 +11,12 @@ from pathlib import Path
 from .config import Config
 from .data import DataReport, load_saved_splits, load_splits, save_splits
 from .evaluation import score_pages, write_metrics
-from .generation import generate_pages, wants_compiled_decode
+from .generation import generate_pages
+from .levers import wants_compiled_decode
+from .loss import evaluate_blocks
 from .model import load_tokenizer, load_trained
 from .packing import PackingStats, load_packed, pack_splits, save_packed
-from .train import evaluate_blocks
+from .tracking import log_eval_table
 
 
 def prepare_data(config: Config) -> tuple[DataReport, dict[str, PackingStats]]:
@@ -72,19 +74,5 @@ def evaluate_run(config: Config, compare_base: bool = True, visual: bool = False
     table.to_json(run_dir / "eval_table.json", orient="records", indent=1)
     if base_table is not None:
         base_table.to_json(run_dir / "eval_table_base.json", orient="records", indent=1)
-    _log_table_to_wandb(trained_config, table, metrics)
+    log_eval_table(trained_config, table, metrics)
     return {"metrics": metrics, "table": table, "base_table": base_table, "model": model, "tokenizer": tokenizer}
-
-
-def _log_table_to_wandb(config: Config, table, metrics: dict) -> None:
-    from .train import wandb_mode
-
-    if wandb_mode(config) == "disabled":
-        return
-    import wandb
-
-    run = wandb.init(project=config.wandb_project, mode=wandb_mode(config), dir=config.run_dir,
-                     name=Path(config.run_dir).name + "-eval", job_type="eval")
-    run.log({"eval/table": wandb.Table(dataframe=table.drop(columns=["reference"])),
-             **{f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}})
-    run.finish()

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from htmlgen_utils.config import Config
-from htmlgen_utils.model import load_for_training, packed_attention
-from htmlgen_utils.train import CheckpointsOnCPU, next_token_loss
+from htmlgen_utils.levers import CheckpointsOnCPU, packed_attention
+from htmlgen_utils.loss import next_token_loss
+from htmlgen_utils.model import load_for_training
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -7,10 +7,11 @@ import torch
 
 from htmlgen_utils.config import TINY_BASE_DIR, Config
 from htmlgen_utils.generation import clean_page, generate_pages, stream_page
-from htmlgen_utils.model import (PACKED_ATTENTION, compile_decoder_layers, example_spans, keep_frozen_embeddings_in,
-                                 load_base_model, load_for_training, load_tokenizer, packed_attention)
+from htmlgen_utils.levers import (PACKED_ATTENTION, CheckpointsOnCPU, apply_training_levers, compile_decoder_layers,
+                                  example_spans, packed_attention)
+from htmlgen_utils.loss import next_token_loss
+from htmlgen_utils.model import keep_frozen_embeddings_in, load_base_model, load_for_training, load_tokenizer
 from htmlgen_utils.packing import build_prompt, make_dataloader, pack_splits
-from htmlgen_utils.train import CheckpointsOnCPU, activation_context, next_token_loss
 
 
 BASE = str(TINY_BASE_DIR)  # trained weights: its attention matters, so a leak or a wrong mask would show
@@ -100,6 +101,35 @@ def test_offloaded_checkpoints_give_the_same_gradients(training_model, packed_ba
     assert hooks.offloaded >= layers  # at least every layer's checkpoint went through the hook
 
 
+def test_checkpoint_offload_installed_on_the_decoder_gives_the_same_gradients(training_model, packed_batch):
+    """`offload_checkpoints` (what `apply_training_levers` installs) puts the hooks around every training forward of
+    the decoder stack, and only there: not in no-grad forwards, and not left on after a forward."""
+    from htmlgen_utils.levers import offload_checkpoints
+
+    plain = loss_and_grads(training_model, packed_batch, chunk_tokens=256)
+    hooks = offload_checkpoints(training_model, device_type="cpu")
+    assert_same(plain, loss_and_grads(training_model, packed_batch, chunk_tokens=256))
+    moved = hooks.offloaded
+    assert moved >= training_model.config.num_hidden_layers
+    with torch.no_grad():
+        next_token_loss(training_model, packed_batch, 256)
+    assert hooks.offloaded == moved  # nothing is saved for backward without gradients
+    probe = torch.ones(3, training_model.config.hidden_size, requires_grad=True)
+    (probe * probe).sum().backward()  # outside the decoder's forward: no hook is active
+    assert hooks.offloaded == moved
+
+
+def test_training_levers_apply_once_and_as_configured(tiny_config):
+    config = tiny_config.replace(model_id=BASE, packed_attention="on", compile_training=True)
+    model, _ = load_for_training(config)
+    assert model.config._attn_implementation == "sdpa"  # the plain path has none of them
+    assert apply_training_levers(model, config, torch.device("cpu")) == ["packed_attention", "compile_training"]
+    assert model.config._attn_implementation == PACKED_ATTENTION
+    assert apply_training_levers(model, config, torch.device("cpu")) == ["packed_attention", "compile_training"]
+    plain, _ = load_for_training(tiny_config.replace(model_id=BASE))
+    assert apply_training_levers(plain, tiny_config, torch.device("cpu")) == []  # offload is for GPUs only
+
+
 def test_compiled_layers_match_eager_ones(training_model, packed_batch):
     """Regional compilation through the real 4-bit + LoRA + checkpointing path: same loss, same gradients,
     with the block mask and with per-example attention (which runs eagerly between compiled pieces)."""
@@ -121,8 +151,6 @@ def test_long_block_levers_switch_on_where_measured():
     assert long.long_block_lever("offload_activations") and long.long_block_lever("packed_attention")
     assert Config.from_preset("colab-t4").long_block_lever("offload_activations")  # a T4 offloads at every size
     assert not long.replace(packed_attention="off").long_block_lever("packed_attention")
-    on_cpu = activation_context(None, long, torch.device("cpu"))
-    assert not isinstance(on_cpu, CheckpointsOnCPU)  # offloading is for GPU memory only
     with pytest.raises(ValueError, match="offload_activations"):
         Config.from_preset("colab-t4", offload_activations=True)
     with pytest.raises(ValueError, match="loss_chunk_tokens"):
@@ -196,7 +224,7 @@ def test_static_cache_decoding_writes_the_same_pages():
 def test_own_decode_loop_writes_what_generate_writes():
     """Batch 1 with `compile_decode` runs `decode_one` (on CPU its step runs eagerly): the same greedy pages and
     token counts as `generate`, cut at `</html>` or EOS at the exact token even when that falls mid-piece."""
-    from htmlgen_utils.generation import STOP_CHECK_TOKENS, decode_one
+    from htmlgen_utils.levers.decoding import STOP_CHECK_TOKENS, decode_one
 
     config = Config.from_preset("tiny")
     model = load_base_model(config)
@@ -220,7 +248,7 @@ def test_compiled_decoding_lifts_the_training_hook_for_the_call():
     """A model prepared for training carries transformers' hook that makes the embeddings' output require grad;
     torch 2.11's compiler cannot trace it and splits the decode step around it, so compiled decoding takes it
     off for each step and puts it back (training after generation still gets it)."""
-    from htmlgen_utils.generation import compiled_decoding
+    from htmlgen_utils.levers import compiled_decoding
     from htmlgen_utils.model import load_for_training
 
     model, tokenizer = load_for_training(Config.from_preset("tiny", gradient_checkpointing=True))

@@ -101,7 +101,7 @@ def test_merge_writes_a_16bit_model_equal_to_base_plus_adapter(chain):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from htmlgen_utils.train import merge_to_16bit
+    from htmlgen_utils.export import merge_to_16bit
 
     run_dir, _ = chain
     merged_dir = merge_to_16bit(run_dir, dtype=torch.float32)

@@ -3,9 +3,12 @@ import pytest
 import torch
 
 from htmlgen_utils import train as train_module
+from htmlgen_utils.export import save_outputs
+from htmlgen_utils.loss import count_targets, evaluate_blocks, next_token_loss
 from htmlgen_utils.model import load_for_training
-from htmlgen_utils.packing import pack_splits
-from htmlgen_utils.train import NonFiniteLossError, latest_checkpoint, plan_steps, save_outputs, train
+from htmlgen_utils.packing import IGNORE_INDEX, make_dataloader, pack_splits
+from htmlgen_utils.train import (NonFiniteLossError, build_scaler, forward_backward, latest_checkpoint, plan_steps,
+                                 train)
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +25,14 @@ def _setup(config, splits):
     return model, tokenizer, packed
 
 
+def adapter_weights(model) -> dict:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
 def test_training_lowers_validation_loss_and_saves_outputs(tiny_config, small_splits):
     config = tiny_config.replace(max_steps=16, eval_every=16, learning_rate=2e-3)
     model, tokenizer, packed = _setup(config, small_splits)
-    before = train_module.evaluate_blocks(model, packed["validation"], config, torch.device("cpu"))
+    before = evaluate_blocks(model, packed["validation"], config, torch.device("cpu"))
     state = train(model, tokenizer, packed, config, config.run_dir, resume=False)
     after = [h for h in state.history if "eval_loss" in h][-1]
     assert after["eval_loss"] < before["eval_loss"] - 0.3, (before, after)
@@ -58,13 +65,49 @@ def test_optimiser_steps_after_every_fourth_micro_batch(tiny_config, small_split
     assert all(events[i] == "step" for i in range(4, 25, 5))
 
 
+def test_accumulated_micro_batches_give_the_one_big_batch_gradient(tiny_config, small_splits):
+    """Four micro-batches, each backward of its summed loss / the step's target tokens, add up to the gradient of
+    one batch of all four blocks (fp32, dropout off). Their target counts differ a lot, so a mean of
+    per-micro-batch means (the old way) would not match."""
+    config = tiny_config.replace(lora_dropout=0.0)
+    model, _, packed = _setup(config, small_splits)
+    micro_batches = list(make_dataloader(packed["train"], 1))[:4]
+    micro_batches[1]["labels"][:, 200:] = IGNORE_INDEX  # far fewer targets in this one
+    scaler = build_scaler(config, torch.device("cpu"))
+    assert not scaler.is_enabled()
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    model.train()
+    step_targets = count_targets(micro_batches)
+    for batch in micro_batches:
+        forward_backward(model, batch, scaler, step_targets, config, torch.device("cpu"))
+    accumulated = grads()
+    big = {k: torch.cat([b[k] for b in micro_batches]) for k in micro_batches[0]}
+    next_token_loss(model, big, config.loss_chunk_tokens).backward()
+    one_batch = grads()
+    for batch in micro_batches:  # the mean of means
+        (next_token_loss(model, batch, config.loss_chunk_tokens) / len(micro_batches)).backward()
+    mean_of_means = grads()
+
+    def worst(a, b):
+        return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)) for k in b)
+
+    assert worst(accumulated, one_batch) < 1e-4
+    assert worst(mean_of_means, one_batch) > 1e-2
+
+
 def test_resumed_run_matches_uninterrupted_run(tiny_config, small_splits, tmp_path):
     config = tiny_config.replace(max_steps=6, eval_every=3, checkpoint_every=0, lora_dropout=0.1)
     full_model, tokenizer, packed = _setup(config, small_splits)
     full = train(full_model, tokenizer, packed, config, tmp_path / "full", resume=False)
 
     first_model, _, _ = _setup(config, small_splits)
-    interrupted = train(first_model, tokenizer, packed, config, tmp_path / "resumed", stop_after_steps=3)
+    interrupted = train(first_model, tokenizer, packed, config, tmp_path / "resumed",
+                        stop_when=lambda state: state.step >= 3)
     assert interrupted.step == 3 and latest_checkpoint(tmp_path / "resumed") is not None
     del first_model
     torch.manual_seed(12345)  # a fresh process would start from another RNG state: the checkpoint must restore it
@@ -77,22 +120,33 @@ def test_resumed_run_matches_uninterrupted_run(tiny_config, small_splits, tmp_pa
     assert resumed.step == 6
     assert len(resumed.history) == len(full.history)
     assert losses(resumed) == pytest.approx(losses(full), abs=2e-3)
+    full_weights, resumed_weights = adapter_weights(full_model), adapter_weights(second_model)
+    for name, weight in full_weights.items():
+        torch.testing.assert_close(resumed_weights[name], weight, rtol=1e-5, atol=1e-6)
 
 
-def test_nonfinite_loss_is_skipped_then_stops_the_run(tiny_config, small_splits, tmp_path):
+def test_nonfinite_loss_is_skipped_then_stops_the_run(tiny_config, small_splits, tmp_path, monkeypatch):
     config = tiny_config.replace(max_steps=4, loss_scaling="on", checkpoint_every=0, max_nan_steps=3)
     model, tokenizer, packed = _setup(config, small_splits)
-    state = train(model, tokenizer, packed, config, tmp_path / "once", resume=False,
-                  corrupt_loss=lambda micro_step: micro_step == 5)  # one micro-batch of the second step
+    calls, corrupt = [], {"from": 5, "to": 5}  # micro-batch 5 is one of the second step's
+
+    def corrupted_loss(*args, **kwargs):
+        calls.append(1)
+        loss = next_token_loss(*args, **kwargs)
+        return loss * float("nan") if corrupt["from"] <= len(calls) - 1 <= corrupt["to"] else loss
+
+    monkeypatch.setattr(train_module, "next_token_loss", corrupted_loss)
+    state = train(model, tokenizer, packed, config, tmp_path / "once", resume=False)
     steps = [h for h in state.history if "loss" in h]
     assert state.skipped_steps == 1 and [h["skipped"] for h in steps] == [False, True, False, False]
     assert steps[1]["loss_scale"] < steps[0]["loss_scale"]  # the scaler backed off
     assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
 
+    calls.clear()
+    corrupt.update({"from": 4, "to": 10**9})
     model, tokenizer, packed = _setup(config.replace(max_steps=10), small_splits)
     with pytest.raises(NonFiniteLossError, match="3 optimiser steps in a row"):
-        train(model, tokenizer, packed, config.replace(max_steps=10), tmp_path / "always", resume=False,
-              corrupt_loss=lambda micro_step: micro_step >= 4)
+        train(model, tokenizer, packed, config.replace(max_steps=10), tmp_path / "always", resume=False)
     assert not (tmp_path / "always" / "adapter").exists()
 
 

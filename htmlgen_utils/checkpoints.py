@@ -1,0 +1,81 @@
+"""Resumable checkpoints: where the run is, and everything a restarted run needs to continue the same trajectory.
+
+A checkpoint holds the adapter, the optimiser, the schedule, the GradScaler, every RNG and the position in the
+data; it is written to a temporary folder and renamed into place, so an interruption never leaves half of one.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINT_DIR = "checkpoints"
+TRAINING_STATE = "training_state.pt"
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint so a restarted run continues the same trajectory."""
+
+    step: int = 0  # optimiser steps done (skipped non-finite steps included)
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    skipped_steps: int = 0
+    consecutive_nonfinite: int = 0
+    history: list = field(default_factory=list)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, state: TrainState) -> Path:
+    """Adapter + optimiser + schedule + scaler + RNG + data position, written to a temporary folder and
+    renamed into place, so an interruption never leaves a half-written checkpoint behind."""
+    root = run_dir / CHECKPOINT_DIR
+    final = root / f"step-{state.step:06d}"
+    tmp = root / f".tmp-step-{state.step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": _rng_state(), "state": asdict(state)}, tmp / TRAINING_STATE)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in root.glob("step-*"):  # keep only the newest checkpoint
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / CHECKPOINT_DIR).glob("step-*"))
+    found = [p for p in found if (p / TRAINING_STATE).exists()]
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> TrainState:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+    saved = torch.load(path / TRAINING_STATE, weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["scaler"])
+    _set_rng_state(saved["rng"])
+    return TrainState(**saved["state"])
