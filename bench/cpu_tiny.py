@@ -25,10 +25,10 @@ import torch
 def measure_generation(run_dir: Path) -> dict:
     from htmlgen_utils.generation import generate_pages
     from htmlgen_utils.model import load_trained
-    from htmlgen_utils.stages import test_descriptions
+    from htmlgen_utils.stages import test_examples
 
     model, tokenizer, config = load_trained(run_dir)
-    descriptions, _ = test_descriptions(config)
+    descriptions, _ = test_examples(config)
     seed_style = generate_pages(model, tokenizer, descriptions, max_new_tokens=256, batch_size=1,
                                 stop_at_html_end=False)
     ours = generate_pages(model, tokenizer, descriptions, config.max_new_tokens, config.generation_batch_size)

@@ -158,7 +158,8 @@ def load_saved_splits(run_dir: str | Path) -> datasets.DatasetDict:
     if missing:
         raise FileNotFoundError(f"Missing {missing}: run notebook 01_dataset_exploration first (same run_dir)")
     return datasets.DatasetDict({
-        name: datasets.Dataset.from_list([json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+        # split on "\n" only: str.splitlines() also splits on U+2028, U+0085, form feed... inside a page
+        name: datasets.Dataset.from_list([json.loads(line) for line in path.read_text(encoding="utf-8").split("\n")
                                           if line.strip()])
         for name, path in files.items()
     })

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from .levers.decoding import decode_one, generate_with_static_cache, static_cache
 from .packing import STOP_STRING, build_prompt
@@ -65,14 +66,15 @@ def _generation_kwargs(tokenizer, max_new_tokens: int, do_sample: bool, temperat
 @torch.no_grad()
 def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: int = 1024, batch_size: int = 8,
                    do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.95,
-                   stop_at_html_end: bool = True, seed: int = 0, compile_decode: bool = False) -> GenerationResult:
+                   stop_at_html_end: bool = True, seed: int = 0, compile_decode: bool = False,
+                   progress: bool = False) -> GenerationResult:
     """Pages for `descriptions`, in their order. Prompts are batched by similar length to waste little
     padding; greedy by default (deterministic), sampling with `do_sample=True`.
 
     `compile_decode` uses a static KV cache and (on CUDA) a compiled decode step, see `compiled_decoding`;
     every batch then has the same size (the last one is filled up with repeats, whose pages are dropped) and
     one cache, sized for the longest prompt, so one compiled step serves every batch. With `batch_size=1`
-    it runs our own loop, `decode_one`, instead of `generate`."""
+    it runs our own loop, `decode_one`, instead of `generate`. `progress` shows a bar over the pages."""
     if not descriptions:
         raise ValueError("generate_pages needs at least one description")
     device = next(model.parameters()).device
@@ -87,6 +89,7 @@ def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: in
     model.eval()
     torch.manual_seed(seed)
     started = time.perf_counter()
+    bar = tqdm(total=len(order), desc="generating", unit="page", disable=not progress)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         if compile_decode and batch_size == 1:
@@ -95,6 +98,7 @@ def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: in
                                                 stop_at_html_end) for t in piece]
             counts[rows[0]] = len(tokens)
             pages[rows[0]] = clean_page(tokenizer.decode(tokens, skip_special_tokens=True))
+            bar.update(1)
             continue
         filled = rows + rows[-1:] * (batch_size - len(rows)) if compile_decode and len(order) > batch_size else rows
         inputs = tokenizer([prompts[i] for i in filled], return_tensors="pt", padding=True).to(device)
@@ -113,7 +117,9 @@ def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: in
                 ids.pop()
             counts[row] = len(ids)
             pages[row] = clean_page(tokenizer.decode(ids, skip_special_tokens=True))
+        bar.update(len(rows))
     seconds = time.perf_counter() - started
+    bar.close()
     if was_training:
         model.train()
     settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "do_sample": do_sample,

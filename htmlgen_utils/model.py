@@ -8,7 +8,9 @@ the training loop), bfloat16 on Ampere or newer, float32 on CPU.
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+import sys
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,24 +18,26 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from .colab import colab_secret
 from .config import Config, gpu_has_native_bf16
 
-GATED_HELP = ("{model} is gated or could not be fetched. Accept its licence on huggingface.co, then give a token: "
-              "set HF_TOKEN in the environment (on Colab: the key icon -> add a secret named HF_TOKEN). Or use an "
-              "ungated copy of the same weights, e.g. -p model_id NousResearch/Llama-2-7b-hf.")
+UNGATED_COPY = "NousResearch/Llama-2-7b-hf"  # the same Llama-2-7B weights, no licence gate
+
+
+def gated_help(model: str) -> str:
+    """What to do when `model` can't be fetched, in the words of where we run (a notebook or a command line)."""
+    in_notebook = "ipykernel" in sys.modules
+    switch = (f'overrides={{"model_id": "{UNGATED_COPY}"}} in the parameters cell' if in_notebook
+              else f"-p model_id {UNGATED_COPY}")
+    where = ("add a Colab secret named HF_TOKEN (key icon in the sidebar, allow this notebook)" if in_notebook
+             else "set HF_TOKEN in the environment")
+    return (f"{model} is gated or could not be fetched. Accept its licence on huggingface.co and {where}; or use an "
+            f"ungated copy of the same weights: {switch}.")
 
 
 def hf_token() -> str | None:
     """The Hugging Face token from the environment or Colab secrets; never printed."""
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    if token:
-        return token
-    try:  # Colab's secret store
-        from google.colab import userdata  # type: ignore
-
-        return userdata.get("HF_TOKEN")
-    except Exception:
-        return None
+    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or colab_secret("HF_TOKEN")
 
 
 def resolve_precision(precision: str) -> str:
@@ -84,25 +88,51 @@ def load_tokenizer(model_id: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, token=hf_token())
     except OSError as error:
-        raise OSError(GATED_HELP.format(model=model_id) + f" ({error})") from error
+        raise OSError(f"{gated_help(model_id)} ({error})") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
 
 
+def saved_quantization(model_id: str) -> dict | None:
+    """The bitsandbytes settings a checkpoint was saved with (an already-4-bit model, e.g. a hub `...-bnb-4bit`
+    repo: a ~4 GB download instead of 13.5 GB), or None for a 16/32-bit checkpoint."""
+    from transformers import AutoConfig
+
+    try:
+        found = getattr(AutoConfig.from_pretrained(model_id, token=hf_token()), "quantization_config", None)
+    except OSError as error:
+        raise OSError(f"{gated_help(model_id)} ({error})") from error
+    if found is None:
+        return None
+    return found if isinstance(found, dict) else found.to_dict()
+
+
 def load_base_model(config: Config, quantize: bool | None = None):
-    """The base causal LM, in 4-bit NF4 when `config.load_in_4bit` (the QLoRA path, also on CPU)."""
+    """The base causal LM, in 4-bit NF4 when `config.load_in_4bit` (the QLoRA path, also on CPU). A checkpoint
+    saved in 4-bit loads as it is, computing in this machine's dtype (fp16 on a T4), whatever dtype it was
+    saved to compute in."""
     device = device_for(config)
     quantize = config.load_in_4bit if quantize is None else quantize
     kwargs = dict(dtype=compute_dtype(config.precision), token=hf_token(),
                   device_map={"": 0} if device.type == "cuda" else "cpu")
-    if quantize:
+    prequantized = saved_quantization(config.model_id)
+    if prequantized is not None and not prequantized.get("load_in_4bit"):
+        raise ValueError(f"{config.model_id} is saved quantised ({prequantized.get('quant_method')}), but not in "
+                         f"bitsandbytes 4-bit: use its 16-bit original or a '...-bnb-4bit' checkpoint")
+    if quantize and prequantized is None:
         kwargs["quantization_config"] = quantization_config(config)
     try:
         model = AutoModelForCausalLM.from_pretrained(config.model_id, **kwargs)
     except OSError as error:
-        raise OSError(GATED_HELP.format(model=config.model_id) + f" ({error})") from error
+        raise OSError(f"{gated_help(config.model_id)} ({error})") from error
     model.config.use_cache = False  # training; generation turns it back on
+    if prequantized is not None:
+        import bitsandbytes as bnb
+
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.compute_dtype = compute_dtype(config.precision)
     return model
 
 
@@ -132,9 +162,20 @@ def prepare_for_training(model, config: Config, lora_config: LoraConfig | None =
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(config.seed)  # the adapters' random initialisation is part of the run's recipe
-    model = get_peft_model(model, lora_config or create_peft_config(find_linear_layer_names(model), config))
+    with _peft_reads_a_deprecated_property():
+        model = get_peft_model(model, lora_config or create_peft_config(find_linear_layer_names(model), config))
     _keep_cpu_4bit_layers_differentiable(model)
     return model
+
+
+@contextmanager
+def _peft_reads_a_deprecated_property():
+    """peft (0.21) wraps a model by reading its `is_gradient_checkpointing`, which transformers 5 deprecates in favour
+    of `is_activation_checkpointing` and warns about on every read. The call is inside peft, not ours: that one
+    warning is filtered for the wrap, nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def prepare_4bit_for_training(model, config: Config) -> None:
@@ -199,14 +240,17 @@ def load_for_training(config: Config):
 def load_trained(run_dir: str | Path, adapter: bool = True, config: Config | None = None):
     """Base (+ the run's adapter) for generation, in eval mode with the KV cache on."""
     run_dir = Path(run_dir)
-    config = config or Config.load(run_dir)
     adapter_dir = run_dir / "adapter"
     if adapter and not (adapter_dir / "adapter_config.json").exists():
-        raise FileNotFoundError(f"No adapter in {adapter_dir}: run notebook 04_training_loop first (same run_dir)")
+        raise FileNotFoundError(f"No trained adapter in {adapter_dir}: run notebook 04_training_loop first with the "
+                                f"same run_dir (or python -m htmlgen_utils.train --run-dir {run_dir}); it trains the "
+                                f"adapter, the part that takes hours on a T4")
+    config = config or Config.load(run_dir)
     tokenizer = load_tokenizer(str(adapter_dir) if adapter else config.model_id)
     model = load_base_model(config)
     if adapter:
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        with _peft_reads_a_deprecated_property():
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
     model.config.use_cache = True
     return model, tokenizer, config

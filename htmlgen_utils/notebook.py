@@ -1,20 +1,90 @@
-"""Helpers the notebooks share: turning the parameters cell into a `Config`, and small display tables."""
+"""What the notebooks share: the parameters cell turned into a `Config` (on Colab: the run directory on Google
+Drive), the prerequisites checklist, small display helpers, and time estimates."""
 from __future__ import annotations
 
-from .config import Config
+import inspect
+from pathlib import Path
+
+from . import colab
+from .colab import drive_run_dir, on_colab
+from .config import Config, choose_preset
+
+
+def describe_gpu() -> str:
+    """One line: the GPU, its compute capability and memory, or that there is none."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "GPU: none (CPU only)"
+    major, minor = torch.cuda.get_device_capability(0)
+    memory = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return f"GPU: {torch.cuda.get_device_name(0)}, compute capability {major}.{minor}, {memory:.1f} GiB"
+
 
 def setup(preset: str = "auto", run_dir: str = "runs/notebooks", dataset: str = "bundled",
-          overrides: dict | None = None) -> Config:
-    """The run's `Config` from a notebook's parameters. `preset="auto"` picks what fits this machine:
-    `colab-t4` on a T4 (Colab's free GPU), `ampere-bf16` on bf16-capable GPUs, `tiny` without a GPU."""
-    from .config import choose_preset
+          overrides: dict | None = None, use_drive: bool = True) -> Config:
+    """The run's `Config` from a notebook's parameters, saying what it chose and why.
 
+    `preset="auto"` picks what fits this machine (`choose_preset`): `colab-t4` below compute capability 8.0 (a
+    T4), `ampere-bf16` from 8.0, `tiny` without a GPU. On Colab with `use_drive`, a relative `run_dir` moves to
+    Google Drive (`MyDrive/htmlgen/<name>`), so the next notebook (its own runtime) and a later session find it."""
+    print(describe_gpu())
     chosen = preset
     if preset == "auto":
         chosen, why = choose_preset()
         print(f"preset 'auto' -> {chosen!r}: {why}")
+    else:
+        print(f"preset {chosen!r} (as set in the parameters)")
+    if on_colab() and use_drive:
+        run_dir = drive_run_dir(run_dir)
+        print(f"run directory on Google Drive: {run_dir}")
+    elif on_colab():
+        print(f"run directory {run_dir} is on this runtime's disk: it is lost on disconnect, and the other notebooks "
+              f"(each its own runtime) will not see it. Set use_drive = True to keep it on Google Drive.")
     config = Config.from_preset(chosen, run_dir=run_dir, dataset=dataset, **(overrides or {}))
     return config
+
+
+def checklist(config: Config) -> list[str]:
+    """What the series needs before it starts, one line each with what to do when it is missing: a GPU runtime,
+    access to the base model, and a run directory that outlives the runtime."""
+    import torch
+
+    from .model import UNGATED_COPY, hf_token
+
+    lines = []
+    if torch.cuda.is_available():
+        lines.append(f"ok    {describe_gpu()}")
+    elif on_colab():
+        lines.append("TODO  no GPU in this runtime: Runtime -> Change runtime type -> T4 GPU -> Save, then run all "
+                     "again (without a GPU only the tiny CPU preset runs)")
+    else:
+        lines.append("ok    no GPU: the tiny CPU preset runs (a 4M-parameter model, minutes)")
+    if Path(config.model_id).expanduser().exists():
+        lines.append(f"ok    base model: the local folder {config.model_id}")
+    elif hf_token():
+        lines.append(f"ok    base model {config.model_id}: a Hugging Face token is set (HF_TOKEN)")
+    elif config.model_id.startswith("meta-llama/"):
+        lines.append(f"TODO  {config.model_id} is gated: accept its licence on huggingface.co and add a Colab secret "
+                     f"HF_TOKEN (key icon, allow this notebook), or set overrides={{\"model_id\": \"{UNGATED_COPY}\"}}")
+    else:
+        lines.append(f"ok    base model {config.model_id} (downloaded from the hub, no token needed if public)")
+    if on_colab() and not str(config.run_dir).startswith(colab.DRIVE_MOUNT_POINT):
+        lines.append("TODO  the run directory is not on Google Drive: set use_drive = True, or the work is lost on "
+                     "disconnect and notebooks 02-05 (their own runtimes) cannot see it")
+    else:
+        lines.append(f"ok    run directory: {Path(config.run_dir).resolve()}"
+                     + (" (Google Drive)" if on_colab() else ""))
+    for line in lines:
+        print(line)
+    return lines
+
+
+def show_source(*functions) -> None:
+    """Print the source of package functions, so the notebook shows the very code it runs (links to files do not
+    work on Colab)."""
+    for function in functions:
+        print(inspect.getsource(function))
 
 
 def config_table(config: Config, fields: tuple[str, ...] = (
@@ -34,3 +104,62 @@ def compare_table(metrics: dict, keys: tuple[str, ...] = (
     base = metrics.get("base_model", {})
     return pd.DataFrame({"fine-tuned": [metrics.get(k) for k in keys], "base model": [base.get(k) for k in keys]},
                         index=list(keys)).round(4)
+
+
+# An assumption, not a measurement: a T4 peaks at 65 TFLOP/s in fp16; 4-bit dequantisation, LoRA's small matmuls
+# and memory-bound kernels keep QLoRA training near a third of that.
+T4_SUSTAINED_TFLOPS = 20.0
+
+
+def estimate_training_time(config: Config, train_blocks: int, base_parameters: int,
+                           tflops: float = T4_SUSTAINED_TFLOPS) -> dict:
+    """An estimate, with its arithmetic printed: FLOPs per token x tokens per step / a stated GPU throughput.
+
+    Per token, training a frozen base with LoRA costs about 6 x N FLOPs for N base parameters: the forward pass
+    (2N), its recomputation under gradient checkpointing (2N), and the backward pass through the frozen weights
+    (2N; no weight gradients, LoRA's are tiny). Attention, a few percent more at 2,048 tokens, is left out."""
+    from .train import plan_steps
+
+    accumulation, steps_per_epoch, total_steps = plan_steps(train_blocks, config)
+    tokens_per_step = accumulation * config.micro_batch_size * config.block_size
+    flops_per_token = 6 * base_parameters
+    seconds_per_step = tokens_per_step * flops_per_token / (tflops * 1e12)
+    estimate = {"tokens_per_step": tokens_per_step, "flops_per_token": flops_per_token,
+                "assumed_tflops": tflops, "seconds_per_step": seconds_per_step,
+                "steps_per_epoch": steps_per_epoch, "minutes_per_epoch": seconds_per_step * steps_per_epoch / 60,
+                "planned_steps": total_steps, "minutes_planned": seconds_per_step * total_steps / 60}
+    print(f"estimate: 6 x {base_parameters:,} parameters = {flops_per_token:.2e} FLOPs a token; a step is "
+          f"{accumulation} x {config.micro_batch_size} x {config.block_size} = {tokens_per_step:,} tokens -> "
+          f"{tokens_per_step * flops_per_token:.2e} FLOPs; at an assumed {tflops:g} TFLOP/s (a T4 sustains about a "
+          f"third of its 65 TFLOP/s fp16 peak) that is ~{seconds_per_step:.0f} s a step, ~"
+          f"{estimate['minutes_per_epoch']:.0f} min an epoch ({steps_per_epoch} steps), ~"
+          f"{estimate['minutes_planned']:.0f} min for the {total_steps} planned steps")
+    return estimate
+
+
+def training_report(history: list[dict], seconds: float) -> dict:
+    """What the run cost: wall time, training tokens/s (median over steps), peak GPU memory, skipped steps."""
+    import statistics
+
+    import torch
+
+    steps = [h for h in history if "loss" in h]
+    report = {"optimiser_steps": len(steps), "wall_minutes": round(seconds / 60, 2),
+              "median_tokens_per_s": round(statistics.median(h["tokens_per_s"] for h in steps), 1) if steps else None,
+              "skipped_steps": sum(bool(h["skipped"]) for h in steps),
+              "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available()
+              else None}
+    print(", ".join(f"{k} {v}" for k, v in report.items()))
+    return report
+
+
+def evaluation_settings(config: Config, quick_evaluation: str = "auto") -> tuple[Config, bool]:
+    """The run's config for notebook 05, made quick (8 test prompts, pages of up to 768 tokens) when asked, or by
+    default on a T4, where a full evaluation of 32 pages of 1,024 tokens from two models takes much longer."""
+    if quick_evaluation not in ("auto", "on", "off"):
+        raise ValueError(f"quick_evaluation={quick_evaluation!r}: use 'auto', 'on' or 'off'")
+    quick = quick_evaluation == "on" or (quick_evaluation == "auto" and config.preset == "colab-t4")
+    if quick:
+        config = config.replace(max_test_examples=min(config.max_test_examples, 8),
+                                max_new_tokens=min(config.max_new_tokens, 768))
+    return config, quick

@@ -187,12 +187,42 @@ def pack_splits(splits: datasets.DatasetDict, tokenizer, config: Config) -> tupl
     return datasets.DatasetDict(packed), stats
 
 
-def save_packed(packed: datasets.DatasetDict, stats: dict[str, PackingStats], run_dir: str | Path) -> Path:
+PACKING_SETTINGS = ("block_size", "max_example_tokens", "long_page_policy", "loss_on_response_only")
+
+
+def packing_fingerprint(config: Config, tokenizer) -> dict:
+    """What packed blocks depend on: the packing settings and the tokenizer (its vocabulary, hashed, and its
+    special tokens), so blocks packed under other settings are never trained on silently."""
+    import hashlib
+
+    vocab = sorted(tokenizer.get_vocab().items())
+    return {**{name: getattr(config, name) for name in PACKING_SETTINGS},
+            "tokenizer_vocab_sha256": hashlib.sha256(repr(vocab).encode("utf-8")).hexdigest()[:16],
+            "bos_eos_pad": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]}
+
+
+def packing_mismatch(run_dir: str | Path, fingerprint: dict) -> str | None:
+    """How the blocks saved in `run_dir` differ from what `fingerprint` asks for (None: they match)."""
+    import json
+
+    saved_file = Path(run_dir) / "packed" / "packing_fingerprint.json"
+    if not saved_file.exists():
+        return "the packed blocks carry no record of their settings (packed by an older version)"
+    saved = json.loads(saved_file.read_text())
+    differences = [f"{key} {saved.get(key)!r} there, {value!r} here" for key, value in fingerprint.items()
+                   if saved.get(key) != value]
+    return "; ".join(differences).replace("tokenizer_vocab_sha256", "tokenizer") or None
+
+
+def save_packed(packed: datasets.DatasetDict, stats: dict[str, PackingStats], run_dir: str | Path,
+                fingerprint: dict | None = None) -> Path:
     import json
 
     out = Path(run_dir) / "packed"
     packed.save_to_disk(str(out))
     (out / "packing_stats.json").write_text(json.dumps({k: v.to_dict() for k, v in stats.items()}, indent=2) + "\n")
+    if fingerprint is not None:
+        (out / "packing_fingerprint.json").write_text(json.dumps(fingerprint, indent=2) + "\n")
     return out
 
 

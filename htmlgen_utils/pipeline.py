@@ -44,8 +44,10 @@ def _failing_cell(executed: Path) -> str:
     return "no error cell recorded"
 
 
-def run_pipeline(config: Config, notebooks: tuple[str, ...] = NOTEBOOKS, log_output: bool = False) -> dict:
-    """Execute `notebooks` in order with the run's parameters; return metrics.json's content (if written)."""
+def run_pipeline(config: Config, notebooks: tuple[str, ...] = NOTEBOOKS, log_output: bool = False,
+                 notebook_parameters: dict | None = None) -> dict:
+    """Execute `notebooks` in order with the run's parameters (plus `notebook_parameters`, e.g.
+    {"fresh_start": True}); return metrics.json's content (if written)."""
     import papermill as pm
 
     run_dir = Path(config.run_dir).resolve()
@@ -54,7 +56,8 @@ def run_pipeline(config: Config, notebooks: tuple[str, ...] = NOTEBOOKS, log_out
     defaults = Config.from_preset(config.preset).to_dict()
     overrides = {k: v for k, v in config.to_dict().items()
                  if v != defaults.get(k) and k not in ("preset", "run_dir", "dataset")}
-    parameters = {"preset": config.preset, "run_dir": str(run_dir), "dataset": config.dataset, "overrides": overrides}
+    parameters = {"preset": config.preset, "run_dir": str(run_dir), "dataset": config.dataset, "overrides": overrides,
+                  **(notebook_parameters or {})}
     source_dir = notebook_dir()
     timings = {}
     for name in notebooks:

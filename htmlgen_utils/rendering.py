@@ -42,7 +42,8 @@ def show_page(page: str, height: int = 360):
 
 def gallery_html(rows: Iterable[dict], height: int = 320, score_keys: tuple[str, ...] = (
         "rougeL", "text_rougeL", "tag_similarity", "well_formed")) -> str:
-    """Reference vs generated, side by side, one row per example with its scores."""
+    """Reference vs generated (and the base model's page, when a row has `base_generated`), side by side, one row
+    per example with its scores."""
     parts = ['<div class="htmlgen-gallery" id="htmlgen-gallery">']
     for index, row in enumerate(rows):
         scores = ", ".join(
@@ -53,17 +54,23 @@ def gallery_html(rows: Iterable[dict], height: int = 320, score_keys: tuple[str,
             f"<p><b>{index + 1}. {html.escape(str(row['description']))}</b><br><small>{html.escape(scores)}</small></p>"
             f'<div style="display:flex;gap:12px">'
             f'<div style="flex:1">{page_card(row["reference"], "reference", height)}</div>'
-            f'<div style="flex:1">{page_card(row["generated"], "generated", height)}</div>'
-            f"</div></div>")
+            f'<div style="flex:1">{page_card(row["generated"], "fine-tuned", height)}</div>'
+            + (f'<div style="flex:1">{page_card(row["base_generated"], "base model", height)}</div>'
+               if "base_generated" in row else "")
+            + "</div></div>")
     parts.append("</div>")
     return "\n".join(parts)
 
 
-def show_gallery(table, limit: int = 6, height: int = 320):
-    """Display the first `limit` rows of a per-example score table as a side-by-side gallery."""
+def show_gallery(table, limit: int = 6, height: int = 320, base_table=None):
+    """Display the first `limit` rows of a per-example score table as a side-by-side gallery (with the base
+    model's page beside the fine-tuned one when `base_table` is given)."""
     from IPython.display import HTML, display
 
     rows = table.head(limit).to_dict("records") if hasattr(table, "head") else list(table)[:limit]
+    if base_table is not None:
+        for row, base_page in zip(rows, list(base_table["generated"])):
+            row["base_generated"] = base_page
     display(HTML(gallery_html(rows, height)))
 
 

@@ -146,6 +146,32 @@ def load_app(run_dir: str | Path, max_waiting: int = 32) -> FastAPI:
                       description=f"{config.model_id} + adapter from {Path(run_dir).name}")
 
 
+class BackgroundServer:
+    """The API served from a thread of this process (notebook 05: the model is already loaded there), until
+    `stop()`. Binds 127.0.0.1; on Colab, `colab.show_server_link` makes it reachable from the browser."""
+
+    def __init__(self, app: FastAPI, port: int, host: str = "127.0.0.1", timeout: float = 30.0):
+        import uvicorn
+
+        self.port, self.host = port, host
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name=f"htmlgen-api-{port}")
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the API did not start on {host}:{port} (is the port taken? choose another)")
+            time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 

@@ -1,21 +1,22 @@
-"""The stages as whole steps over a run directory: what the notebooks call, and what runs headless.
+"""The run directory between stages: what each notebook reads, rebuilt when it is cheap, named when it is not.
 
-Each stage reads the previous stage's artifacts from `config.run_dir` and writes its own there:
-01 -> data/*.jsonl, 02 -> packed/, 04 -> adapter/, history.json, 05 -> metrics.json, eval_table.json.
+01 -> data/*.jsonl, 02 -> packed/, 04 -> adapter/, history.json, 05 -> metrics.json, eval_table*.json.
+On Colab every notebook runs in its own runtime with only the run directory (on Google Drive) in common, so a
+notebook never assumes the one before ran in this process: splits and packed blocks are rebuilt when missing
+(seconds to minutes), while a missing adapter (hours of training) stops it with what to run.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import datasets
+
 from .config import Config
 from .data import DataReport, load_saved_splits, load_splits, save_splits
-from .evaluation import score_pages, write_metrics
-from .generation import generate_pages
-from .levers import wants_compiled_decode
-from .loss import evaluate_blocks
-from .model import load_tokenizer, load_trained
-from .packing import PackingStats, load_packed, pack_splits, save_packed
+from .evaluation import write_metrics
+from .model import load_tokenizer
+from .packing import PackingStats, load_packed, pack_splits, packing_fingerprint, packing_mismatch, save_packed
 from .tracking import log_eval_table
 
 
@@ -25,54 +26,77 @@ def prepare_data(config: Config) -> tuple[DataReport, dict[str, PackingStats]]:
     save_splits(splits, report, config.run_dir)
     tokenizer = load_tokenizer(config.model_id)
     packed, stats = pack_splits(splits, tokenizer, config)
-    save_packed(packed, stats, config.run_dir)
+    save_packed(packed, stats, config.run_dir, packing_fingerprint(config, tokenizer))
     config.save(config.run_dir)
     return report, stats
 
 
-def test_descriptions(config: Config) -> tuple[list[str], list[str]]:
-    """The held-out test split's descriptions and reference pages (never the validation split)."""
-    test = load_saved_splits(config.run_dir)["test"]
+def ensure_splits(config: Config) -> datasets.DatasetDict:
+    """The run's saved splits; made again from `config.dataset` (what notebook 01 does) when there are none."""
+    report_file = Path(config.run_dir) / "data" / "report.json"
+    if not report_file.exists():
+        print(f"No splits in {Path(config.run_dir) / 'data'}: making them from {config.dataset!r}, as notebook 01 does.")
+        splits, report = load_splits(config)
+        save_splits(splits, report, config.run_dir)
+        return splits
+    source = json.loads(report_file.read_text()).get("source")
+    if source != config.dataset:
+        raise ValueError(f"The splits in {config.run_dir} were made from dataset {source!r}, but this notebook's "
+                         f"dataset is {config.dataset!r}: set dataset={source!r}, run notebook 01 again with the new "
+                         f"dataset, or use another run_dir.")
+    return load_saved_splits(config.run_dir)
+
+
+def ensure_packed(config: Config, tokenizer) -> datasets.DatasetDict:
+    """The run's packed blocks, checked against this config's packing settings and tokenizer; packed again (what
+    notebook 02 does) when there are none."""
+    fingerprint = packing_fingerprint(config, tokenizer)
+    if not (Path(config.run_dir) / "packed" / "dataset_dict.json").exists():
+        print(f"No packed blocks in {Path(config.run_dir) / 'packed'}: packing them now, as notebook 02 does.")
+        packed, stats = pack_splits(ensure_splits(config), tokenizer, config)
+        save_packed(packed, stats, config.run_dir, fingerprint)
+        return packed
+    mismatch = packing_mismatch(config.run_dir, fingerprint)
+    if mismatch:
+        raise ValueError(f"The blocks in {Path(config.run_dir) / 'packed'} were packed with other settings than this "
+                         f"notebook's ({mismatch}). Run notebook 02 again with the same parameters as this one (it "
+                         f"packs anew), or use another run_dir.")
+    return load_packed(config.run_dir)
+
+
+def test_examples(config: Config) -> tuple[list[str], list[str]]:
+    """The held-out test split's descriptions and reference pages (never the validation split), at most
+    `max_test_examples` of them."""
+    test = ensure_splits(config)["test"]
     test = test.select(range(min(config.max_test_examples, len(test))))
     return list(test["label"]), list(test["html"])
 
 
-def evaluate_run(config: Config, compare_base: bool = True, visual: bool = False) -> dict:
-    """Notebook 05's measurements: generate for the test descriptions with the fine-tuned model (and, for
-    comparison, the same base with the adapter switched off), score everything, write metrics.json."""
-    run_dir = Path(config.run_dir)
-    model, tokenizer, trained_config = load_trained(run_dir)
-    descriptions, references = test_descriptions(config)
-
-    def generate_and_score():
-        result = generate_pages(model, tokenizer, descriptions, trained_config.max_new_tokens,
-                                trained_config.generation_batch_size,
-                                compile_decode=wants_compiled_decode(model, trained_config))
-        table, summary = score_pages(descriptions, result.pages, references, visual=visual)
-        return result, table, summary
-
-    generation, table, summary = generate_and_score()
-    device = next(model.parameters()).device
-    test_blocks = load_packed(run_dir)["test"]
-    teacher_forced = evaluate_blocks(model, test_blocks, trained_config, device)
+def collect_metrics(summary: dict, teacher_forced: dict, generation: dict, run_dir: str | Path,
+                    base_summary: dict | None = None, base_teacher_forced: dict | None = None) -> dict:
+    """metrics.json's content: the page scores, the test split's teacher-forced loss and accuracy, the
+    generation figures, the last validation loss of training, and the base model's scores beside them."""
     metrics = {**summary, "eval_loss": teacher_forced["eval_loss"],
-               "token_accuracy": teacher_forced["eval_token_accuracy"], "eval_split": "test",
-               "generation": generation.summary()}
-    history_file = run_dir / "history.json"
+               "token_accuracy": teacher_forced["eval_token_accuracy"], "eval_split": "test", "generation": generation}
+    history_file = Path(run_dir) / "history.json"
     if history_file.exists():
         evals = [h for h in json.loads(history_file.read_text()) if "eval_loss" in h]
         if evals:
             metrics["validation_loss"] = evals[-1]["eval_loss"]
-    base_table = None
-    if compare_base:
-        with model.disable_adapter():
-            _, base_table, base_summary = generate_and_score()
-            base_forced = evaluate_blocks(model, test_blocks, trained_config, device)
-        metrics["base_model"] = {**base_summary, "eval_loss": base_forced["eval_loss"],
-                                 "token_accuracy": base_forced["eval_token_accuracy"]}
-    write_metrics(run_dir, metrics)
-    table.to_json(run_dir / "eval_table.json", orient="records", indent=1)
+    if base_summary is not None:
+        metrics["base_model"] = {**base_summary}
+        if base_teacher_forced is not None:
+            metrics["base_model"].update(eval_loss=base_teacher_forced["eval_loss"],
+                                         token_accuracy=base_teacher_forced["eval_token_accuracy"])
+    return metrics
+
+
+def save_evaluation(config: Config, metrics: dict, table, base_table=None) -> Path:
+    """metrics.json and the per-page tables in the run directory (and to wandb when it is on)."""
+    run_dir = Path(config.run_dir)
+    path = write_metrics(run_dir, metrics)
+    table.to_json(run_dir / "eval_table.json", orient="records", indent=1, force_ascii=False)
     if base_table is not None:
-        base_table.to_json(run_dir / "eval_table_base.json", orient="records", indent=1)
-    log_eval_table(trained_config, table, metrics)
-    return {"metrics": metrics, "table": table, "base_table": base_table, "model": model, "tokenizer": tokenizer}
+        base_table.to_json(run_dir / "eval_table_base.json", orient="records", indent=1, force_ascii=False)
+    log_eval_table(config, table, metrics)
+    return path

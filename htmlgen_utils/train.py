@@ -23,11 +23,12 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .checkpoints import CHECKPOINT_DIR, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
-from .export import merge_to_16bit, push_adapter_to_hub, save_outputs
+from .export import check_merge_possible, merge_to_16bit, push_adapter_to_hub, save_outputs
 from .levers import apply_training_levers
 from .loss import count_targets, evaluate_blocks, next_token_loss
 from .model import autocast_context, device_for, load_for_training, resolve_precision
 from .packing import load_packed, make_dataloader
+from .stages import ensure_packed
 from .tracking import start_wandb
 
 TRAINING_SUMMARY = "training_summary.json"  # written when a run has finished all its steps
@@ -269,9 +270,11 @@ def run_training(config: Config, resume: bool = True, fresh_start: bool = False)
         print(f"The run in {run_dir} already finished its {done.step} steps; its adapter is in {run_dir / 'adapter'}. "
               f"To train again from scratch, pass fresh_start=True (command line: --fresh-start).")
         return done
-    packed = load_packed(run_dir)
-    config.save(run_dir)
+    if config.merge_after_training:
+        check_merge_possible(config)  # before hours of training, not after
     model, tokenizer = load_for_training(config)
+    packed = ensure_packed(config, tokenizer)
+    config.save(run_dir)
     state = train(model, tokenizer, packed, config, run_dir, resume=resume and not fresh_start)
     finish_run(model, tokenizer, config, state, run_dir)
     return state
@@ -279,11 +282,8 @@ def run_training(config: Config, resume: bool = True, fresh_start: bool = False)
 
 def main(argv: list[str] | None = None) -> None:
     from .cli import config_from_args
-    from .stages import prepare_data
 
     config, args = config_from_args(argv, "Train LoRA adapters with the hand-written QLoRA loop.", training=True)
-    if not (Path(config.run_dir) / "packed" / "dataset_dict.json").exists():
-        prepare_data(config)
     state = run_training(config, resume=not args.no_resume, fresh_start=args.fresh_start)
     evals = [h for h in state.history if "eval_loss" in h]
     print(json.dumps({"steps": state.step, "skipped_steps": state.skipped_steps,

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,75 @@ def test_notebook_05_html_export_shows_rendered_pages(chain, tmp_path):
     assert np.abs(pixels(shown) - pixels(empty)).mean() > 3.0  # the rendered pages are what differs
     if os.environ.get("HTMLGEN_SAVE_SCREENSHOT"):
         Path(os.environ["HTMLGEN_SAVE_SCREENSHOT"]).write_bytes(shown.read_bytes())
+
+
+def _stream_text(run_dir, name, stream=None) -> str:
+    notebook = nbformat.read(str(run_dir / "executed" / f"{name}.ipynb"), as_version=4)
+    return "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", [])
+                   if o.get("output_type") == "stream" and (stream is None or o.get("name") == stream))
+
+
+def test_executed_notebooks_show_no_library_warnings(chain):
+    run_dir, _ = chain
+    for name in NOTEBOOKS:
+        assert "Warning" not in _stream_text(run_dir, name, "stderr"), name
+
+
+def test_notebook_04_builds_one_step_by_hand_then_runs_the_package_loop(chain):
+    run_dir, _ = chain
+    text = _stream_text(run_dir, "04_training_loop")
+    for piece in ("with autocast_context(config.precision, device):", "scaler.scale(loss_sum / step_targets).backward()",
+                  "micro-batch 1/4: mean loss", "micro-batch 4/4", "scaler.unscale_(optimizer)", "gradient norm",
+                  "step taken", "loss scale", "def train(model", "for batch in micro_batches:  # gradient accumulation",
+                  "estimate:", "median_tokens_per_s", "eval_loss"):
+        assert piece in text, piece
+
+
+def test_notebook_05_spells_out_each_score_and_the_base_comparison(chain):
+    run_dir, _ = chain
+    notebook = nbformat.read(str(run_dir / "executed" / "05_evaluation_and_rendering.ipynb"), as_version=4)
+    sources = "\n".join(c.source for c in notebook.cells if c.cell_type == "code")
+    for call in ("generate_pages(", "rouge(pages, references)", "is_well_formed(", "tag_similarity(", "visible_text(",
+                 "evaluate_blocks(", "with model.disable_adapter():", "score_pages(", "BackgroundServer("):
+        assert call in sources, call
+    text = _stream_text(run_dir, "05_evaluation_and_rendering")
+    assert "ROUGE, as evaluate's rouge" in text and "share of well-formed pages" in text
+    assert "tokens in" in text  # the API answered from the notebook
+
+
+def test_a_finished_notebook_04_run_again_does_not_train_again(chain):
+    run_dir, _ = chain
+    summary = (run_dir / "training_summary.json").read_text()
+    adapter = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    first = _stream_text(run_dir, "04_training_loop")
+    run_pipeline(Config.from_preset("tiny", run_dir=str(run_dir)), notebooks=("04_training_loop",))
+    again = _stream_text(run_dir, "04_training_loop")
+    assert "no finished run here" in first and "already finished: 16 steps" in again
+    assert "step 8: eval_loss" not in again  # no training progress this time
+    assert (run_dir / "training_summary.json").read_text() == summary
+    assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+
+
+def test_each_notebook_alone_in_a_fresh_runtime_rebuilds_or_names_what_it_needs(chain, tmp_path):
+    """Each Colab notebook is its own runtime with only the run directory in common."""
+    from htmlgen_utils.pipeline import NotebookFailed
+
+    run_dir, _ = chain
+    only_01 = tmp_path / "only-01"
+    shutil.copytree(run_dir / "data", only_01 / "data")  # what notebook 01 leaves
+    run_pipeline(Config.from_preset("tiny", run_dir=str(only_01)), notebooks=("02_prompts_and_packing",))
+    assert (only_01 / "packed" / "packing_fingerprint.json").exists()
+    assert "No splits" not in _stream_text(only_01, "02_prompts_and_packing")
+
+    empty = tmp_path / "empty"
+    run_pipeline(Config.from_preset("tiny", run_dir=str(empty)), notebooks=("03_qlora_model_setup",))
+    text = _stream_text(empty, "03_qlora_model_setup")
+    assert "No packed blocks" in text and "as notebook 02 does" in text and "as notebook 01 does" in text
+    with pytest.raises(NotebookFailed, match="run notebook 04_training_loop first"):
+        run_pipeline(Config.from_preset("tiny", run_dir=str(empty)), notebooks=("05_evaluation_and_rendering",))
+    with pytest.raises(NotebookFailed, match=r"packed with other settings .*block_size 2048 there, 1024 here"):
+        run_pipeline(Config.from_preset("tiny", run_dir=str(run_dir), block_size=1024),
+                     notebooks=("03_qlora_model_setup",))
 
 
 def test_pipeline_cli_names_the_failing_notebook(tmp_path):
