@@ -1,6 +1,6 @@
 """One `Config` dataclass for every knob of the pipeline, with named presets.
 
-Every artifact the pipeline writes is saved next to the exact `config.json` that produced it,
+Every artifact the pipeline writes is saved next to the exact `htmlgen_config.json` that produced it,
 so a run directory can always be reproduced or served later.
 """
 from __future__ import annotations
@@ -175,7 +175,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> Path:
-        """Write the config as JSON (a directory gets `config.json` inside it)."""
+        """Write the config as JSON (a directory gets `htmlgen_config.json` inside it)."""
         path = Path(path)
         if path.suffix != ".json":
             path = path / "htmlgen_config.json"
@@ -234,28 +234,22 @@ def gpu_has_native_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] >= 8
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # Free Colab T4: 15 GiB, fp16 only (no bf16), so GradScaler; checkpointing keeps activations small.
+PRESETS: dict[str, dict[str, Any]] = {  # each lists only what it changes from the defaults above
+    # Free Colab T4: 15 GiB, no native bf16, so fp16 with a GradScaler; checkpoints parked in CPU memory.
     "colab-t4": dict(
-        model_id="meta-llama/Llama-2-7b-hf", precision="fp16", gradient_checkpointing=True,
-        block_size=2048, max_example_tokens=2048, micro_batch_size=1, gradient_accumulation_steps=4,
-        epochs=1, max_steps=-1, eval_every=50, checkpoint_every=50, max_new_tokens=1024,
-        generation_batch_size=8, compile_training=True, offload_activations="on", compile_generation=True,
+        precision="fp16", compile_training=True, offload_activations="on", compile_generation=True,
         run_dir="runs/colab-t4",
     ),
     # Ampere or newer (A100, L4, H100): bf16 needs no loss scaling, so a bigger micro-batch.
     "ampere-bf16": dict(
-        model_id="meta-llama/Llama-2-7b-hf", precision="bf16", gradient_checkpointing=True,
-        block_size=2048, max_example_tokens=2048, micro_batch_size=4, gradient_accumulation_steps=4,
-        epochs=1, max_steps=-1, eval_every=50, checkpoint_every=50, max_new_tokens=1024,
-        generation_batch_size=32, compile_training=True, compile_generation=True, run_dir="runs/ampere-bf16",
+        precision="bf16", micro_batch_size=4, generation_batch_size=32, compile_training=True,
+        compile_generation=True, run_dir="runs/ampere-bf16",
     ),
     # The small pre-trained Llama shipped with the package, on CPU: what tests, CI and GPU-less machines run.
     "tiny": dict(
-        model_id=str(TINY_BASE_DIR), precision="fp32", gradient_checkpointing=False,
-        block_size=2048, max_example_tokens=1024, micro_batch_size=1, gradient_accumulation_steps=4,
-        learning_rate=1e-3, warmup_steps=3, epochs=1, max_steps=16, eval_every=8, max_eval_batches=6,
-        checkpoint_every=8, max_test_examples=12, max_new_tokens=700, generation_batch_size=12,
-        run_dir="runs/tiny", wandb_mode="disabled",
+        model_id=str(TINY_BASE_DIR), precision="fp32", gradient_checkpointing=False, max_example_tokens=1024,
+        learning_rate=1e-3, warmup_steps=3, max_steps=16, eval_every=8, max_eval_batches=6, checkpoint_every=8,
+        max_test_examples=12, max_new_tokens=700, generation_batch_size=12, run_dir="runs/tiny",
+        wandb_mode="disabled",
     ),
 }

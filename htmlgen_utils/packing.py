@@ -6,8 +6,8 @@ each example, and transformers turns restarting position ids into a block-diagon
 attention_mask and no KV cache is passed (`use_cache=False`; SDPA and eager, so it works on a T4), so
 attention stays inside one example.
 
-Labels are the input ids themselves: the model shifts them by one internally (`labels[t+1]` is the
-target of the logits at `t`). The original notebook compared each position's logits with the *same*
+Labels are the input ids themselves: the loss shifts them by one (`labels[t+1]` is the target of the
+logits at `t`; `loss.next_token_loss`). The original notebook compared each position's logits with the *same*
 position's token, which teaches copying; `tests/test_packing.py` proves ours is next-token. Labels are
 -100 (ignored) on each example's first token (it would be predicted from the previous example), on the
 instruction when `loss_on_response_only`, and on block padding.

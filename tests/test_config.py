@@ -16,6 +16,12 @@ def test_presets_are_valid_and_distinct():
     assert 1024 <= t4.block_size <= 2048 and t4.gradient_checkpointing
 
 
+def test_presets_list_only_what_they_change():
+    defaults = Config().to_dict()
+    for name, values in PRESETS.items():
+        assert not {k for k, v in values.items() if defaults[k] == v}, name
+
+
 @pytest.mark.parametrize("field,value", [
     ("block_size", 0), ("lora_r", -1), ("precision", "fp8"), ("wandb_mode", "sometimes"),
     ("validation_fraction", 0.7), ("learning_rate", 0), ("max_steps", 0), ("long_page_policy", "ignore"),
