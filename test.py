@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the page to this file")
     parser.add_argument("--open", action="store_true", help="open the written page in a browser (needs --out)")
     args = parser.parse_args(argv)
+    if not args.api_url.startswith(("http://", "https://")):
+        print(f"error: --api_url {args.api_url!r} must start with http:// or https:// "
+              f"(e.g. http://127.0.0.1:8888/query)", file=sys.stderr)
+        return 2
     try:
         answer = query(args.api_url, args.user_prompt, args.max_new_tokens, args.temperature, args.timeout)
     except urllib.error.HTTPError as error:

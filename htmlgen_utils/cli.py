@@ -14,9 +14,10 @@ from .config import Config, PRESETS, default_preset
 USER_ERRORS = (ValueError, OSError)  # OSError: missing files, gated models; ValueError: bad values, bad data
 
 
-def config_from_args(argv: list[str] | None = None, description: str = "",
-                     training: bool = False) -> tuple[Config, argparse.Namespace]:
-    """Parse the shared options (and, with `training`, --no-resume / --fresh-start) into a `Config`."""
+def config_from_args(argv: list[str] | None = None, description: str = "", training: bool = False,
+                     pipeline: bool = False) -> tuple[Config, argparse.Namespace]:
+    """Parse the shared options (and, with `training`, --no-resume / --fresh-start; with `pipeline`, --notebooks)
+    into a `Config`."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--preset", default=None, help=f"{' | '.join(PRESETS)} (default: the one that fits this "
                                                       f"machine; tiny without a GPU)")
@@ -29,6 +30,8 @@ def config_from_args(argv: list[str] | None = None, description: str = "",
         parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints in the run directory")
         parser.add_argument("--fresh-start", action="store_true",
                             help="forget a previous run in the run directory (checkpoints, adapter) and train anew")
+    if pipeline:
+        parser.add_argument("--notebooks", default="", help="run only these, by number: e.g. 04,05 (default: all)")
     args = parser.parse_args(argv)
     if args.debug:
         os.environ["HTMLGEN_DEBUG"] = "1"

@@ -51,6 +51,7 @@ class Config:
     dataset: str = BUNDLED_DATASET  # "bundled", a hub id, or a local .json/.jsonl/.csv file
     label_column: str = "label"  # the description column
     html_column: str = "html"  # the page column
+    dataset_encoding: str = "utf-8"  # of a local dataset file (a byte-order mark is fine), e.g. latin-1, cp1252
     validation_fraction: float = 0.05
     test_fraction: float = 0.05
     max_test_examples: int = 32  # held-out descriptions generated for in evaluation
@@ -138,10 +139,12 @@ class Config:
             fail("wandb_mode", f"must be one of {WANDB_MODES}")
         if self.long_page_policy not in LONG_PAGE_POLICIES:
             fail("long_page_policy", f"must be one of {LONG_PAGE_POLICIES}")
-        for name in ("model_id", "dataset", "label_column", "html_column", "run_dir"):
+        for name in ("model_id", "dataset", "label_column", "html_column", "run_dir", "dataset_encoding"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 fail(name, "must be a non-empty string")
+        if Path(self.run_dir).expanduser().is_file():
+            fail("run_dir", "is a file: give a folder (it is created when missing)")
         if self.label_column == self.html_column:
             fail("html_column", "must differ from label_column")
 

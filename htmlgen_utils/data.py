@@ -38,8 +38,8 @@ class DataReport:
 
 def _read_bundled() -> list[dict]:
     if BUNDLED_DATA_FILE.exists():
-        with open(BUNDLED_DATA_FILE, encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
+        lines = BUNDLED_DATA_FILE.read_text(encoding="utf-8").split("\n")  # "\n" only, never U+2028 or "\r"
+        return [json.loads(line) for line in lines if line.strip()]
     # Installed without the repository's data/ folder (e.g. pip install from git): the generator is
     # deterministic, so regenerating gives the very same rows.
     from .dataset_generator import generate_dataset
@@ -47,24 +47,85 @@ def _read_bundled() -> list[dict]:
     return generate_dataset()
 
 
-def load_raw(source: str) -> datasets.Dataset:
-    """Read `source` into a Dataset without validating it yet."""
-    if source == BUNDLED_DATASET:
-        return datasets.Dataset.from_list(_read_bundled())
-    path = Path(source).expanduser()
-    if path.suffix.lower() in LOCAL_SUFFIXES:
-        if not path.exists():
-            raise FileNotFoundError(f"Dataset file {path} does not exist: check the --dataset path")
+def _decode(path: Path, encoding: str) -> str:
+    """The file's text; a byte-order mark at the start is dropped. A file that is not in `encoding` is named with
+    the first bad byte and the two ways out."""
+    data = path.read_bytes()
+    if not data.strip():
+        raise ValueError(f"Dataset file {path} is empty: nothing to train on")
+    try:
+        return data.decode("utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding)
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ValueError(f"Dataset file {path} is not {encoding} text (byte 0x{data[error.start]:02x} on line {line}). "
+                         f"Give its encoding, e.g. -p dataset_encoding latin-1 (in a notebook: overrides="
+                         f"{{\"dataset_encoding\": \"latin-1\"}}), or convert it: iconv -f latin1 -t utf-8") from None
+    except LookupError:
+        raise ValueError(f"dataset_encoding {encoding!r} is not an encoding Python knows (e.g. utf-8, latin-1, "
+                         f"cp1252)") from None
+
+
+def _read_rows(path: Path, encoding: str) -> list[dict]:
+    """Rows of a local .json (a list of objects), .jsonl (one object a line) or .csv (a header row) file, with a
+    message that names the line for anything else."""
+    text = _decode(path, encoding)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        import csv
+        import io
+
+        csv.field_size_limit(2**31 - 1)  # scraped pages run to hundreds of thousands of characters
+        reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted fields keep their newlines and CRs
         try:
-            return datasets.load_dataset(LOCAL_SUFFIXES[path.suffix.lower()], data_files=str(path), split="train")
-        except Exception as error:  # arrow/json errors are cryptic; name the file and the usual fixes
-            raise ValueError(
-                f"Could not read {path} as {path.suffix} ({type(error).__name__}: {error}). Expected a JSON list of "
-                f"objects, one JSON object per line, or a CSV with a header row; every value of a column must have "
-                f"the same type (strings)."
-            ) from error
-    if path.exists():
-        raise ValueError(f"Unsupported dataset file {path}: use .json, .jsonl or .csv")
+            rows = list(reader)
+        except csv.Error as error:
+            raise ValueError(f"Dataset file {path}, line {reader.line_num}: not valid CSV ({error})") from None
+        if not rows:
+            raise ValueError(f"Dataset file {path} has a header row and no data rows")
+        return rows
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            hint = " (one object per line is .jsonl: rename the file)" if "Extra data" in error.msg else ""
+            raise ValueError(f"Dataset file {path} is not valid JSON: {error.msg} at line {error.lineno}, column "
+                             f"{error.colno}{hint}") from None
+        if isinstance(data, dict):
+            lists = [key for key, value in data.items() if isinstance(value, list)]
+            where = f" (its key {lists[0]!r} holds a list: save that list alone)" if lists else ""
+            raise ValueError(f"Dataset file {path} holds a JSON object; expected a list of objects "
+                             f"[{{\"label\": ..., \"html\": ...}}, ...]{where}")
+        rows = data if isinstance(data, list) else None
+    else:
+        rows = []
+        for number, line in enumerate(text.split("\n"), 1):  # "\n" only: U+2028 and friends stay inside a page
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"Dataset file {path}, line {number}: not a JSON object ({error.msg} at column "
+                                 f"{error.colno}). Each line must be one object like {{\"label\": ..., "
+                                 f"\"html\": ...}}") from None
+    bad = next((i for i, row in enumerate(rows or [None]) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise ValueError(f"Dataset file {path}: entry {bad + 1} is {type((rows or [None])[bad]).__name__}, expected an "
+                         f"object with a description and a page, e.g. {{\"label\": ..., \"html\": ...}}")
+    return rows
+
+
+def load_raw(source: str, encoding: str = "utf-8") -> datasets.Dataset | list[dict]:
+    """Read `source` without validating it yet: the bundled rows, a local file's rows, or a hub dataset."""
+    if source == BUNDLED_DATASET:
+        return _read_bundled()
+    path = Path(source).expanduser()
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+        if not path.exists():
+            raise FileNotFoundError(f"Dataset file {path} does not exist: check the --dataset path (or the dataset "
+                                    f"parameter)")
+        if path.is_dir() or path.suffix.lower() not in LOCAL_SUFFIXES:
+            raise ValueError(f"Unsupported dataset file {path}: give a .json, .jsonl or .csv file")
+        return _read_rows(path, encoding)
     # A hub id such as "jawerty/html_dataset" (needs network access; Colab has it).
     try:
         return datasets.load_dataset(source, split="train")
@@ -72,22 +133,30 @@ def load_raw(source: str) -> datasets.Dataset:
         raise ValueError(
             f"Could not load dataset {source!r} from the Hugging Face hub ({type(error).__name__}: {error}). "
             f"Check the id and your network, or pass a local .json/.jsonl/.csv file, or 'bundled'."
-        ) from error
+        ) from None
 
 
-def validate_and_clean(raw: datasets.Dataset, label_column: str = "label", html_column: str = "html",
+def validate_and_clean(raw: datasets.Dataset | list[dict], label_column: str = "label", html_column: str = "html",
                        source: str = "") -> tuple[datasets.Dataset, DataReport]:
     """Check columns and types, normalise text, drop empty rows and exact duplicates."""
-    missing = [c for c in (label_column, html_column) if c not in raw.column_names]
+    if isinstance(raw, list):
+        columns = list(dict.fromkeys(key for row in raw[:1000] for key in row))
+        labels = [row.get(label_column) for row in raw]
+        pages = [row.get(html_column) for row in raw]
+    else:
+        columns = raw.column_names
+        labels = raw[label_column] if label_column in columns else []
+        pages = raw[html_column] if html_column in columns else []
+    missing = [c for c in (label_column, html_column) if c not in columns]
     if missing:
         raise ValueError(
-            f"Dataset {source!r} has no column(s) {missing}; it has {raw.column_names}. "
+            f"Dataset {source!r} has no column(s) {missing}; it has {columns}. "
             f"Set label_column / html_column (e.g. -p label_column title) to the right names."
         )
     if len(raw) == 0:
         raise ValueError(f"Dataset {source!r} has zero rows: nothing to train on")
     rows, empty, seen, duplicates = [], 0, set(), 0
-    for index, (label, html) in enumerate(zip(raw[label_column], raw[html_column])):
+    for index, (label, html) in enumerate(zip(labels, pages)):
         for column, value in ((label_column, label), (html_column, html)):
             if value is not None and not isinstance(value, str):
                 raise ValueError(
@@ -133,8 +202,12 @@ def split_dataset(dataset: datasets.Dataset, validation_fraction: float, test_fr
 
 def load_splits(config: Config) -> tuple[datasets.DatasetDict, DataReport]:
     """Load, validate, dedupe and split the dataset that `config` names."""
-    raw = load_raw(config.dataset)
+    raw = load_raw(config.dataset, config.dataset_encoding)
     clean, report = validate_and_clean(raw, config.label_column, config.html_column, config.dataset)
+    if len(clean) < 3:
+        raise ValueError(f"Dataset {config.dataset!r}: {report.rows_loaded} rows, {report.empty_dropped} empty and "
+                         f"{report.duplicates_dropped} duplicates dropped, {len(clean)} distinct left; train, "
+                         f"validation and test need at least 3 (better hundreds)")
     splits = split_dataset(clean, config.validation_fraction, config.test_fraction, config.seed)
     report.train, report.validation, report.test = (len(splits[s]) for s in ("train", "validation", "test"))
     return splits, report

@@ -68,8 +68,9 @@ def run_pipeline(config: Config, notebooks: tuple[str, ...] = NOTEBOOKS, log_out
             pm.execute_notebook(str(source_dir / f"{name}.ipynb"), str(output), parameters=parameters,
                                 cwd=str(source_dir), progress_bar=True, log_output=log_output, kernel_name="python3")
         except pm.PapermillExecutionError as error:
-            raise NotebookFailed(f"Notebook {name} failed at {_failing_cell(output)}. The executed copy with the "
-                                 f"traceback is {output}") from error
+            where = " ".join(_failing_cell(output).split())  # one line, however long the error
+            raise NotebookFailed(f"Notebook {name} failed at {where}. The executed copy with the full error is "
+                                 f"{output}") from error
         timings[name] = round(time.perf_counter() - started, 1)
         print(f"    done in {timings[name]} s", flush=True)
     (run_dir / "pipeline_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
@@ -80,13 +81,21 @@ def run_pipeline(config: Config, notebooks: tuple[str, ...] = NOTEBOOKS, log_out
 def main(argv: list[str] | None = None) -> int:
     from .cli import config_from_args
 
-    config, _ = config_from_args(argv, "Run notebooks 01-05 in order with papermill.")
+    config, args = config_from_args(argv, "Run notebooks 01-05 in order with papermill.", pipeline=True)
+    notebooks = NOTEBOOKS
+    if args.notebooks:
+        wanted = [n.strip() for n in args.notebooks.split(",") if n.strip()]
+        notebooks = tuple(name for name in NOTEBOOKS if any(name.startswith(w) for w in wanted))
+        unknown = [w for w in wanted if not any(name.startswith(w) for name in NOTEBOOKS)]
+        if unknown or not notebooks:
+            raise ValueError(f"--notebooks {args.notebooks!r}: no notebook starts with {unknown or wanted}; they are "
+                             f"{', '.join(NOTEBOOKS)} (e.g. --notebooks 04,05)")
     if config.preset == "tiny":
         print("Running the 'tiny' preset on the CPU: the small pre-trained Llama shipped with the package and "
               f"the {config.dataset!r} dataset.")
     started = time.perf_counter()
     try:
-        metrics = run_pipeline(config)
+        metrics = run_pipeline(config, notebooks)
     except NotebookFailed as error:
         print(f"\nFAILED: {error}", file=sys.stderr)
         return 1

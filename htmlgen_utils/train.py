@@ -26,7 +26,7 @@ from .config import Config
 from .export import check_merge_possible, merge_to_16bit, push_adapter_to_hub, save_outputs
 from .levers import apply_training_levers
 from .loss import count_targets, evaluate_blocks, next_token_loss
-from .model import autocast_context, device_for, load_for_training, resolve_precision
+from .model import autocast_context, device_for, load_for_training, load_tokenizer, resolve_precision
 from .packing import load_packed, make_dataloader
 from .stages import ensure_packed
 from .tracking import start_wandb
@@ -272,8 +272,8 @@ def run_training(config: Config, resume: bool = True, fresh_start: bool = False)
         return done
     if config.merge_after_training:
         check_merge_possible(config)  # before hours of training, not after
+    packed = ensure_packed(config, load_tokenizer(config.model_id))  # the data's problems before the model's load
     model, tokenizer = load_for_training(config)
-    packed = ensure_packed(config, tokenizer)
     config.save(run_dir)
     state = train(model, tokenizer, packed, config, run_dir, resume=resume and not fresh_start)
     finish_run(model, tokenizer, config, state, run_dir)

@@ -49,3 +49,69 @@ def test_pipeline_runs_on_scraped_pages(scraped_file, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert {"rouge1", "rougeL", "html_valid_rate", "eval_loss", "token_accuracy"} <= set(metrics)
+
+
+MESSY_TEXT = ["line\u2028separator", "para\u2029graph", "next\u0085line", "form\x0cfeed", "windows\r\nline\r\nends",
+              "nul\x00byte", "emoji 🎉🧪 and ZWJ 👩‍💻", "Ελληνικά, русский, 中文, العربية, हिन्दी", "bom\ufeffinside",
+              "old mac\rline"]
+
+
+def _messy_rows() -> list[dict]:
+    rows = []
+    for i, text in enumerate(MESSY_TEXT * 2):
+        page = (f"<!DOCTYPE html><html><head><title>{i}</title></head><body><p>{text}</p>"
+                f"<p>{'x' * (i % 3)}</p></body></html>")
+        rows.append({"label": f"A page with {text} number {i}", "html": page})
+    long_line = "<!DOCTYPE html><html><head></head><body>" + "<span>one long line</span>" * 20_000 + "</body></html>"
+    rows.append({"label": "A page that is one 500k-character line", "html": long_line})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def messy_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("messy") / "messy.jsonl"
+    body = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in _messy_rows())
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))  # a byte-order mark, as Windows editors write
+    return path
+
+
+def test_messy_text_comes_back_byte_identical_from_the_saved_splits(messy_file, tmp_path):
+    from htmlgen_utils.data import load_raw, load_saved_splits, save_splits, validate_and_clean
+
+    config = Config.from_preset("tiny", dataset=str(messy_file), run_dir=str(tmp_path / "run"))
+    clean, _ = validate_and_clean(load_raw(str(messy_file)), source="messy")
+    splits, report = load_splits(config)
+    assert report.rows_kept == len(_messy_rows())
+    save_splits(splits, report, config.run_dir)
+    saved = load_saved_splits(config.run_dir)
+    assert sorted(zip(clean["label"], clean["html"])) == sorted(
+        pair for name in saved for pair in zip(saved[name]["label"], saved[name]["html"]))
+    pages = {page for name in saved for page in saved[name]["html"]}
+    for text in MESSY_TEXT:  # inside pages nothing is normalised but line ends (\r\n and \r become \n)
+        assert any(text.replace("\r\n", "\n").replace("\r", "\n") in page for page in pages), repr(text)
+
+
+def test_csv_keeps_newlines_inside_quoted_fields(tmp_path):
+    import csv
+
+    path = tmp_path / "pages.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["label", "html"])
+        writer.writeheader()
+        writer.writerows(_messy_rows())
+    splits, report = load_splits(Config.from_preset("tiny", dataset=str(path)))
+    assert report.rows_kept == len(_messy_rows())
+    assert any("line\u2028separator" in page for name in splits for page in splits[name]["html"])
+
+
+def test_the_chain_runs_on_messy_text_and_loses_nothing(messy_file, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "htmlgen_utils.pipeline", "--preset", "tiny", "--dataset",
+                             str(messy_file), "--run-dir", str(tmp_path / "run"), "-p", "max_steps", "2",
+                             "-p", "max_new_tokens", "32", "-p", "test_fraction", "0.2"],
+                            capture_output=True, text=True, cwd=REPO_DIR, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from htmlgen_utils.data import load_saved_splits
+
+    test_pages = list(load_saved_splits(tmp_path / "run")["test"]["html"])
+    table = json.loads((tmp_path / "run" / "eval_table.json").read_text(encoding="utf-8"))
+    assert [row["reference"] for row in table] == test_pages[:len(table)]  # the eval table keeps them exactly
