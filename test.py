@@ -2,6 +2,7 @@
 
     python test.py --api_url http://127.0.0.1:8888/query --user_prompt "a minimalist landing page"
     python test.py --api_url ... --user_prompt ... --out page.html --open
+    python test.py --api_url ... --user_prompt ... --stream        # print the page as it is written
 
 Uses only the standard library, so it runs anywhere. Exits non-zero with a clear message when the server
 cannot be reached, times out, or answers with an error.
@@ -31,6 +32,33 @@ def query(api_url: str, user_prompt: str, max_new_tokens: int | None = None, tem
         return json.loads(response.read().decode())
 
 
+def query_stream(api_url: str, user_prompt: str, max_new_tokens: int | None = None,
+                 temperature: float | None = None, timeout: float = 300.0, show=print) -> dict:
+    """Ask for a streamed answer (server-sent events); `show` each piece of text as it arrives; return the final
+    event's {"html", "tokens", "seconds"}."""
+    body = {"user_prompt": user_prompt, "stream": True}
+    if max_new_tokens is not None:
+        body["max_new_tokens"] = max_new_tokens
+    if temperature is not None:
+        body["temperature"] = temperature
+    request = urllib.request.Request(api_url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+    event = "message"
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        for raw in response:
+            line = raw.decode("utf-8").rstrip("\n")
+            if line.startswith("event:"):
+                event = line[len("event:"):].strip()
+            elif line.startswith("data:"):
+                data = json.loads(line[len("data:"):])
+                if event == "done":
+                    return data
+                if event == "error":
+                    raise ValueError(data.get("error", "the stream ended with an error"))
+                show(data["text"])
+    raise ValueError("the stream ended without its final event")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--api_url", required=True, help="e.g. http://127.0.0.1:8888/query")
@@ -40,13 +68,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the answer")
     parser.add_argument("--out", type=Path, default=None, help="also write the page to this file")
     parser.add_argument("--open", action="store_true", help="open the written page in a browser (needs --out)")
+    parser.add_argument("--stream", action="store_true", help="print the page as it is written")
     args = parser.parse_args(argv)
     if not args.api_url.startswith(("http://", "https://")):
         print(f"error: --api_url {args.api_url!r} must start with http:// or https:// "
               f"(e.g. http://127.0.0.1:8888/query)", file=sys.stderr)
         return 2
     try:
-        answer = query(args.api_url, args.user_prompt, args.max_new_tokens, args.temperature, args.timeout)
+        if args.stream:
+            answer = query_stream(args.api_url, args.user_prompt, args.max_new_tokens, args.temperature,
+                                  args.timeout, show=lambda text: print(text, end="", flush=True))
+            print()
+        else:
+            answer = query(args.api_url, args.user_prompt, args.max_new_tokens, args.temperature, args.timeout)
     except urllib.error.HTTPError as error:
         try:
             detail = json.loads(error.read().decode()).get("error", "")
@@ -67,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(answer["html"])
+    if not args.stream:
+        print(answer["html"])
     print(f"[{answer.get('tokens')} tokens in {answer.get('seconds')} s]", file=sys.stderr)
     if args.out:
         args.out.write_text(answer["html"], encoding="utf-8")

@@ -72,7 +72,7 @@ def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: in
     padding; greedy by default (deterministic), sampling with `do_sample=True`.
 
     `compile_decode` uses a static KV cache and (on CUDA) a compiled decode step, see `compiled_decoding`;
-    every batch then has the same size (the last one is filled up with repeats, whose pages are dropped) and
+    every batch then has the same size (a short one is filled up with repeats, whose pages are dropped) and
     one cache, sized for the longest prompt, so one compiled step serves every batch. With `batch_size=1`
     it runs our own loop, `decode_one`, instead of `generate`. `progress` shows a bar over the pages."""
     if not descriptions:
@@ -100,7 +100,8 @@ def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: in
             pages[rows[0]] = clean_page(tokenizer.decode(tokens, skip_special_tokens=True))
             bar.update(1)
             continue
-        filled = rows + rows[-1:] * (batch_size - len(rows)) if compile_decode and len(order) > batch_size else rows
+        # a compiled step is specialised to its batch size: a short batch is filled up with repeats
+        filled = rows + rows[-1:] * (batch_size - len(rows)) if compile_decode else rows
         inputs = tokenizer([prompts[i] for i in filled], return_tensors="pt", padding=True).to(device)
         if compile_decode:
             cache = static_cache(model, len(filled), max(lengths) + max_new_tokens)

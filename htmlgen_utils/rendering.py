@@ -10,17 +10,32 @@ needed, so it works in Jupyter, Colab, and nbconvert's HTML export.
 from __future__ import annotations
 
 import html
+import re
 from typing import Iterable
 
 IFRAME_STYLE = "border:1px solid #ccc;border-radius:4px;background:#fff"
 
 
+PREVIEW_BASE = '<base href="about:srcdoc">'
+
+
+def preview_document(page: str) -> str:
+    """`page` with `<base href="about:srcdoc">` first in its head. A srcdoc frame resolves links against its
+    parent's address, so without it `href="#pricing"` loads the notebook (or the API's form) inside the frame;
+    with it, same-page anchors scroll inside the preview and `/about` has nothing to load. The form page's
+    JavaScript does the same."""
+    head = re.search(r"<head\b[^>]*>", page, re.IGNORECASE)
+    doctype = re.search(r"<!doctype[^>]*>", page, re.IGNORECASE)
+    at = head.end() if head else doctype.end() if doctype else 0
+    return page[:at] + PREVIEW_BASE + page[at:]
+
+
 def iframe_html(page: str, height: int = 360, width: str = "100%", title: str = "generated page",
                 style: str = IFRAME_STYLE) -> str:
-    """A fully sandboxed iframe holding `page` (escaped into srcdoc)."""
+    """A fully sandboxed iframe holding `page` (escaped into srcdoc, links kept inside: `preview_document`)."""
     return (f'<iframe sandbox="" referrerpolicy="no-referrer" title="{html.escape(title)}" '
-            f'srcdoc="{html.escape(page, quote=True)}" style="width:{width};height:{height}px;{style}">'
-            f"</iframe>")
+            f'srcdoc="{html.escape(preview_document(page), quote=True)}" style="width:{width};height:{height}px;'
+            f'{style}"></iframe>')
 
 
 def source_toggle(page: str, label: str = "source") -> str:

@@ -135,6 +135,7 @@ class TrainingRun:
     validation: Any  # the validation blocks
     total_steps: int
     epoch_micro_batches: int  # micro-batches an epoch trains on
+    left_out: int  # micro-batches at an epoch's end that do not fill an accumulation group
     progress: Any
     tracker: Any  # a wandb run, or None
 
@@ -160,6 +161,9 @@ def after_step(run: TrainingRun, state: TrainState, record: dict, stop_when: Cal
         state.history.append({"step": state.step, "epoch": state.epoch, **metrics})
         run.progress.write(f"step {state.step}: eval_loss {metrics['eval_loss']:.4f}, "
                            f"token accuracy {metrics['eval_token_accuracy']:.3f}")
+    if epoch_done and run.left_out:
+        run.progress.write(f"epoch {state.epoch} done: its last {run.left_out} micro-batch(es) did not fill an "
+                           f"accumulation group and were left out (the next epoch reshuffles them in)")
         if run.tracker is not None:
             run.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
     stop = stop_when is not None and stop_when(state)
@@ -192,8 +196,10 @@ def train(model, tokenizer, packed, config: Config, run_dir: str | Path, resume:
         state = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
         print(f"Resuming from {checkpoint} (step {state.step}/{total_steps})")
     progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step")
+    epoch_micro_batches = steps_per_epoch * accumulation
+    left_out = -(-len(packed["train"]) // config.micro_batch_size) - epoch_micro_batches
     run = TrainingRun(model, optimizer, scheduler, scaler, config, device, run_dir, packed["validation"],
-                      total_steps, steps_per_epoch * accumulation, progress, start_wandb(config, run_dir))
+                      total_steps, epoch_micro_batches, left_out, progress, start_wandb(config, run_dir))
 
     model.train()  # gradient checkpointing and LoRA dropout only act in train mode
     optimizer.zero_grad(set_to_none=True)

@@ -1,7 +1,7 @@
 """The sandboxed iframe, checked in a real headless Chromium."""
 import html
 
-from htmlgen_utils.rendering import gallery_html, iframe_html
+from htmlgen_utils.rendering import gallery_html, iframe_html, preview_document
 import numpy as np
 
 from tests.browser import colour_fraction, dump_dom, nonblank_fraction, pixels, require_chromium, screenshot_url
@@ -55,7 +55,7 @@ def test_quotes_and_closing_tags_stay_inside_srcdoc():
     frame = iframe_html(page)
     assert frame.count("<iframe") == 1 and frame.count("</iframe>") == 1
     srcdoc = frame.split('srcdoc="', 1)[1].split('"', 1)[0]
-    assert html.unescape(srcdoc) == page
+    assert html.unescape(srcdoc) == preview_document(page) == '<base href="about:srcdoc">' + page
     assert 'sandbox=""' in frame and "allow-" not in frame
 
 

@@ -121,3 +121,66 @@ def test_burst_of_concurrent_and_malformed_requests_leaves_server_healthy(server
     code, answer = _post(f"{server}/query", json.dumps({"user_prompt": "A retro 404 error page for Nova"}).encode())
     assert code == 200 and "</html>" in answer["html"] and answer["tokens"] > 0
     print(f"burst: {len(jobs)} requests in {seconds:.1f} s ({len(jobs) / seconds:.0f} req/s)")
+
+
+def test_requests_that_wait_together_are_generated_together(server):
+    """40 requests from 8 clients: each gets exactly one answer, its own, and some were batched."""
+    prompts = [f"  A   login page\tfor Orbit {i} \n" for i in range(40)]
+
+    def send(prompt):
+        return _post(f"{server}/query", json.dumps({"user_prompt": prompt, "max_new_tokens": 8}).encode())
+
+    with urllib.request.urlopen(f"{server}/health", timeout=10) as response:
+        before = json.loads(response.read())
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, prompts))
+    assert [code for code, _ in answers] == [200] * 40
+    assert [a["user_prompt"] for _, a in answers] == [" ".join(p.split()) for p in prompts]  # whitespace normalised
+    assert max(a["batch_size"] for _, a in answers) > 1
+    with urllib.request.urlopen(f"{server}/health", timeout=10) as response:
+        after = json.loads(response.read())
+    assert after["served"] - before["served"] == 40 and after["waiting"] == 0
+
+
+def test_whitespace_only_prompt_is_refused_in_plain_words(server):
+    code, answer = _post(f"{server}/query", json.dumps({"user_prompt": " \n\t "}).encode())
+    assert code == 422 and answer["error"].startswith("Describe the page you want")
+    code, answer = _post(f"{server}/query", b'{"user_prompt": "a page", "max_new_tokens": 0}')
+    assert code == 422 and answer["error"] == "max_new_tokens must be a whole number from 1 to 700."
+
+
+def test_streamed_answer_arrives_in_pieces_and_test_py_prints_it(server):
+    sys.path.insert(0, str(REPO_DIR))
+    import test as client
+
+    pieces = []
+    final = client.query_stream(f"{server}/query", "A retro 404 error page for Nova", max_new_tokens=120,
+                                show=pieces.append)
+    from htmlgen_utils.generation import clean_page
+
+    assert len(pieces) > 3 and final["html"] and clean_page("".join(pieces)) == final["html"]
+    result = subprocess.run([sys.executable, "test.py", "--api_url", f"{server}/query", "--user_prompt",
+                             "A retro 404 error page for Nova", "--max_new_tokens", "120", "--stream"],
+                            capture_output=True, text=True, cwd=REPO_DIR, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().startswith(final["html"][:40])
+
+
+def test_a_full_queue_answers_503_and_loses_no_request():
+    config = Config.from_preset("tiny")
+    model = load_base_model(config).eval()
+    app = create_app(model, load_tokenizer(config.model_id), max_new_tokens_cap=64, max_waiting=2, max_batch=1)
+    from htmlgen_utils.serve import BackgroundServer
+
+    api = BackgroundServer(app, port=_free_port())
+    try:
+        def send(i):
+            return _post(f"{api.url}/query", json.dumps({"user_prompt": f"A page {i}", "max_new_tokens": 48}).encode())
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            codes = [code for code, _ in pool.map(send, range(24))]
+        assert set(codes) == {200, 503} and len(codes) == 24
+        with urllib.request.urlopen(f"{api.url}/health", timeout=10) as response:
+            health = json.loads(response.read())
+        assert health["served"] == codes.count(200) and health["waiting"] == 0
+    finally:
+        api.stop()

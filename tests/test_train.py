@@ -100,29 +100,79 @@ def test_accumulated_micro_batches_give_the_one_big_batch_gradient(tiny_config, 
     assert worst(mean_of_means, one_batch) > 1e-2
 
 
-def test_resumed_run_matches_uninterrupted_run(tiny_config, small_splits, tmp_path):
-    config = tiny_config.replace(max_steps=6, eval_every=3, checkpoint_every=0, lora_dropout=0.1)
-    full_model, tokenizer, packed = _setup(config, small_splits)
-    full = train(full_model, tokenizer, packed, config, tmp_path / "full", resume=False)
+def _resume_setup(tiny_config, small_splits, monkeypatch):
+    """A 6-step run with LoRA dropout and loss scaling whose second step overflows (a NaN in one chosen block), so
+    the RNG, the optimiser's moments, the schedule and the scaler's backed-off scale all matter after step 3."""
+    config = tiny_config.replace(max_steps=6, eval_every=3, checkpoint_every=0, lora_dropout=0.1, loss_scaling="on",
+                                 warmup_steps=4)
+    _, _, packed = _setup(config, small_splits)
+    from htmlgen_utils.checkpoints import TrainState
 
-    first_model, _, _ = _setup(config, small_splits)
-    interrupted = train(first_model, tokenizer, packed, config, tmp_path / "resumed",
-                        stop_when=lambda state: state.step >= 3)
-    assert interrupted.step == 3 and latest_checkpoint(tmp_path / "resumed") is not None
+    groups = train_module.micro_batch_groups(packed["train"], config, 4, TrainState())
+    next(groups)
+    poisoned = next(groups)[0]["input_ids"]  # the first micro-batch of step 2
+
+    def loss_with_one_overflow(model, batch, *args, **kwargs):
+        loss = next_token_loss(model, batch, *args, **kwargs)
+        return loss * float("inf") if torch.equal(batch["input_ids"].cpu(), poisoned) else loss
+
+    monkeypatch.setattr(train_module, "next_token_loss", loss_with_one_overflow)
+    return config
+
+
+def _interrupted_then_resumed(config, small_splits, run_dir):
+    first_model, tokenizer, packed = _setup(config, small_splits)
+    interrupted = train(first_model, tokenizer, packed, config, run_dir, stop_when=lambda state: state.step >= 3)
+    assert interrupted.step == 3 and latest_checkpoint(run_dir) is not None
     del first_model
     torch.manual_seed(12345)  # a fresh process would start from another RNG state: the checkpoint must restore it
     second_model, _, _ = _setup(config, small_splits)
-    resumed = train(second_model, tokenizer, packed, config, tmp_path / "resumed", resume=True)
+    return second_model, train(second_model, tokenizer, packed, config, run_dir, resume=True)
 
-    def losses(state):
-        return [round(h.get("loss", h.get("eval_loss")), 4) for h in state.history]
 
-    assert resumed.step == 6
-    assert len(resumed.history) == len(full.history)
-    assert losses(resumed) == pytest.approx(losses(full), abs=2e-3)
-    full_weights, resumed_weights = adapter_weights(full_model), adapter_weights(second_model)
+def _trajectory(state) -> list[float]:
+    """Every step's loss, learning rate and loss scale, and every validation loss, in order."""
+    keys = ("loss", "lr", "loss_scale", "eval_loss")
+    return [float(h[k]) for h in state.history for k in keys if k in h]
+
+
+@pytest.fixture
+def uninterrupted(tiny_config, small_splits, monkeypatch, tmp_path):
+    config = _resume_setup(tiny_config, small_splits, monkeypatch)
+    model, tokenizer, packed = _setup(config, small_splits)
+    state = train(model, tokenizer, packed, config, tmp_path / "full", resume=False)
+    assert state.skipped_steps == 1 and [h["loss_scale"] for h in state.history if "loss" in h][1] == 2.0**15
+    return config, model, state
+
+
+def test_resumed_run_matches_uninterrupted_run(uninterrupted, small_splits, tmp_path):
+    config, full_model, full = uninterrupted
+    resumed_model, resumed = _interrupted_then_resumed(config, small_splits, tmp_path / "resumed")
+    assert resumed.step == 6 and resumed.skipped_steps == 1
+    assert _trajectory(resumed) == pytest.approx(_trajectory(full), rel=1e-5)
+    full_weights, resumed_weights = adapter_weights(full_model), adapter_weights(resumed_model)
     for name, weight in full_weights.items():
         torch.testing.assert_close(resumed_weights[name], weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("restore", ["rng", "optimizer", "scheduler", "scaler"])
+def test_resume_test_notices_each_missing_restore(uninterrupted, small_splits, tmp_path, monkeypatch, restore):
+    """The comparison above fails when any one part of the checkpoint is not restored."""
+    import bitsandbytes as bnb
+
+    from htmlgen_utils import checkpoints
+
+    skip = lambda *args, **kwargs: None  # noqa: E731
+    target = {"rng": (checkpoints, "_set_rng_state"), "optimizer": (bnb.optim.AdamW8bit, "load_state_dict"),
+              "scheduler": (torch.optim.lr_scheduler.LambdaLR, "load_state_dict"),
+              "scaler": (torch.amp.GradScaler, "load_state_dict")}[restore]
+    monkeypatch.setattr(*target, skip)
+    config, full_model, full = uninterrupted
+    resumed_model, resumed = _interrupted_then_resumed(config, small_splits, tmp_path / "resumed")
+    same_trajectory = _trajectory(resumed) == pytest.approx(_trajectory(full), rel=1e-5)
+    same_weights = all(torch.allclose(weight, adapter_weights(resumed_model)[name], rtol=1e-5, atol=1e-6)
+                       for name, weight in adapter_weights(full_model).items())
+    assert not (same_trajectory and same_weights)
 
 
 def test_nonfinite_loss_is_skipped_then_stops_the_run(tiny_config, small_splits, tmp_path, monkeypatch):
