@@ -17,17 +17,22 @@ IFRAME_STYLE = "border:1px solid #ccc;border-radius:4px;background:#fff"
 
 
 PREVIEW_BASE = '<base href="about:srcdoc">'
+# an <a> or <area> whose href is not a same-page "#anchor"
+_OUTWARD_LINK = re.compile(r"<(a|area)(?=\s)(?=[^>]*?\shref\s*=\s*(?![\"']?#))", re.IGNORECASE)
 
 
 def preview_document(page: str) -> str:
-    """`page` with `<base href="about:srcdoc">` first in its head. A srcdoc frame resolves links against its
-    parent's address, so without it `href="#pricing"` loads the notebook (or the API's form) inside the frame;
-    with it, same-page anchors scroll inside the preview and `/about` has nothing to load. The form page's
-    JavaScript does the same."""
+    """`page` as a preview shows it: links stay inside the preview.
+
+    A srcdoc frame resolves links against its parent's address, so in a plain preview `href="#pricing"` loads the
+    notebook (or the API's form page) inside the frame. `<base href="about:srcdoc">` first in the head makes
+    same-page anchors scroll inside the preview, and every other link gets `target="_blank"`, which the sandbox
+    (no popups) turns into nothing: no broken or borrowed frame. The form page's JavaScript does the same."""
     head = re.search(r"<head\b[^>]*>", page, re.IGNORECASE)
     doctype = re.search(r"<!doctype[^>]*>", page, re.IGNORECASE)
     at = head.end() if head else doctype.end() if doctype else 0
-    return page[:at] + PREVIEW_BASE + page[at:]
+    page = page[:at] + PREVIEW_BASE + page[at:]
+    return _OUTWARD_LINK.sub(lambda m: f'<{m.group(1)} target="_blank"', page)
 
 
 def iframe_html(page: str, height: int = 360, width: str = "100%", title: str = "generated page",

@@ -307,13 +307,15 @@ do not run, and its links stay inside the frame.</p>
 const form = document.getElementById('form'), prompt = document.getElementById('prompt'),
       go = document.getElementById('go'), status = document.getElementById('status'),
       preview = document.getElementById('preview'), source = document.getElementById('source');
-// Links in a srcdoc frame resolve against this page's address: <base href="about:srcdoc"> keeps "#section" links
-// scrolling inside the preview and leaves "/about" with nothing to load, instead of loading this app in the frame.
+// Links in a srcdoc frame resolve against this page's address, so "#pricing" would load this app in the frame.
+// As htmlgen_utils.rendering.preview_document: <base href="about:srcdoc"> keeps "#section" links scrolling inside
+// the preview; any other link gets target="_blank", which the sandbox (no popups) turns into nothing.
 function previewDocument(page) {
   const base = '<base href="about:srcdoc">';
   const head = /<head\\b[^>]*>/i.exec(page), doctype = /<!doctype[^>]*>/i.exec(page);
   const at = head ? head.index + head[0].length : doctype ? doctype.index + doctype[0].length : 0;
-  return page.slice(0, at) + base + page.slice(at);
+  page = page.slice(0, at) + base + page.slice(at);
+  return page.replace(/<(a|area)(?=\\s)(?=[^>]*?\\shref\\s*=\\s*(?!["']?#))/gi, '<$1 target="_blank"');
 }
 function say(text, isError) { status.textContent = text; status.className = isError ? 'error' : ''; }
 form.addEventListener('submit', async (event) => {
