@@ -21,7 +21,8 @@ def config_from_args(argv: list[str] | None = None, description: str = "", train
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--preset", default=None, help=f"{' | '.join(PRESETS)} (default: the one that fits this "
                                                       f"machine; tiny without a GPU)")
-    parser.add_argument("--dataset", default=None, help="'bundled', a hub id, or a local .json/.jsonl/.csv file")
+    parser.add_argument("--dataset", default=None, help="'bundled', a named corpus (websight-described, jawerty-html), "
+                                                        "a hub id, or a local .json/.jsonl/.csv file")
     parser.add_argument("--run-dir", default=None, help="where every artifact goes")
     parser.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                         help="override any Config field, e.g. -p max_steps 20")

@@ -19,6 +19,47 @@ from .config import BUNDLED_DATA_FILE, BUNDLED_DATASET, Config
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 
+@dataclass(frozen=True)
+class DatasetProfile:
+    """A public corpus by one word: where it lives on the hub and which columns hold the description and the page."""
+
+    hub_id: str
+    config_name: str | None
+    label_column: str
+    html_column: str
+    licence: str
+    about: str
+    max_rows: int = 5000  # streamed from the hub, never downloaded whole
+
+
+DATASET_PROFILES = {
+    "websight-described": DatasetProfile(
+        "HuggingFaceM4/WebSight", "v0.1", "llm_generated_idea", "text", "CC BY 4.0",
+        "synthetic pages (Tailwind CSS) with the natural-language website idea each was written from"),
+    "jawerty-html": DatasetProfile(
+        "jawerty/html_dataset", None, "label", "html", "none stated on its card: check before redistributing",
+        "43 scraped real-world pages with short descriptions (long pages: see the long-page policy)"),
+}
+
+
+def rows_from_profile(profile: DatasetProfile, source: str | None = None, encoding: str = "utf-8") -> list[dict]:
+    """A profile's rows as {"label", "html"}: streamed from the hub (its first `max_rows`), or read from a local
+    file with the same columns (`source`)."""
+    if source is not None:
+        rows = _read_rows(Path(source), encoding)
+    else:
+        try:
+            stream = datasets.load_dataset(profile.hub_id, profile.config_name, split="train", streaming=True)
+            rows = [dict(row) for _, row in zip(range(profile.max_rows), stream)]
+        except Exception as error:
+            raise ValueError(f"Could not stream {profile.hub_id} from the Hugging Face hub ({type(error).__name__}: "
+                             f"{error}). It needs the network (Colab has it).") from None
+    missing = [c for c in (profile.label_column, profile.html_column) if rows and c not in rows[0]]
+    if missing:
+        raise ValueError(f"{profile.hub_id} rows have no column(s) {missing}; it has {list(rows[0])}")
+    return [{"label": row[profile.label_column], "html": row[profile.html_column]} for row in rows]
+
+
 @dataclass
 class DataReport:
     """What loading did to the rows, so notebooks can show it and nothing is dropped silently."""
@@ -118,6 +159,8 @@ def load_raw(source: str, encoding: str = "utf-8") -> datasets.Dataset | list[di
     """Read `source` without validating it yet: the bundled rows, a local file's rows, or a hub dataset."""
     if source == BUNDLED_DATASET:
         return _read_bundled()
+    if source in DATASET_PROFILES:
+        return rows_from_profile(DATASET_PROFILES[source])
     path = Path(source).expanduser()
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         if not path.exists():
@@ -203,7 +246,8 @@ def split_dataset(dataset: datasets.Dataset, validation_fraction: float, test_fr
 def load_splits(config: Config) -> tuple[datasets.DatasetDict, DataReport]:
     """Load, validate, dedupe and split the dataset that `config` names."""
     raw = load_raw(config.dataset, config.dataset_encoding)
-    clean, report = validate_and_clean(raw, config.label_column, config.html_column, config.dataset)
+    columns = ("label", "html") if config.dataset in DATASET_PROFILES else (config.label_column, config.html_column)
+    clean, report = validate_and_clean(raw, *columns, config.dataset)
     if len(clean) < 3:
         raise ValueError(f"Dataset {config.dataset!r}: {report.rows_loaded} rows, {report.empty_dropped} empty and "
                          f"{report.duplicates_dropped} duplicates dropped, {len(clean)} distinct left; train, "

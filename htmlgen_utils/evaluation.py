@@ -1,4 +1,5 @@
-"""Stage 5b: how good are the pages? ROUGE, plus the HTML-aware scores ROUGE cannot see.
+"""Stage 5b: how good are the pages? ROUGE, plus what ROUGE cannot see: structure, validity, and checks that need
+no reference page. (Scores of the *rendered* pages are in `layout`.) README's evaluation table gives every range.
 
 * ROUGE-1/2/L(sum) come from `rouge_score`, the implementation `evaluate`'s `rouge` metric wraps, with
   the same defaults (no stemmer, its default tokenizer). `evaluate` reports a bootstrap median by default
@@ -8,19 +9,18 @@
   punctuation (`< > / = "`) vanishes: `<div><p>Hi</div></p>` and `div p hi div p` score the same. Nesting,
   closing tags and well-formedness are invisible to it.
 * `text_rougeL`: ROUGE-L on the visible text only (tags, CSS and scripts removed): the words a reader sees.
-* `html_valid_rate`: the share of pages that are well-formed documents (definition in `html_problems`).
-* `tag_similarity`: how alike the two pages' tag sequences are (`difflib` ratio over start/end tags).
-* `visual_similarity` (optional): both pages screenshotted in headless Chromium, pixels compared.
-* token accuracy / loss: next-token accuracy on the held-out *test* split under teacher forcing.
+* `html_valid_rate`: pages with no parse error by the HTML standard (`spec_errors`, html5lib);
+  `html_well_formed_rate`: the stricter rule that every element is explicitly closed (`html_problems`).
+* Structure: `tag_similarity` (difflib ratio of the tag sequences), `tree_bleu` (WebCode2M's TreeBLEU) and
+  `tree_edit_similarity` (1 - normalised Zhang-Shasha tree edit distance between the DOMs).
+* No reference needed: `description_coverage`, `repetition` (and a runaway flag), `ends_with_html`.
+* token accuracy / loss: next-token accuracy on the held-out *test* split under teacher forcing (`loss`).
 """
 from __future__ import annotations
 
 import difflib
 import json
-import os
-import shutil
-import subprocess
-import tempfile
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -57,18 +57,25 @@ class _TagCollector(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.events: list[tuple[str, str]] = []  # (kind, value): start/end/text/decl/startend
         self.text_parts: list[str] = []
+        self.attribute_values: list[str] = []  # alt, title, class, id... (not style, scripts or links)
         self._skip_text = 0
+
+    def _keep_attributes(self, attrs):
+        self.attribute_values += [value for name, value in attrs
+                                  if value and name not in ("style", "href", "src", "action") and not name.startswith("on")]
 
     def handle_decl(self, decl):
         self.events.append(("decl", decl.strip().lower()))
 
     def handle_starttag(self, tag, attrs):
         self.events.append(("start", tag))
+        self._keep_attributes(attrs)
         if tag in ("style", "script"):
             self._skip_text += 1
 
     def handle_startendtag(self, tag, attrs):
         self.events.append(("startend", tag))
+        self._keep_attributes(attrs)
 
     def handle_endtag(self, tag):
         self.events.append(("end", tag))
@@ -177,93 +184,187 @@ def visible_text(page: str) -> str:
     return " ".join(_parse(page).text_parts)
 
 
-# ---------------------------------------------------------------------------------------------- visual score
-# Headless, no network, no first-run work; each call also gets a fresh --user-data-dir.
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run", "--disable-sync", "--hide-scrollbars")
+# ---------------------------------------------------------------------------------------------- the HTML spec
+def spec_errors(page: str) -> list[str]:
+    """The HTML standard's parse errors in `page` (html5lib implements the spec's tokenizer and tree builder): a
+    missing doctype, misnested or unclosed elements, stray end tags, text after `</html>`... Allowed by the spec,
+    so not errors: end tags authors may omit (`</p>`, `</li>`, `</body>`, `</html>`), self-closing tags in SVG and
+    MathML, tag-like text inside `<title>` and `<textarea>`."""
+    import html5lib
+
+    parser = html5lib.HTMLParser(strict=False)
+    parser.parse(page)
+    return [code for _, code, _ in parser.errors]
 
 
-def find_chromium() -> str | None:
-    """Debian's `chromium`, another Chrome on PATH, $HTMLGEN_CHROMIUM, or Playwright's download (Colab)."""
-    candidates = [os.environ.get("HTMLGEN_CHROMIUM", ""), "chromium", "chromium-browser", "google-chrome",
-                  "google-chrome-stable"]
-    for name in candidates:
-        if name and (path := shutil.which(name) or (name if os.path.isfile(name) else None)):
-            return path
-    for path in sorted(Path.home().glob(".cache/ms-playwright/chromium-*/chrome-linux*/chrome")):
-        return str(path)
-    return None
+def is_valid_html(page: str) -> bool:
+    return bool(page.strip()) and not spec_errors(page)
 
 
-def screenshot(page: str, out_png: str | Path, width: int = 800, height: int = 600, chromium: str | None = None,
-               timeout: float = 60.0) -> Path:
-    """Render `page` headless and save a PNG of the viewport. The page is shown the way the notebooks show it, in a
-    sandboxed iframe (no scripts, no same origin) filling the window, and the browser has no network."""
-    from .rendering import iframe_html
+def dom_tree(page: str):
+    """The page's element tree as browsers build it (html5lib, the spec's tree construction), comments dropped."""
+    import html5lib
 
-    chromium = chromium or find_chromium()
-    if chromium is None:
-        raise RuntimeError("No Chromium found: install Debian's `chromium` (apt-get install chromium), or on Colab "
-                           "`pip install playwright && playwright install chromium`, or set HTMLGEN_CHROMIUM")
-    out_png = Path(out_png).resolve()
-    with tempfile.TemporaryDirectory() as tmp:
-        html_file = Path(tmp) / "page.html"
-        html_file.write_text("<!DOCTYPE html><html><head><style>html,body{margin:0;overflow:hidden}</style></head>"
-                             f"<body>{iframe_html(page, height, f'{width}px', style='border:0;display:block')}"
-                             "</body></html>", encoding="utf-8")
-        command = [chromium, *CHROMIUM_FLAGS,
-                   "--virtual-time-budget=2000", f"--user-data-dir={tmp}/profile",
-                   f"--window-size={width},{height}", f"--screenshot={out_png}", html_file.as_uri()]
-        subprocess.run(command, check=True, capture_output=True, timeout=timeout)
-    if not out_png.exists():
-        raise RuntimeError(f"Chromium did not write {out_png}")
-    return out_png
+    return html5lib.parse(page, treebuilder="etree", namespaceHTMLElements=False)
 
 
-def image_similarity(png_a: str | Path, png_b: str | Path) -> float:
-    """1 - mean absolute difference of the two grayscale images at 200x150 (1.0 = identical pixels)."""
-    from PIL import Image
-
-    def load(path):
-        return np.asarray(Image.open(path).convert("L").resize((200, 150)), dtype=np.float32) / 255.0
-
-    return float(1.0 - np.abs(load(png_a) - load(png_b)).mean())
+def _elements(tree) -> list:
+    return [node for node in tree.iter() if isinstance(node.tag, str)]
 
 
-def visual_similarity(generated: str, reference: str, chromium: str | None = None) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        a = screenshot(generated, Path(tmp) / "a.png", chromium=chromium)
-        b = screenshot(reference, Path(tmp) / "b.png", chromium=chromium)
-        return image_similarity(a, b)
+def tree_bleu(generated: str, reference: str) -> float:
+    """TreeBLEU (WebCode2M, Gui et al. 2024): the share of the reference DOM's height-1 subtrees -- an element
+    with the ordered tags of its element children -- that the generated DOM also has. 1.0 = every parent-children
+    pattern of the reference is there."""
+    def subtrees(page: str) -> set[tuple]:
+        found = set()
+        for node in _elements(dom_tree(page)):
+            children = tuple(child.tag for child in node if isinstance(child.tag, str))
+            if children:
+                found.add((node.tag, children))
+        return found
+
+    wanted, have = subtrees(reference), subtrees(generated)
+    if not wanted:
+        return 1.0 if not have else 0.0
+    return len(wanted & have) / len(wanted)
+
+
+TREE_EDIT_MAX_NODES = 400  # Zhang-Shasha is quadratic or worse in nodes: larger DOMs are compared on their first 400
+
+
+def tree_edit_similarity(generated: str, reference: str, max_nodes: int = TREE_EDIT_MAX_NODES) -> float:
+    """1 - (tree edit distance between the two DOMs of element tags) / (the larger DOM's size), with `zss`'s
+    Zhang-Shasha algorithm (insert, delete and relabel cost 1 each). 1.0 = the same tree of tags. Each DOM is
+    taken in document order up to `max_nodes` elements."""
+    import zss
+
+    def as_zss(page: str) -> tuple[zss.Node, int]:
+        count = [0]
+
+        def convert(element):
+            count[0] += 1
+            node = zss.Node(element.tag)
+            for child in element:
+                if isinstance(child.tag, str) and count[0] < max_nodes:
+                    node.addkid(convert(child))
+            return node
+
+        return convert(dom_tree(page)), count[0]
+
+    (a, size_a), (b, size_b) = as_zss(generated), as_zss(reference)
+    return 1.0 - zss.simple_distance(a, b) / max(size_a, size_b)
+
+
+# ---------------------------------------------------------------------------------------------- no reference needed
+# Words of a description that say what to do, not what the page is about
+INSTRUCTION_WORDS = frozenset("""a an the and or of for with to in on at by from as is are be it its this that my our
+your me i we you please create make build write code generate design give need want show produce html page website
+web site simple some using use which should would like can could just new one""".split())
+
+
+def content_words(description: str) -> list[str]:
+    """The description's content words: its words without function words and instruction words ("create",
+    "page", "please"...). A stand-in for its nouns and adjectives that needs no tagger model."""
+    words = re.findall(r"[a-z0-9][a-z0-9'-]*", description.lower())
+    return list(dict.fromkeys(w.strip("'-") for w in words if w.strip("'-") not in INSTRUCTION_WORDS and len(w) > 1))
+
+
+def description_coverage(description: str, page: str) -> float:
+    """The share of the description's content words that the page shows: in its visible text or in its
+    attributes (alt, title, class, ids...). 1.0 when the description has none."""
+    words = content_words(description)
+    if not words:
+        return 1.0
+    parsed = _parse(page)
+    haystack = (" ".join(parsed.text_parts) + " " + " ".join(parsed.attribute_values)).lower()
+    present = set(re.findall(r"[a-z0-9][a-z0-9'-]*", haystack))
+    return sum(w in present for w in words) / len(words)
+
+
+def repetition(page: str) -> dict[str, float | bool]:
+    """How much the page repeats itself: the share of its non-blank lines that repeat an earlier line, the share
+    of its 4-grams of tokens (tags and words) seen before, and `runaway`: the same line 8 or more times in a
+    row, or 4-grams 80% repeats -- a generation stuck in a loop."""
+    lines = [line.strip() for line in page.splitlines() if line.strip()]
+    seen, repeated_lines, run, longest_run = set(), 0, 1, 1
+    for index, line in enumerate(lines):
+        repeated_lines += line in seen
+        seen.add(line)
+        run = run + 1 if index and line == lines[index - 1] else 1
+        longest_run = max(longest_run, run)
+    tokens = re.findall(r"<[^>]*>|[^\s<>]+", page)
+    grams = [tuple(tokens[i:i + 4]) for i in range(max(0, len(tokens) - 3))]
+    repeated_grams = len(grams) - len(set(grams))
+    line_share = repeated_lines / len(lines) if lines else 0.0
+    gram_share = repeated_grams / len(grams) if grams else 0.0
+    return {"repeated_line_share": line_share, "repeated_4gram_share": gram_share,
+            "runaway": longest_run >= 8 or gram_share >= 0.8}
+
+
+def ends_with_html(page: str) -> bool:
+    return page.rstrip().lower().endswith("</html>")
 
 
 # ---------------------------------------------------------------------------------------------- all together
-def score_pages(descriptions: list[str], generated: list[str], references: list[str], visual: bool = False):
-    """A per-example DataFrame of every score, and the dataset-level means."""
+LAYOUT_KEYS = ("block_match", "text_similarity", "position_similarity", "color_similarity")
+
+
+def score_pages(descriptions: list[str], generated: list[str], references: list[str], layout: bool = True,
+                visual: bool = False):
+    """A per-page DataFrame of every score, and the means (rates for yes/no checks) over the pages.
+
+    `layout` adds the rendered-page scores (Design2Code's four, and whether the page renders non-blank) when a
+    Chromium is found; otherwise the summary says why they are missing. `visual` adds the screenshot score."""
     import pandas as pd
+
+    from . import layout as rendered
 
     per_rouge = rouge_per_example(generated, references)
     text_rouge = rouge_per_example([visible_text(p) for p in generated], [visible_text(p) for p in references])
+    repeats = [repetition(p) for p in generated]
     table = pd.DataFrame({
         "description": descriptions, "reference": references, "generated": generated,
         **{t: per_rouge[t] for t in ("rouge1", "rouge2", "rougeL")},
         "text_rougeL": text_rouge["rougeL"],
+        "valid_html": [is_valid_html(p) for p in generated],
         "well_formed": [is_well_formed(p) for p in generated],
-        "problems": ["; ".join(html_problems(p)[:3]) for p in generated],
+        "problems": ["; ".join(spec_errors(p)[:3]) if p.strip() else "empty page" for p in generated],
         "tag_similarity": [tag_similarity(g, r) for g, r in zip(generated, references)],
+        "tree_bleu": [tree_bleu(g, r) for g, r in zip(generated, references)],
+        "tree_edit_similarity": [tree_edit_similarity(g, r) for g, r in zip(generated, references)],
+        "description_coverage": [description_coverage(d, p) for d, p in zip(descriptions, generated)],
+        "repeated_4gram_share": [r["repeated_4gram_share"] for r in repeats],
+        "runaway_repetition": [r["runaway"] for r in repeats],
+        "ends_with_html": [ends_with_html(p) for p in generated],
         "generated_chars": [len(p) for p in generated], "reference_chars": [len(p) for p in references],
     })
     summary = {t: float(np.mean(per_rouge[t])) for t in ROUGE_TYPES}
-    summary.update(text_rougeL=float(table["text_rougeL"].mean()), html_valid_rate=float(table["well_formed"].mean()),
-                   tag_similarity=float(table["tag_similarity"].mean()), examples=len(table))
-    if visual:
-        chromium = find_chromium()
-        if chromium is None:
-            print("visual score skipped: no Chromium found (apt-get install chromium; on Colab: pip install "
-                  "playwright && playwright install chromium)")
-        else:
-            table["visual_similarity"] = [visual_similarity(g, r, chromium) for g, r in zip(generated, references)]
-            summary["visual_similarity"] = float(table["visual_similarity"].mean())
+    for column, name in (("text_rougeL", "text_rougeL"), ("valid_html", "html_valid_rate"),
+                         ("well_formed", "html_well_formed_rate"), ("tag_similarity", "tag_similarity"),
+                         ("tree_bleu", "tree_bleu"), ("tree_edit_similarity", "tree_edit_similarity"),
+                         ("description_coverage", "description_coverage"),
+                         ("repeated_4gram_share", "repeated_4gram_share"),
+                         ("runaway_repetition", "runaway_repetition_rate"), ("ends_with_html", "ends_with_html_rate")):
+        summary[name] = float(table[column].mean())
+    summary["examples"] = len(table)
+    chromium = rendered.find_chromium() if layout or visual else None
+    if layout and chromium is None:
+        summary["layout_scores"] = f"skipped: {rendered.NO_CHROMIUM}"
+        print(f"layout scores skipped: {rendered.NO_CHROMIUM}")
+    elif layout:
+        pages = rendered.render_pages(list(generated) + list(references), chromium)
+        gen_pages, ref_pages = pages[:len(generated)], pages[len(generated):]
+        scores = [rendered.layout_scores(g, r) for g, r in zip(gen_pages, ref_pages)]
+        for key in LAYOUT_KEYS:
+            table[key] = [s[key] for s in scores]
+            summary[key] = float(table[key].mean())
+        table["renders_non_blank"] = [p.non_blank for p in gen_pages]
+        summary["renders_non_blank_rate"] = float(table["renders_non_blank"].mean())
+        summary["layout_scores"] = "chromium"
+    if visual and chromium is not None:
+        table["visual_similarity"] = [rendered.visual_similarity(g, r, chromium) for g, r in zip(generated, references)]
+        summary["visual_similarity"] = float(table["visual_similarity"].mean())
     return table, summary
 
 

@@ -96,14 +96,17 @@ def config_table(config: Config, fields: tuple[str, ...] = (
 
 
 def compare_table(metrics: dict, keys: tuple[str, ...] = (
-        "rouge1", "rouge2", "rougeL", "text_rougeL", "tag_similarity", "html_valid_rate", "token_accuracy",
-        "eval_loss")):
+        "rouge1", "rouge2", "rougeL", "text_rougeL", "html_valid_rate", "html_well_formed_rate", "tag_similarity",
+        "tree_bleu", "tree_edit_similarity", "block_match", "text_similarity", "position_similarity",
+        "color_similarity", "renders_non_blank_rate", "description_coverage", "ends_with_html_rate",
+        "runaway_repetition_rate", "token_accuracy", "eval_loss")):
     """Fine-tuned vs the same base without the adapter, side by side."""
     import pandas as pd
 
     base = metrics.get("base_model", {})
+    keys = [k for k in keys if k in metrics or k in base]  # the layout scores exist only where Chromium does
     return pd.DataFrame({"fine-tuned": [metrics.get(k) for k in keys], "base model": [base.get(k) for k in keys]},
-                        index=list(keys)).round(4)
+                        index=keys).astype(float).round(4)
 
 
 # An assumption, not a measurement: a T4 peaks at 65 TFLOP/s in fp16; 4-bit dequantisation, LoRA's small matmuls

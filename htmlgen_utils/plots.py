@@ -81,17 +81,17 @@ def plot_training(history: list[dict]):
     return fig
 
 
-def plot_metric_bars(table, columns=("rougeL", "text_rougeL", "tag_similarity")):
-    """Per-example scores as grouped bars, with well-formed pages marked."""
+def plot_metric_bars(table, columns=("rougeL", "tree_bleu", "description_coverage", "block_match")):
+    """Per-example scores as grouped bars, with valid pages (by the HTML standard) marked."""
     columns = [c for c in columns if c in table]
     x = np.arange(len(table))
     width = 0.8 / max(1, len(columns))
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(table)), 3.5))
     for i, column in enumerate(columns):
         ax.bar(x + i * width, table[column], width, label=column)
-    for xi, ok in zip(x, table["well_formed"]):
+    for xi, ok in zip(x, table["valid_html"]):
         ax.text(xi + 0.4 - width / 2, 1.02, "✓" if ok else "✗", ha="center", color="green" if ok else "red")
-    ax.set(ylim=(0, 1.1), xlabel="test example", ylabel="score", title="scores per example (✓ = well-formed page)")
+    ax.set(ylim=(0, 1.1), xlabel="test example", ylabel="score", title="scores per example (✓ = valid HTML)")
     ax.set_xticks(x + 0.4 - width / 2, [str(i + 1) for i in x])
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

@@ -61,7 +61,7 @@ def show_page(page: str, height: int = 360):
 
 
 def gallery_html(rows: Iterable[dict], height: int = 320, score_keys: tuple[str, ...] = (
-        "rougeL", "text_rougeL", "tag_similarity", "well_formed")) -> str:
+        "rougeL", "tree_bleu", "description_coverage", "block_match", "valid_html")) -> str:
     """Reference vs generated (and the base model's page, when a row has `base_generated`), side by side, one row
     per example with its scores."""
     parts = ['<div class="htmlgen-gallery" id="htmlgen-gallery">']

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from htmlgen_utils.evaluation import CHROMIUM_FLAGS, find_chromium
+from htmlgen_utils.layout import CHROMIUM_FLAGS, find_chromium
 
 
 def require_chromium() -> str:

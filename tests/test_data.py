@@ -89,3 +89,23 @@ def test_split_sizes_small_data():
     assert (len(splits["train"]), len(splits["validation"]), len(splits["test"])) == (3, 1, 1)
     with pytest.raises(ValueError, match="at least 3"):
         split_dataset(ds.select([0, 1]), 0.05, 0.05, 0)
+
+
+def test_named_profiles_map_the_public_corpora_columns(tmp_path):
+    """The profiles need the network; their column mapping is checked on local files with the corpora's columns."""
+    from htmlgen_utils.data import DATASET_PROFILES, rows_from_profile
+
+    websight = DATASET_PROFILES["websight-described"]
+    assert (websight.hub_id, websight.label_column, websight.html_column) == ("HuggingFaceM4/WebSight",
+                                                                               "llm_generated_idea", "text")
+    path = tmp_path / "websight.jsonl"
+    _write(path, [{"image": None, "text": f"<html><body>{i}</body></html>", "llm_generated_idea": f"A bakery site {i}"}
+                  for i in range(3)], "jsonl")
+    rows = rows_from_profile(websight, source=str(path))
+    assert rows[0] == {"label": "A bakery site 0", "html": "<html><body>0</body></html>"} and len(rows) == 3
+    jawerty = tmp_path / "jawerty.json"
+    _write(jawerty, [{"label": "a page", "html": "<p>x</p>"}], "json")
+    assert rows_from_profile(DATASET_PROFILES["jawerty-html"], source=str(jawerty)) == [{"label": "a page",
+                                                                                        "html": "<p>x</p>"}]
+    with pytest.raises(ValueError, match=r"no column\(s\) \['llm_generated_idea', 'text'\]"):
+        rows_from_profile(websight, source=str(jawerty))

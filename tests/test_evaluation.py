@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 from rouge_score import rouge_scorer, scoring
 
-from htmlgen_utils.evaluation import (html_problems, is_well_formed, rouge, rouge_per_example, score_pages,
-                                      tag_similarity, visible_text)
+from htmlgen_utils.evaluation import (content_words, description_coverage, ends_with_html, html_problems,
+                                      is_valid_html, is_well_formed, repetition, rouge, rouge_per_example, score_pages,
+                                      spec_errors, tag_similarity, tree_bleu, tree_edit_similarity, visible_text)
 
 VALID = [
     "<!DOCTYPE html><html><head><title>t</title></head><body><p>hi</p></body></html>",
@@ -72,8 +73,88 @@ def test_visible_text_drops_tags_css_and_scripts():
 def test_score_pages_table_and_summary(bundled_rows):
     refs = [r["html"] for r in bundled_rows[:3]]
     gens = [refs[0], refs[1][: len(refs[1]) // 2], "<p>nothing</p>"]
-    table, summary = score_pages(["a", "b", "c"], gens, refs)
+    table, summary = score_pages(["a", "b", "c"], gens, refs, layout=False)
     assert list(table["well_formed"]) == [True, False, False]
+    assert list(table["valid_html"]) == [True, False, False]
     assert table.loc[0, "rougeL"] == pytest.approx(1.0) and table.loc[0, "tag_similarity"] == 1.0
+    assert table.loc[0, "tree_bleu"] == 1.0 and table.loc[0, "tree_edit_similarity"] == 1.0
     assert summary["html_valid_rate"] == pytest.approx(1 / 3)
     assert 0 < summary["rougeL"] < 1 and summary["examples"] == 3
+    assert summary["ends_with_html_rate"] == pytest.approx(1 / 3)
+
+
+def test_layout_scores_are_skipped_with_the_reason_when_there_is_no_browser(monkeypatch):
+    from htmlgen_utils import layout
+
+    monkeypatch.setattr(layout, "find_chromium", lambda: None)
+    table, summary = score_pages(["a"], [VALID[0]], [VALID[0]])
+    assert summary["layout_scores"].startswith("skipped: No Chromium") and "block_match" not in table
+
+
+# ---------------------------------------------------------------------------------------------- the HTML spec
+SPEC_VALID = {
+    "inline svg with self-closing paths": "<!DOCTYPE html><html><head><title>t</title></head><body><svg viewBox='0 0 9 "
+                                          "9'><path d='M0 0L9 9'/><circle r='2'/></svg></body></html>",
+    "tag-like text in title and textarea": "<!DOCTYPE html><html><head><title>a <b> c</title></head><body><textarea>"
+                                           "<div>not a tag</textarea></body></html>",
+    "optional end tags left out": "<!DOCTYPE html><html><head><title>t</title></head><body><p>one<p>two<ul><li>a<li>b"
+                                  "</ul><table><tr><td>1<td>2</table>",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_VALID))
+def test_spec_valid_html_is_accepted(name):
+    assert spec_errors(SPEC_VALID[name]) == [] and is_valid_html(SPEC_VALID[name])
+
+
+@pytest.mark.parametrize("name", ["unclosed tag", "stray text after html", "bad nesting", "no doctype",
+                                  "end tag without start", "void element closed", "empty", "cut mid-element"])
+def test_spec_invalid_html_is_rejected(name):
+    page = BROKEN.get(name, "<!DOCTYPE html><html><head></head><body><div><section><h1>Hi")
+    assert not is_valid_html(page), name
+    # a page cut after </p> is spec-valid (</body> and </html> may be left out), though not well-formed
+    assert is_valid_html(BROKEN["truncated document"]) and not is_well_formed(BROKEN["truncated document"])
+
+
+# ---------------------------------------------------------------------------------------------- structure
+TREE = ("<!DOCTYPE html><html><head><title>t</title></head><body><ul><li>a</li><li>b</li></ul><div><p>x</p></div>"
+        "</body></html>")
+
+
+def test_tree_bleu_counts_the_reference_parent_children_patterns_found():
+    # the reference's height-1 subtrees: html(head body), head(title), body(ul div), ul(li li), div(p)
+    assert tree_bleu(TREE, TREE) == 1.0
+    one_item = TREE.replace("<li>b</li>", "")
+    assert tree_bleu(one_item, TREE) == pytest.approx(4 / 5)  # ul(li li) is missing
+    assert tree_bleu(TREE.replace("<div><p>x</p></div>", "<section><p>x</p></section>"), TREE) == pytest.approx(3 / 5)
+    assert tree_bleu(TREE, one_item) == pytest.approx(4 / 5)  # ul(li) is not ul(li li)
+
+
+def test_tree_edit_similarity_is_one_minus_the_normalised_distance():
+    assert tree_edit_similarity(TREE, TREE) == 1.0
+    # 9 elements: html head title body ul li li div p; one li fewer is one deletion
+    size = 9
+    assert tree_edit_similarity(TREE.replace("<li>b</li>", ""), TREE) == pytest.approx(1 - 1 / size)
+    assert tree_edit_similarity(TREE.replace("<div>", "<section>").replace("</div>", "</section>"), TREE) == \
+        pytest.approx(1 - 1 / size)  # one relabel
+    assert tree_edit_similarity("<p>x</p>", TREE) < 0.7
+
+
+# ---------------------------------------------------------------------------------------------- no reference needed
+def test_description_coverage_counts_content_words_in_text_and_attributes():
+    description = "Please create a dark pricing page for Zephyr with a signup form"
+    assert content_words(description) == ["dark", "pricing", "zephyr", "signup", "form"]
+    page = ("<!DOCTYPE html><html><head><title>Zephyr</title></head><body class='dark'><h1>Pricing</h1>"
+            "<p style='color:form'>plans</p></body></html>")
+    assert description_coverage(description, page) == pytest.approx(3 / 5)  # zephyr, dark (class), pricing
+    assert description_coverage("Create a page", page) == 1.0  # nothing to look for
+
+
+def test_repetition_flags_a_generation_stuck_in_a_loop():
+    normal = "\n".join(["<!DOCTYPE html>", "<html>", "<body>", "<div class='card'>A</div>",
+                        "<div class='card'>B</div>", "</body>", "</html>"])
+    stuck = "<!DOCTYPE html>\n<html><body>\n" + "<p>---------family---------</p>\n" * 40
+    assert not repetition(normal)["runaway"] and repetition(normal)["repeated_line_share"] == 0
+    loop = repetition(stuck)
+    assert loop["runaway"] and loop["repeated_line_share"] > 0.9 and loop["repeated_4gram_share"] > 0.8
+    assert ends_with_html(normal) and ends_with_html("<html></html>\n ") and not ends_with_html(stuck)

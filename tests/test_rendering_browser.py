@@ -74,9 +74,54 @@ def test_gallery_renders_pages(tmp_path, bundled_rows):
 
 def test_visual_similarity(bundled_rows):
     require_chromium()
-    from htmlgen_utils.evaluation import visual_similarity
+    from htmlgen_utils.layout import visual_similarity
 
     dark = next(r["html"] for r in bundled_rows if r["scheme"] == "dark")
     light = next(r["html"] for r in bundled_rows if r["scheme"] == "gray")
     assert visual_similarity(light, light) == 1.0
     assert visual_similarity(dark, light) < 0.8
+
+
+# ---------------------------------------------------------------------------------------------- layout scores
+LAYOUT_PAGE = ("<!DOCTYPE html><html><head><title>Acme</title></head><body style='margin:0'>"
+               "<h1 style='color:#1d4ed8'>Acme tools for makers</h1><p>Fast, simple and open.</p>"
+               "<footer style='color:#444'>Contact us any time</footer>"
+               "<script>document.body.innerHTML = '<h1>script ran</h1>'</script></body></html>")
+
+
+def test_layout_scores_on_hand_made_pages():
+    """Identical pages score the maximum; a moved block lowers position only; a changed colour lowers colour only;
+    other words lower text and block-match; and the page's script never runs."""
+    require_chromium()
+    from htmlgen_utils.layout import layout_scores, render_pages
+
+    moved = LAYOUT_PAGE.replace("<h1 style='color:#1d4ed8'>", "<h1 style='color:#1d4ed8;margin-left:500px'>")
+    recoloured = LAYOUT_PAGE.replace("#1d4ed8", "#dc2626")
+    reworded = LAYOUT_PAGE.replace("Acme tools for makers", "Nothing alike here at all")
+    blank = "<!DOCTYPE html><html><head></head><body></body></html>"
+    reference, *others = render_pages([LAYOUT_PAGE, moved, recoloured, reworded, blank])
+    assert [b.text for b in reference.blocks] == ["Acme tools for makers", "Fast, simple and open.",
+                                                  "Contact us any time"]  # no "script ran"
+    same = layout_scores(reference, reference)
+    assert same == {"block_match": 1.0, "text_similarity": 1.0, "position_similarity": 1.0, "color_similarity": 1.0}
+    position = layout_scores(others[0], reference)
+    assert position["position_similarity"] < 0.9 and {k: v for k, v in position.items() if k != "position_similarity"} \
+        == {"block_match": 1.0, "text_similarity": 1.0, "color_similarity": 1.0}
+    colour = layout_scores(others[1], reference)
+    assert colour["color_similarity"] < 0.9 and {k: v for k, v in colour.items() if k != "color_similarity"} == \
+        {"block_match": 1.0, "text_similarity": 1.0, "position_similarity": 1.0}
+    words = layout_scores(others[2], reference)
+    assert words["block_match"] < 1.0 and words["text_similarity"] == 1.0  # the other blocks still match exactly
+    assert reference.non_blank and not others[3].non_blank
+    assert layout_scores(others[3], reference)["block_match"] == 0.0
+
+
+def test_score_pages_adds_the_rendered_scores(bundled_rows):
+    require_chromium()
+    from htmlgen_utils.evaluation import score_pages
+
+    refs = [r["html"] for r in bundled_rows[:2]]
+    table, summary = score_pages(["a", "b"], [refs[0], "<!DOCTYPE html><html><body></body></html>"], refs)
+    assert summary["layout_scores"] == "chromium"
+    assert table.loc[0, "block_match"] == 1.0 and table.loc[1, "block_match"] == 0.0
+    assert list(table["renders_non_blank"]) == [True, False] and summary["renders_non_blank_rate"] == 0.5
