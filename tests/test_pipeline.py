@@ -50,9 +50,12 @@ def test_chain_runs_every_notebook_without_errors(chain):
 
 def test_fine_tuned_tiny_model_writes_pages_and_beats_its_base(chain):
     _, metrics = chain
+    base = metrics["base_model"]
     assert metrics["html_valid_rate"] > 0
-    assert metrics["rougeL"] > metrics["base_model"]["rougeL"] + 0.1
-    assert metrics["html_valid_rate"] > metrics["base_model"]["html_valid_rate"]
+    assert metrics["rougeL"] > base["rougeL"] + 0.1
+    assert metrics["html_valid_rate"] > base["html_valid_rate"]
+    assert metrics["tree_bleu"] > base["tree_bleu"] and metrics["layout_scores"] == "chromium"
+    assert metrics["description_coverage"] > 3 * base["description_coverage"] + 0.05  # it follows the description
 
 
 def test_gallery_is_in_notebook_05_outputs(chain):
@@ -113,11 +116,14 @@ def test_notebook_05_spells_out_each_score_and_the_base_comparison(chain):
     run_dir, _ = chain
     notebook = nbformat.read(str(run_dir / "executed" / "05_evaluation_and_rendering.ipynb"), as_version=4)
     sources = "\n".join(c.source for c in notebook.cells if c.cell_type == "code")
-    for call in ("generate_pages(", "rouge(pages, references)", "is_well_formed(", "tag_similarity(", "visible_text(",
-                 "evaluate_blocks(", "with model.disable_adapter():", "score_pages(", "BackgroundServer("):
+    for call in ("generate_pages(", "rouge(pages, references)", "is_valid_html(", "tag_similarity(", "visible_text(",
+                 "tree_bleu(", "tree_edit_similarity(", "description_coverage(", "repetition(", "ends_with_html(",
+                 "layout_scores(", "evaluate_blocks(", "with model.disable_adapter():", "score_pages(",
+                 "BackgroundServer("):
         assert call in sources, call
     text = _stream_text(run_dir, "05_evaluation_and_rendering")
-    assert "ROUGE, as evaluate's rouge" in text and "share of well-formed pages" in text
+    assert "ROUGE, as evaluate's rouge" in text and "share of valid pages" in text and "TreeBLEU" in text
+    assert "description coverage" in text and "block_match" in text
     assert "tokens in" in text  # the API answered from the notebook
 
 
@@ -128,8 +134,8 @@ def test_a_finished_notebook_04_run_again_does_not_train_again(chain):
     first = _stream_text(run_dir, "04_training_loop")
     run_pipeline(Config.from_preset("tiny", run_dir=str(run_dir)), notebooks=("04_training_loop",))
     again = _stream_text(run_dir, "04_training_loop")
-    assert "no finished run here" in first and "already finished: 16 steps" in again
-    assert "step 8: eval_loss" not in again  # no training progress this time
+    assert "no finished run here" in first and "already finished: 32 steps" in again
+    assert "step 16: eval_loss" in first and "step 16: eval_loss" not in again  # no training this time
     assert (run_dir / "training_summary.json").read_text() == summary
     assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
 
@@ -151,8 +157,8 @@ def test_each_notebook_alone_in_a_fresh_runtime_rebuilds_or_names_what_it_needs(
     assert "No packed blocks" in text and "as notebook 02 does" in text and "as notebook 01 does" in text
     with pytest.raises(NotebookFailed, match="run notebook 04_training_loop first"):
         run_pipeline(Config.from_preset("tiny", run_dir=str(empty)), notebooks=("05_evaluation_and_rendering",))
-    with pytest.raises(NotebookFailed, match=r"packed with other settings .*block_size 2048 there, 1024 here"):
-        run_pipeline(Config.from_preset("tiny", run_dir=str(run_dir), block_size=1024),
+    with pytest.raises(NotebookFailed, match=r"packed with other settings .*block_size 1024 there, 2048 here"):
+        run_pipeline(Config.from_preset("tiny", run_dir=str(run_dir), block_size=2048),
                      notebooks=("03_qlora_model_setup",))
 
 
