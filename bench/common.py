@@ -24,8 +24,9 @@ LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, nu
 T4_GIB = 15.0
 
 
-def build_checkpoint(path: Path, smoke: bool = False) -> Path:
-    """A random-weight Llama-2-7B-shaped checkpoint in fp16 (or, with `smoke`, the tiny base itself)."""
+def build_checkpoint(path: Path, smoke: bool = False, max_position_embeddings: int | None = None) -> Path:
+    """A random-weight Llama-2-7B-shaped checkpoint in fp16 (or, with `smoke`, the tiny base itself); its context
+    is 32,768 unless `max_position_embeddings` says otherwise (Llama-2's own is 4,096)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from htmlgen_utils.config import TINY_BASE_DIR
@@ -35,7 +36,8 @@ def build_checkpoint(path: Path, smoke: bool = False) -> Path:
     if (path / "config.json").exists():
         return path
     tokenizer = AutoTokenizer.from_pretrained(TINY_BASE_DIR)
-    config = LlamaConfig(**LLAMA2_7B, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    shape = {**LLAMA2_7B, **({"max_position_embeddings": max_position_embeddings} if max_position_embeddings else {})}
+    config = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float16)

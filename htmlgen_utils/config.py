@@ -15,13 +15,16 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
 BUNDLED_DATASET = "bundled"
 BUNDLED_DATA_FILE = REPO_DIR / "data" / "html_pages.jsonl"  # regenerated in memory when absent (pip installs)
+BUNDLED_LONG_DATASET = "bundled-long"  # 36 long pages (5k-40k characters) for the long-page path
+BUNDLED_LONG_FILE = REPO_DIR / "data" / "long_pages.jsonl"
 TINY_BASE_DIR = PACKAGE_DIR / "tiny_base"
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 LOSS_SCALING = ("auto", "on", "off")
 WANDB_MODES = ("disabled", "offline", "online", "auto")
-LONG_PAGE_POLICIES = ("truncate", "drop")
+LONG_PAGE_POLICIES = ("truncate_close", "truncate", "drop")
 SWITCH_MODES = ("auto", "on", "off")
+ROPE_SCALING = ("auto", "none", "linear", "dynamic", "yarn")
 # `auto` switches the long-block levers on from this block size. Measured on the 7B shape (bench/README.md):
 # below it the block mask is small and faster than per-example attention, and offloading the checkpoints costs ~8%
 # speed for ~0.9 GiB (worth it on a T4, where `colab-t4` turns it on at every size); at 16384 offloading is what
@@ -40,6 +43,8 @@ class Config:
     precision: str = "auto"  # auto | fp16 | bf16 | fp32: compute dtype and autocast mode
     gradient_checkpointing: bool = True
     loss_scaling: str = "auto"  # auto = GradScaler exactly when precision is fp16 | on | off
+    rope_scaling: str = "auto"  # for examples longer than the model's context: auto (= linear when needed) | none |
+    #                             linear | dynamic | yarn; the factor is max_example_tokens / max_position_embeddings
     # --- memory & speed levers (bench/README.md measures each) ---
     packed_attention: str = "auto"  # per-example attention, no block x block mask: auto = blocks >= 16384 | on | off
     loss_chunk_tokens: int = 1024  # vocabulary projection + loss this many tokens at a time; 0 = whole block
@@ -58,7 +63,7 @@ class Config:
     # --- prompts & packing ---
     block_size: int = 2048  # tokens per packed block
     max_example_tokens: int = 2048  # longer examples follow the long-page policy
-    long_page_policy: str = "truncate"  # truncate (cut the page at a tag boundary) | drop
+    long_page_policy: str = "truncate_close"  # truncate_close (cut, close what is open, EOS) | truncate | drop
     loss_on_response_only: bool = True  # no loss on the instruction tokens
     # --- LoRA ---
     lora_r: int = 16
@@ -79,8 +84,11 @@ class Config:
     max_nan_steps: int = 5  # consecutive non-finite steps before the run stops with an error
     seed: int = 42
     # --- generation ---
-    max_new_tokens: int = 1024
+    max_new_tokens: int = 0  # 0 = auto: the longest kept page of the data, in tokens, plus a margin (<= max_example_tokens)
     generation_batch_size: int = 8
+    repetition_penalty: float = 1.0  # >1 discourages repeated tokens; HTML repeats legitimately (measured: 1.0 best)
+    no_repeat_ngram_size: int = 0  # forbid repeating any n-gram of this size; 0 = off (HTML repeats its tags)
+    stop_on_repetition: bool = True  # end a page whose last lines repeat one line (a generation stuck in a loop)
     # --- outputs ---
     run_dir: str = "runs/default"
     wandb_mode: str = "auto"  # auto = online with WANDB_API_KEY, else disabled
@@ -100,12 +108,13 @@ class Config:
             raise ValueError(f"Config.{name}={getattr(self, name)!r} is invalid: {why}")
 
         for name in ("block_size", "max_example_tokens", "lora_r", "lora_alpha", "micro_batch_size",
-                     "gradient_accumulation_steps", "epochs", "max_new_tokens", "generation_batch_size",
+                     "gradient_accumulation_steps", "epochs", "generation_batch_size",
                      "max_test_examples", "max_eval_batches", "max_nan_steps", "eval_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(name, "must be a whole number >= 1")
-        for name in ("warmup_steps", "checkpoint_every", "seed", "loss_chunk_tokens"):
+        for name in ("warmup_steps", "checkpoint_every", "seed", "loss_chunk_tokens", "max_new_tokens",
+                     "no_repeat_ngram_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 fail(name, "must be a whole number >= 0")
@@ -123,6 +132,10 @@ class Config:
             fail("lora_dropout", "must be in [0, 1)")
         if not (isinstance(self.learning_rate, (int, float)) and 0.0 < self.learning_rate < 1.0):
             fail("learning_rate", "must be a positive number below 1")
+        if not isinstance(self.repetition_penalty, (int, float)) or not 1.0 <= self.repetition_penalty <= 2.0:
+            fail("repetition_penalty", "must be a number from 1.0 (off) to 2.0")
+        if self.rope_scaling not in ROPE_SCALING:
+            fail("rope_scaling", f"must be one of {ROPE_SCALING}")
         if self.max_grad_norm <= 0:
             fail("max_grad_norm", "must be positive")
         if self.precision not in PRECISIONS:
@@ -132,7 +145,7 @@ class Config:
         for name in ("offload_activations", "packed_attention"):
             if getattr(self, name) not in SWITCH_MODES:
                 fail(name, f"must be one of {SWITCH_MODES}")
-        for name in ("embeddings_in_compute_dtype", "compile_training", "compile_generation"):
+        for name in ("embeddings_in_compute_dtype", "compile_training", "compile_generation", "stop_on_repetition"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "must be true or false")
         if self.wandb_mode not in WANDB_MODES:
@@ -238,10 +251,11 @@ def gpu_has_native_bf16() -> bool:
 
 
 PRESETS: dict[str, dict[str, Any]] = {  # each lists only what it changes from the defaults above
-    # Free Colab T4: 15 GiB, no native bf16, so fp16 with a GradScaler; checkpoints parked in CPU memory.
+    # Free Colab T4: 15 GiB, no native bf16, so fp16 with a GradScaler; checkpoints parked in CPU memory; whole
+    # examples up to Llama-2's native 4,096 tokens (longer ones with rope_scaling: measured up to 16,384 in 15 GiB).
     "colab-t4": dict(
-        precision="fp16", compile_training=True, offload_activations="on", compile_generation=True,
-        run_dir="runs/colab-t4",
+        precision="fp16", block_size=4096, max_example_tokens=4096, compile_training=True, offload_activations="on",
+        compile_generation=True, run_dir="runs/colab-t4",
     ),
     # Ampere or newer (A100, L4, H100): bf16 needs no loss scaling, so a bigger micro-batch.
     "ampere-bf16": dict(
@@ -254,7 +268,7 @@ PRESETS: dict[str, dict[str, Any]] = {  # each lists only what it changes from t
     "tiny": dict(
         model_id=str(TINY_BASE_DIR), precision="fp32", gradient_checkpointing=False, block_size=1024,
         max_example_tokens=1024, learning_rate=2e-3, warmup_steps=3, max_steps=32, eval_every=16, max_eval_batches=6,
-        checkpoint_every=16, max_test_examples=12, max_new_tokens=700, generation_batch_size=12, run_dir="runs/tiny",
+        checkpoint_every=16, max_test_examples=12, generation_batch_size=12, run_dir="runs/tiny",
         wandb_mode="disabled",
     ),
 }

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import datasets
 
-from .config import BUNDLED_DATA_FILE, BUNDLED_DATASET, Config
+from .config import BUNDLED_DATA_FILE, BUNDLED_DATASET, BUNDLED_LONG_DATASET, BUNDLED_LONG_FILE, Config
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv"}
 
@@ -77,15 +77,16 @@ class DataReport:
         return asdict(self)
 
 
-def _read_bundled() -> list[dict]:
-    if BUNDLED_DATA_FILE.exists():
-        lines = BUNDLED_DATA_FILE.read_text(encoding="utf-8").split("\n")  # "\n" only, never U+2028 or "\r"
+def _read_bundled(long: bool = False) -> list[dict]:
+    path = BUNDLED_LONG_FILE if long else BUNDLED_DATA_FILE
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").split("\n")  # "\n" only, never U+2028 or "\r"
         return [json.loads(line) for line in lines if line.strip()]
     # Installed without the repository's data/ folder (e.g. pip install from git): the generator is
     # deterministic, so regenerating gives the very same rows.
-    from .dataset_generator import generate_dataset
+    from .dataset_generator import generate_dataset, generate_long_dataset
 
-    return generate_dataset()
+    return generate_long_dataset() if long else generate_dataset()
 
 
 def _decode(path: Path, encoding: str) -> str:
@@ -157,8 +158,8 @@ def _read_rows(path: Path, encoding: str) -> list[dict]:
 
 def load_raw(source: str, encoding: str = "utf-8") -> datasets.Dataset | list[dict]:
     """Read `source` without validating it yet: the bundled rows, a local file's rows, or a hub dataset."""
-    if source == BUNDLED_DATASET:
-        return _read_bundled()
+    if source in (BUNDLED_DATASET, BUNDLED_LONG_DATASET):
+        return _read_bundled(long=source == BUNDLED_LONG_DATASET)
     if source in DATASET_PROFILES:
         return rows_from_profile(DATASET_PROFILES[source])
     path = Path(source).expanduser()

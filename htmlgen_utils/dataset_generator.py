@@ -213,6 +213,71 @@ def generate_example(rng: random.Random) -> dict[str, str]:
     return {"label": label, "html": html, "kind": kind, "scheme": scheme, "style": style}
 
 
+# ---------------------------------------------------------------------------------------------- long pages
+LONG_KINDS = {"docs": "documentation site", "news": "news front page", "shop": "online shop catalogue",
+              "report": "annual report page", "portal": "community portal"}
+LONG_SIZE = 36
+LORE = ["Our team ships small improvements every week.", "Every feature starts with a conversation.",
+        "We measure what matters and publish it.", "Accessibility is part of every review.",
+        "Data stays in the region you choose.", "The roadmap is public and open for votes.",
+        "Support answers within one business day.", "Releases are signed and reproducible."]
+
+
+def _logo_svg(accent: str, seed: int) -> str:
+    bars = "".join(f'<rect x="{4 + 10 * i}" y="{40 - h}" width="8" height="{h}" fill="{accent}"/>'
+                   for i, h in enumerate([(seed * 7 + 13 * i) % 30 + 6 for i in range(6)]))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 64 44" width="64" height="44" role="img" '
+            f'aria-label="chart"><path d="M2 42H62" stroke="{accent}" stroke-width="2"/>{bars}</svg>')
+
+
+def generate_long_example(rng: random.Random) -> dict[str, str]:
+    """A long, realistic page (5k-40k characters): nested layout, inline CSS and a script, inline SVG, tables,
+    many sections -- the kind of page users bring, for the long-page path."""
+    kind = rng.choice(sorted(LONG_KINDS))
+    scheme, style, brand = rng.choice(sorted(SCHEMES)), rng.choice(sorted(STYLES)), rng.choice(BRANDS)
+    accent = SCHEMES[scheme][2]
+    sections = []
+    for s_index in range(rng.randint(3, 22)):
+        heading = rng.choice(["Overview", "Getting started", "Highlights", "Latest", "In depth", "Reference",
+                              "Stories", "Numbers", "Guides", "Updates"]) + f" {s_index + 1}"
+        cards = "\n".join(
+            f'<article class="card">\n<h3>{heading} item {c + 1}</h3>\n<div class="body">\n'
+            + "\n".join(f"<p>{rng.choice(LORE)} {brand} {rng.choice(['keeps', 'makes', 'helps'])} it "
+                         f"{rng.choice(['simple', 'fast', 'clear', 'safe'])}.</p>" for _ in range(rng.randint(1, 4)))
+            + "\n</div>\n</article>" for c in range(rng.randint(2, 6)))
+        table = ""
+        if rng.random() < 0.4:
+            rows = "\n".join(f"<tr><td>{rng.choice(FIRST_NAMES)}</td><td>{rng.randint(1, 999)}</td>"
+                             f"<td>{rng.randint(1, 99)}%</td></tr>" for _ in range(rng.randint(3, 10)))
+            table = (f'<table>\n<thead><tr><th>Name</th><th>Count</th><th>Share</th></tr></thead>\n<tbody>\n{rows}\n'
+                     f"</tbody>\n</table>")
+        sections.append(f'<section id="s{s_index + 1}">\n<h2>{heading}</h2>\n<div class="grid">\n{cards}\n</div>\n'
+                        f"{table}\n</section>")
+    nav = "".join(f'<li><a href="#s{i + 1}">Part {i + 1}</a></li>' for i in range(len(sections)))
+    script = ("<script>\ndocument.querySelectorAll('nav a').forEach(function (a) {\n"
+              "  a.addEventListener('click', function () { if (window.scrollY > 0 && 1 < 2) { a.blur(); } });\n"
+              "});\n</script>")
+    css = _css(scheme, style) + ("\n.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:8px}"
+                                 "\nnav ul{list-style:none;display:flex;flex-wrap:wrap;gap:8px;padding:0}")
+    title = f"{brand} - {LONG_KINDS[kind].capitalize()}"
+    html = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{escape(title)}</title>\n<style>\n{css}\n</style>\n</head>\n<body>\n"
+            f'<header>\n<div class="brand">{_logo_svg(accent, len(sections))}<strong>{brand}</strong></div>\n'
+            f"<nav>\n<ul>{nav}</ul>\n</nav>\n</header>\n<main>\n<h1>{brand} {LONG_KINDS[kind]}</h1>\n"
+            + "\n".join(sections) + f"\n</main>\n{_footer(brand, rng.randint(2019, 2026))}\n{script}\n</body>\n</html>")
+    label = (rng.choice(["", "Create ", "Build ", "Write the HTML for "]) + f"a long {STYLES[style][3]} "
+             f"{LONG_KINDS[kind]} for {brand} in {'dark' if scheme == 'dark' else scheme} with {len(sections)} sections, "
+             "a chart logo and a navigation menu")
+    return {"label": label[0].upper() + label[1:], "html": html, "kind": f"long-{kind}", "scheme": scheme,
+            "style": style}
+
+
+def generate_long_dataset(size: int = LONG_SIZE, seed: int = DEFAULT_SEED) -> list[dict[str, str]]:
+    """`size` long pages (5k-40k characters), the same for the same seed."""
+    rng = random.Random(seed + 1)
+    return [generate_long_example(rng) for _ in range(size)]
+
+
 def generate_dataset(size: int = DEFAULT_SIZE, seed: int = DEFAULT_SEED) -> list[dict[str, str]]:
     """`size` distinct pairs, always the same ones for the same seed."""
     rng = random.Random(seed)
@@ -257,6 +322,10 @@ def datasheet(rows: list[dict[str, str]], seed: int) -> str:
         "## Lengths (characters)", "",
         "| field | min | median | mean | max |", "|---|---|---|---|---|",
         line("label", label_len), line("html", html_len), "",
+        "## Long pages",
+        f"`long_pages.jsonl` ({LONG_SIZE} rows, `--dataset bundled-long`): long, realistic pages of 5k-40k characters from",
+        "the same generator (nested sections and grids, inline CSS and a script, an inline SVG chart, tables), for",
+        "the long-page path: the long-page policies, RoPE scaling and generation that can finish a page.", "",
         "## Limits",
         "Synthetic, English, template-based pages: good for teaching a small model the mapping from a description",
         "to structure and style, not a sample of the real web. Real-world pages (for example `jawerty/html_dataset`)",
@@ -268,6 +337,7 @@ def write_bundled(path: Path = BUNDLED_DATA_FILE, size: int = DEFAULT_SIZE, seed
     rows = generate_dataset(size, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(to_jsonl(rows), encoding="utf-8")
+    (path.parent / "long_pages.jsonl").write_text(to_jsonl(generate_long_dataset(seed=seed)), encoding="utf-8")
     (path.parent / "DATASHEET.md").write_text(datasheet(rows, seed), encoding="utf-8")
     return path
 

@@ -16,6 +16,7 @@ from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .levers.decoding import decode_one, generate_with_static_cache, static_cache
 from .packing import STOP_STRING, build_prompt
@@ -27,6 +28,7 @@ class GenerationResult:
     new_tokens: list[int]  # tokens generated for each page (its EOS included)
     seconds: float
     settings: dict = field(default_factory=dict)
+    endings: list[str] = field(default_factory=list)  # per page: "ended" | "token limit" | "repetition"
 
     @property
     def tokens_per_s(self) -> float:
@@ -39,7 +41,32 @@ class GenerationResult:
     def summary(self) -> dict:
         return {"examples": len(self.pages), "new_tokens": sum(self.new_tokens), "seconds": round(self.seconds, 3),
                 "tokens_per_s": round(self.tokens_per_s, 2), "examples_per_s": round(self.examples_per_s, 4),
-                **self.settings}
+                "pages_ended": self.endings.count("ended"), "pages_at_token_limit": self.endings.count("token limit"),
+                "pages_cut_for_repetition": self.endings.count("repetition"), **self.settings}
+
+
+LOOP_LINES = 8  # a page whose last this-many non-blank lines are one line repeated is stuck in a loop
+
+
+def is_looping(text: str) -> bool:
+    lines = [line.strip() for line in text.splitlines() if line.strip()][-LOOP_LINES:]
+    return len(lines) == LOOP_LINES and len(set(lines)) == 1
+
+
+class RepetitionStop(StoppingCriteria):
+    """Ends each row of a batch whose newest lines repeat one line `LOOP_LINES` times (checked every 16 tokens,
+    on the row's last 512 tokens): a generation stuck in a loop would otherwise run to the token limit."""
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if (input_ids.shape[1] - self.prompt_length) % 16:
+            return done
+        for row, ids in enumerate(input_ids[:, self.prompt_length:][:, -512:].tolist()):
+            done[row] = is_looping(self.tokenizer.decode(ids, skip_special_tokens=True))
+        return done
 
 
 def clean_page(text: str) -> str:
@@ -51,9 +78,13 @@ def clean_page(text: str) -> str:
 
 
 def _generation_kwargs(tokenizer, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
-                       stop_at_html_end: bool) -> dict:
+                       stop_at_html_end: bool, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> dict:
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = repetition_penalty
+    if no_repeat_ngram_size:
+        kwargs["no_repeat_ngram_size"] = no_repeat_ngram_size
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p)
     else:  # plain greedy; silence sampling defaults a checkpoint's generation_config may carry
@@ -67,14 +98,17 @@ def _generation_kwargs(tokenizer, max_new_tokens: int, do_sample: bool, temperat
 def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: int = 1024, batch_size: int = 8,
                    do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.95,
                    stop_at_html_end: bool = True, seed: int = 0, compile_decode: bool = False,
-                   progress: bool = False) -> GenerationResult:
+                   progress: bool = False, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                   stop_on_repetition: bool = True) -> GenerationResult:
     """Pages for `descriptions`, in their order. Prompts are batched by similar length to waste little
     padding; greedy by default (deterministic), sampling with `do_sample=True`.
 
     `compile_decode` uses a static KV cache and (on CUDA) a compiled decode step, see `compiled_decoding`;
     every batch then has the same size (a short one is filled up with repeats, whose pages are dropped) and
     one cache, sized for the longest prompt, so one compiled step serves every batch. With `batch_size=1`
-    it runs our own loop, `decode_one`, instead of `generate`. `progress` shows a bar over the pages."""
+    it runs our own loop, `decode_one`, instead of `generate`. `progress` shows a bar over the pages.
+    `stop_on_repetition` ends a page stuck in a loop (`RepetitionStop`); `repetition_penalty` and
+    `no_repeat_ngram_size` are `generate`'s own (off by default: HTML repeats its tags legitimately)."""
     if not descriptions:
         raise ValueError("generate_pages needs at least one description")
     device = next(model.parameters()).device
@@ -84,7 +118,9 @@ def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: in
     order = sorted(range(len(prompts)), key=lengths.__getitem__)
     pages: list[str] = [""] * len(prompts)
     counts: list[int] = [0] * len(prompts)
-    kwargs = _generation_kwargs(tokenizer, max_new_tokens, do_sample, temperature, top_p, stop_at_html_end)
+    kwargs = _generation_kwargs(tokenizer, max_new_tokens, do_sample, temperature, top_p, stop_at_html_end,
+                                repetition_penalty, no_repeat_ngram_size)
+    looping: list[bool] = [False] * len(prompts)
     was_training = model.training
     model.eval()
     torch.manual_seed(seed)
@@ -94,8 +130,13 @@ def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: in
         rows = order[start:start + batch_size]
         if compile_decode and batch_size == 1:
             ids = tokenizer(prompts[rows[0]], return_tensors="pt").input_ids.to(device)
-            tokens = [t for piece in decode_one(model, tokenizer, ids, max_new_tokens, do_sample, temperature, top_p,
-                                                stop_at_html_end) for t in piece]
+            tokens = []
+            for piece in decode_one(model, tokenizer, ids, max_new_tokens, do_sample, temperature, top_p,
+                                    stop_at_html_end):
+                tokens += piece
+                if stop_on_repetition and is_looping(tokenizer.decode(tokens[-512:], skip_special_tokens=True)):
+                    looping[rows[0]] = True
+                    break
             counts[rows[0]] = len(tokens)
             pages[rows[0]] = clean_page(tokenizer.decode(tokens, skip_special_tokens=True))
             bar.update(1)
@@ -103,11 +144,13 @@ def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: in
         # a compiled step is specialised to its batch size: a short batch is filled up with repeats
         filled = rows + rows[-1:] * (batch_size - len(rows)) if compile_decode else rows
         inputs = tokenizer([prompts[i] for i in filled], return_tensors="pt", padding=True).to(device)
+        stopping = StoppingCriteriaList([RepetitionStop(tokenizer, inputs["input_ids"].shape[1])]
+                                        if stop_on_repetition else [])
         if compile_decode:
             cache = static_cache(model, len(filled), max(lengths) + max_new_tokens)
-            output = generate_with_static_cache(model, cache, **inputs, **kwargs)
+            output = generate_with_static_cache(model, cache, **inputs, **kwargs, stopping_criteria=stopping)
         else:
-            output = model.generate(**inputs, **kwargs)
+            output = model.generate(**inputs, **kwargs, stopping_criteria=stopping)
         new = output[:len(rows), inputs["input_ids"].shape[1]:]
         for row, ids in zip(rows, new):
             ids = ids.tolist()
@@ -117,15 +160,21 @@ def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: in
             while ids and ids[-1] == tokenizer.pad_token_id:
                 ids.pop()
             counts[row] = len(ids)
-            pages[row] = clean_page(tokenizer.decode(ids, skip_special_tokens=True))
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            looping[row] = stop_on_repetition and is_looping(text) and STOP_STRING not in text
+            pages[row] = clean_page(text)
         bar.update(len(rows))
     seconds = time.perf_counter() - started
     bar.close()
     if was_training:
         model.train()
     settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                "stop_at_html_end": stop_at_html_end, "compile_decode": compile_decode}
-    return GenerationResult(pages, counts, seconds, settings)
+                "stop_at_html_end": stop_at_html_end, "compile_decode": compile_decode,
+                "repetition_penalty": repetition_penalty, "no_repeat_ngram_size": no_repeat_ngram_size,
+                "stop_on_repetition": stop_on_repetition}
+    endings = ["repetition" if loop else "token limit" if n >= max_new_tokens else "ended"
+               for loop, n in zip(looping, counts)]
+    return GenerationResult(pages, counts, seconds, settings, endings)
 
 
 def stream_page(model, tokenizer, description: str, max_new_tokens: int = 1024, do_sample: bool = False,

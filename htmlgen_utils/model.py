@@ -91,7 +91,44 @@ def load_tokenizer(model_id: str):
         raise OSError(f"{gated_help(model_id)} ({error})") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    # Pages run to tens of thousands of tokens; lengths are ours to manage (long-page policy, RoPE scaling), so the
+    # tokenizer's warning about sequences over the model's context would only be noise.
+    tokenizer.model_max_length = 10**9
     return tokenizer
+
+
+def rope_scaling(config: Config, model_config) -> dict | None:
+    """The rotary-embedding scaling that lets the model see examples of `max_example_tokens` when that is more than
+    its context (`max_position_embeddings`: 4,096 for Llama-2): `linear` (position interpolation, the default for
+    `auto`), `dynamic` (NTK) or `yarn`, with factor = max_example_tokens / context. None when none is needed."""
+    context = model_config.max_position_embeddings
+    factor = config.max_example_tokens / context
+    if config.rope_scaling == "none" or factor <= 1.0:
+        return None
+    kind = "linear" if config.rope_scaling == "auto" else config.rope_scaling
+    parameters = {"rope_type": kind, "factor": float(factor)}
+    if kind == "yarn":
+        parameters["original_max_position_embeddings"] = context
+    return parameters
+
+
+def model_config_for(config: Config):
+    """The checkpoint's model config, with the RoPE scaling `config` asks for (transformers 5 keeps it in
+    `rope_parameters`, 4.x in `rope_scaling`)."""
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(config.model_id, token=hf_token())
+    except OSError as error:
+        raise OSError(f"{gated_help(config.model_id)} ({error})") from error
+    scaling = rope_scaling(config, model_config)
+    if scaling is not None:
+        current = getattr(model_config, "rope_parameters", None)
+        if isinstance(current, dict):
+            model_config.rope_parameters = {**current, **scaling}
+        else:
+            model_config.rope_scaling = scaling
+    return model_config
 
 
 def saved_quantization(model_id: str) -> dict | None:
@@ -117,6 +154,7 @@ def load_base_model(config: Config, quantize: bool | None = None):
     kwargs = dict(dtype=compute_dtype(config.precision), token=hf_token(),
                   device_map={"": 0} if device.type == "cuda" else "cpu")
     prequantized = saved_quantization(config.model_id)
+    kwargs["config"] = model_config_for(config)
     if prequantized is not None and not prequantized.get("load_in_4bit"):
         raise ValueError(f"{config.model_id} is saved quantised ({prequantized.get('quant_method')}), but not in "
                          f"bitsandbytes 4-bit: use its 16-bit original or a '...-bnb-4bit' checkpoint")

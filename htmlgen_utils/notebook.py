@@ -156,11 +156,15 @@ def training_report(history: list[dict], seconds: float) -> dict:
     return report
 
 
-def evaluation_settings(config: Config, quick_evaluation: str = "auto") -> tuple[Config, bool]:
-    """The run's config for notebook 05, made quick (8 test prompts, pages of up to 768 tokens) when asked, or by
-    default on a T4, where a full evaluation of 32 pages of 1,024 tokens from two models takes much longer."""
+def evaluation_settings(config: Config, tokenizer, quick_evaluation: str = "auto") -> tuple[Config, bool]:
+    """The run's config for notebook 05 with its generation length resolved (`stages.generation_length`), made
+    quick (8 test prompts, pages of up to 768 tokens) when asked, or by default on a T4, where a full evaluation of
+    32 whole pages from two models takes much longer."""
+    from .stages import generation_length
+
     if quick_evaluation not in ("auto", "on", "off"):
         raise ValueError(f"quick_evaluation={quick_evaluation!r}: use 'auto', 'on' or 'off'")
+    config = config.replace(max_new_tokens=generation_length(config, tokenizer))
     quick = quick_evaluation == "on" or (quick_evaluation == "auto" and config.preset == "colab-t4")
     if quick:
         config = config.replace(max_test_examples=min(config.max_test_examples, 8),

@@ -14,6 +14,7 @@ instruction when `loss_on_response_only`, and on block padding.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,14 +38,31 @@ def build_prompt(description: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- tokenisation
-def _cut_at_tag_boundary(page: str, offsets: list[tuple[int, int]], budget: int) -> int:
+# Elements whose content is raw text: a cut inside one would put the closing tags into its text
+_RAW_TEXT = re.compile(r"<(script|style|textarea|title)\b[^>]*>.*?(?:</\1\s*>|\Z)|<!--.*?(?:-->|\Z)",
+                       re.IGNORECASE | re.DOTALL)
+
+
+def _cut_at_tag_boundary(page: str, offsets: list[tuple[int, int]], budget: int, avoid_raw_text: bool = False) -> int:
     """How many page tokens to keep: the longest prefix of at most `budget` tokens whose text ends with '>'
-    (a complete tag), or the plain `budget` prefix when no tag ends inside it."""
+    (a complete tag), or the plain `budget` prefix when no tag ends inside it. With `avoid_raw_text`, never a
+    prefix that ends inside a script, style, textarea, title or comment."""
+    inside = [(m.start(), m.end()) for m in _RAW_TEXT.finditer(page)] if avoid_raw_text else []
     for keep in range(budget, 0, -1):
         end = offsets[keep - 1][1]
-        if end > 0 and page[end - 1] == ">":
+        if end > 0 and page[end - 1] == ">" and not any(a < end < b for a, b in inside):
             return keep
     return budget
+
+
+def closing_tags(html_prefix: str) -> str:
+    """The end tags that close every element still open at the end of `html_prefix`, innermost first, as the
+    HTML standard's parser (html5lib) sees them: `</li></ul></div></body></html>`."""
+    import html5lib
+
+    parser = html5lib.HTMLParser()
+    parser.parse(html_prefix)
+    return "".join(f"</{element.name}>" for element in reversed(parser.tree.openElements))
 
 
 def tokenize_example(tokenizer, description: str, page: str, max_tokens: int, policy: str,
@@ -52,8 +70,11 @@ def tokenize_example(tokenizer, description: str, page: str, max_tokens: int, po
     """Token ids, labels and the policy's verdict for one pair.
 
     Long-page policy (`max_tokens` per example, prompt included):
-      * `truncate`: keep the whole instruction and the first part of the page, cut after the last complete
-        tag that fits; such an example gets *no* EOS, so the model never learns to stop mid-page.
+      * `truncate_close`: keep the whole instruction and the first part of the page, cut after the last complete
+        tag that fits (never inside a script, style or comment), then append the end tags of the elements still
+        open (`</div>...</body></html>`) and EOS: a cut example still teaches a complete, valid document that ends.
+      * `truncate`: the same cut, nothing appended, and *no* EOS (the page goes on, so the model must not learn to
+        stop there).
       * `drop`: leave the example out.
     An example whose instruction alone leaves fewer than 16 tokens for the page is dropped either way.
     """
@@ -67,15 +88,30 @@ def tokenize_example(tokenizer, description: str, page: str, max_tokens: int, po
         if policy == "drop" or budget < 16:
             return {"input_ids": [], "labels": [], "status": "dropped", "full_length": full_length,
                     "prompt_length": len(prompt_ids)}
-        page_ids = page_ids[:_cut_at_tag_boundary(page, page_enc.offset_mapping, budget)]
         status = "truncated"
-    input_ids = prompt_ids + page_ids + ([eos] if status == "kept" else [])
+        if policy == "truncate":
+            page_ids = page_ids[:_cut_at_tag_boundary(page, page_enc.offset_mapping, budget)]
+        else:
+            page_ids = _truncate_and_close(tokenizer, page, page_enc, budget - 1)  # room for EOS
+    input_ids = prompt_ids + page_ids + ([eos] if status == "kept" or policy == "truncate_close" else [])
     labels = list(input_ids)
     if response_only:
         labels[:len(prompt_ids)] = [IGNORE_INDEX] * len(prompt_ids)
     labels[0] = IGNORE_INDEX  # the first token has no context inside its example
     return {"input_ids": input_ids, "labels": labels, "status": status, "full_length": full_length,
             "prompt_length": len(prompt_ids)}
+
+
+def _truncate_and_close(tokenizer, page: str, page_enc, room: int) -> list[int]:
+    """Page tokens cut at a tag boundary plus the end tags that close what is open, in at most `room` tokens."""
+    offsets, budget = page_enc.offset_mapping, room
+    while budget > 0:
+        keep = _cut_at_tag_boundary(page, offsets, budget, avoid_raw_text=True)
+        closing = tokenizer(closing_tags(page[:offsets[keep - 1][1]]), add_special_tokens=False).input_ids
+        if keep + len(closing) <= room:
+            return page_enc.input_ids[:keep] + closing
+        budget = min(budget - 1, room - len(closing))  # make room for the end tags, then cut again
+    return []
 
 
 def tokenize_split(split: datasets.Dataset, tokenizer, config: Config) -> datasets.Dataset:

@@ -349,10 +349,14 @@ def load_app(run_dir: str | Path, max_waiting: int = 32, max_batch: int = 8) -> 
     from .levers import wants_compiled_decode
     from .model import load_trained
 
+    from .stages import generation_length
+
     model, tokenizer, config = load_trained(run_dir)
-    return create_app(model, tokenizer, max_new_tokens_cap=max(config.max_new_tokens, 32),
+    config = config.replace(run_dir=str(run_dir))
+    tokens = generation_length(config, tokenizer)
+    return create_app(model, tokenizer, max_new_tokens_cap=max(tokens, 32),
                       compile_decode=wants_compiled_decode(model, config), max_batch=max_batch,
-                      default_max_new_tokens=config.max_new_tokens, max_waiting=max_waiting,
+                      default_max_new_tokens=tokens, max_waiting=max_waiting,
                       description=f"{config.model_id} + adapter from {Path(run_dir).name}")
 
 

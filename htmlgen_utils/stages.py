@@ -72,6 +72,33 @@ def test_examples(config: Config) -> tuple[list[str], list[str]]:
     return list(test["label"]), list(test["html"])
 
 
+GENERATION_MARGIN = 32  # tokens beyond the longest kept page, so a page as long as that one can still end
+
+
+def generation_length(config: Config, tokenizer) -> int:
+    """`config.max_new_tokens`, or when it is 0 (auto) at least the longest page the run kept for training, in
+    tokens, plus a margin, never more than `max_example_tokens` (what training showed the model, and what memory
+    was sized for): a model trained on whole pages gets room to finish one."""
+    if config.max_new_tokens > 0:
+        return config.max_new_tokens
+    splits = ensure_splits(config)
+    pages = [page for name in ("train", "test") for page in splits[name]["html"][:2000]]
+    longest = max(len(ids) for ids in tokenizer(pages, add_special_tokens=False).input_ids)
+    return min(longest + GENERATION_MARGIN, config.max_example_tokens)
+
+
+SMALL_TEST_SPLIT = 20
+
+
+def small_data_warning(test_examples: int) -> str | None:
+    """A warning when the test split is too small for its scores to mean much, with what to do."""
+    if test_examples >= SMALL_TEST_SPLIT:
+        return None
+    return (f"Only {test_examples} test example(s): with fewer than {SMALL_TEST_SPLIT} the scores are mostly noise "
+            f"(one page moves a rate by {1 / max(test_examples, 1):.0%}). Raise test_fraction (e.g. overrides="
+            f"{{\"test_fraction\": 0.2}}) or bring more data; say so when you report them.")
+
+
 def collect_metrics(summary: dict, teacher_forced: dict, generation: dict, run_dir: str | Path,
                     base_summary: dict | None = None, base_teacher_forced: dict | None = None) -> dict:
     """metrics.json's content: the page scores, the test split's teacher-forced loss and accuracy, the
