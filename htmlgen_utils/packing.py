@@ -22,7 +22,7 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 
-from .config import Config
+from .config import LONG_PAGE_POLICIES, Config
 
 IGNORE_INDEX = -100
 PROMPT_HEADER = ("Below is an instruction that describes a task. You will be provided a prompt and based on it you "
@@ -127,6 +127,49 @@ def tokenize_split(split: datasets.Dataset, tokenizer, config: Config) -> datase
         return out
 
     return split.map(fn, batched=True, remove_columns=split.column_names, desc="tokenising")
+
+
+LENGTH_MARKS = (2048, 4096, 8192, 16384)
+
+
+def length_shares(lengths: list[int]) -> dict[str, float]:
+    """The share of examples longer than 2k, 4k, 8k and 16k tokens."""
+    return {f"over {mark:,} tokens": round(sum(n > mark for n in lengths) / max(1, len(lengths)), 3)
+            for mark in LENGTH_MARKS}
+
+
+def long_page_report(split: datasets.Dataset, tokenizer, config: Config):
+    """What each long-page policy does to `split` at `config.max_example_tokens`: examples kept whole, cut,
+    dropped, and the tokens they lose (a table, one row per policy)."""
+    import pandas as pd
+
+    rows = {}
+    for policy in LONG_PAGE_POLICIES:
+        tokenized = tokenize_split(split, tokenizer, config.replace(long_page_policy=policy))
+        status, full = tokenized["status"], tokenized["full_length"]
+        kept = [len(ids) for ids in tokenized["input_ids"]]
+        rows[policy] = {"kept whole": status.count("kept"), "cut": status.count("truncated"),
+                        "dropped": status.count("dropped"), "tokens lost": sum(full) - sum(kept),
+                        "ends with EOS": sum(bool(ids) and ids[-1] == tokenizer.eos_token_id
+                                             for ids in tokenized["input_ids"])}
+    return pd.DataFrame(rows).T
+
+
+def policy_examples(description: str, page: str, tokenizer, config: Config):
+    """One example under each long-page policy: its status, its tokens, whether it ends with EOS, and how its
+    page text ends."""
+    import pandas as pd
+
+    rows = {}
+    for policy in LONG_PAGE_POLICIES:
+        example = tokenize_example(tokenizer, description, page, config.max_example_tokens, policy,
+                                   config.loss_on_response_only)
+        ids = example["input_ids"]
+        text = tokenizer.decode(ids[example["prompt_length"]:], skip_special_tokens=True) if ids else ""
+        rows[policy] = {"status": example["status"], "tokens": len(ids),
+                        "ends with EOS": bool(ids) and ids[-1] == tokenizer.eos_token_id,
+                        "page ends with": repr(text[-70:]) if text else "(left out)"}
+    return pd.DataFrame(rows).T
 
 
 # ---------------------------------------------------------------------------------------------- packing

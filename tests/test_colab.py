@@ -227,7 +227,7 @@ def test_merge_refuses_when_the_16bit_base_does_not_fit_in_ram(monkeypatch):
 def test_training_time_estimate_shows_its_arithmetic(capsys):
     from htmlgen_utils.notebook import estimate_training_time
 
-    config = Config.from_preset("colab-t4")
+    config = Config.from_preset("colab-t4", block_size=2048, max_example_tokens=2048)
     estimate = estimate_training_time(config, train_blocks=268, base_parameters=6_738_415_616)
     assert estimate["tokens_per_step"] == 4 * 2048 and estimate["steps_per_epoch"] == 67
     assert estimate["seconds_per_step"] == pytest.approx(8192 * 6 * 6_738_415_616 / 20e12)
@@ -238,11 +238,11 @@ def test_training_time_estimate_shows_its_arithmetic(capsys):
 def test_quick_evaluation_is_the_default_on_a_t4():
     from htmlgen_utils.notebook import evaluation_settings
 
-    t4, quick = evaluation_settings(Config.from_preset("colab-t4"), "auto")
+    t4, quick = evaluation_settings(Config.from_preset("colab-t4", max_new_tokens=4096), None, "auto")
     assert quick and t4.max_test_examples == 8 and t4.max_new_tokens == 768
-    full, quick = evaluation_settings(Config.from_preset("colab-t4"), "off")
-    assert not quick and full.max_test_examples == 32
-    assert not evaluation_settings(Config.from_preset("tiny"), "auto")[1]
+    full, quick = evaluation_settings(Config.from_preset("colab-t4", max_new_tokens=4096), None, "off")
+    assert not quick and full.max_test_examples == 32 and full.max_new_tokens == 4096
+    assert not evaluation_settings(Config.from_preset("tiny", max_new_tokens=700), None, "auto")[1]
 
 
 # ---------------------------------------------------------------------------------------------- 8. the API from Colab

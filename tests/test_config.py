@@ -13,7 +13,7 @@ def test_presets_are_valid_and_distinct():
     assert Config.from_preset("tiny").precision == "fp32"
     t4 = Config.from_preset("colab-t4")
     assert (t4.lora_r, t4.lora_alpha, t4.gradient_accumulation_steps) == (16, 64, 4)
-    assert 1024 <= t4.block_size <= 2048 and t4.gradient_checkpointing
+    assert t4.block_size == t4.max_example_tokens == 4096 and t4.gradient_checkpointing  # Llama-2's whole context
 
 
 def test_presets_list_only_what_they_change():

@@ -74,7 +74,9 @@ def test_packing_invariants(tokenizer, bundled_rows, tiny_config):
     expected = sorted(tuple(x) for x in tokenized["input_ids"] if x)
     assert sorted(seen) == expected
     eos_count = sum(block["input_ids"].count(tokenizer.eos_token_id) for block in packed)
-    assert eos_count == 40  # one EOS per whole example, none for the truncated one
+    assert eos_count == 41  # one EOS per example: truncate_close ends the cut one too
+    cut_only = tokenize_split(split, tokenizer, tiny_config.replace(long_page_policy="truncate"))
+    assert sum(ids[-1] == tokenizer.eos_token_id for ids in cut_only["input_ids"] if ids) == 40  # `truncate`: none
     assert stats.fill_rate > 0.5
 
 
