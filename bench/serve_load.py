@@ -21,6 +21,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from common import write_report
+
 MALFORMED = [(b"{", 400), (b'{"user_prompt": "   "}', 422), (b'{"user_prompt": 3}', 422),
              (b'{"user_prompt": "a page", "max_new_tokens": 0}', 422), (b"[]", 422),
              (b'{"user_prompt": "a page", "surprise": true}', 422)]
@@ -124,10 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
               "batched_over_one_at_a_time_pages_per_s": round(
                   summary["batched"]["pages_per_s"]["median"] / summary["one at a time"]["pages_per_s"]["median"], 2),
               "mixed_traffic_batched": mixed}
-    print(json.dumps(report, indent=2))
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "serve_load.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, Path(args.out or "/tmp"), "serve_load.json")
     return report
 
 

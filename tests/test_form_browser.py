@@ -2,11 +2,11 @@
 click inside the preview. Screenshots go to $HTMLGEN_SAVE_SCREENSHOTS when it is set."""
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
+from tests.net import free_port
 from htmlgen_utils.config import Config
 from htmlgen_utils.rendering import gallery_html
 from tests.browser import require_chromium
@@ -22,12 +22,6 @@ PAGE = ("<!DOCTYPE html><html><head><title>Acme</title></head><body>"
         f"<img id='dot' src='{DOT}' width='40' height='40' alt='dot'>"
         "<div style='height:1500px'>features</div><section id='pricing'><h2>Pricing</h2></section>"
         "<script>document.body.dataset.ran = 'yes'</script></body></html>")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +44,7 @@ def api():
 
     config = Config.from_preset("tiny")
     server = BackgroundServer(create_app(load_base_model(config).eval(), load_tokenizer(config.model_id),
-                                         max_new_tokens_cap=700, default_max_new_tokens=400), port=_free_port())
+                                         max_new_tokens_cap=700, default_max_new_tokens=400), port=free_port())
     yield server
     server.stop()
 

@@ -1,6 +1,5 @@
 """The package's shape: one concern per module, and an import graph without cycles (lazy imports included)."""
 import ast
-from pathlib import Path
 
 from htmlgen_utils.config import PACKAGE_DIR
 

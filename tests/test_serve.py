@@ -1,7 +1,6 @@
 """The query API on the tiny model: test.py as a subprocess, bad requests, and a bounded burst."""
 import concurrent.futures
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -12,15 +11,10 @@ import urllib.request
 import pytest
 import uvicorn
 
+from tests.net import free_port
 from htmlgen_utils.config import REPO_DIR, Config
 from htmlgen_utils.model import load_base_model, load_tokenizer
 from htmlgen_utils.serve import create_app
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +25,7 @@ def server():
     model.config.use_cache = True
     app = create_app(model, load_tokenizer(config.model_id), max_new_tokens_cap=700, default_max_new_tokens=600,
                      max_waiting=256, description="tiny base")
-    port = _free_port()
+    port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
@@ -92,7 +86,7 @@ def test_bad_requests_get_clear_4xx(server, body, content_type, status):
 
 
 def test_client_reports_errors_and_refused_connections(server):
-    refused = subprocess.run([sys.executable, "test.py", "--api_url", f"http://127.0.0.1:{_free_port()}/query",
+    refused = subprocess.run([sys.executable, "test.py", "--api_url", f"http://127.0.0.1:{free_port()}/query",
                               "--user_prompt", "x"], capture_output=True, text=True, cwd=REPO_DIR, timeout=60)
     assert refused.returncode == 3 and "could not connect" in refused.stderr
     bad = subprocess.run([sys.executable, "test.py", "--api_url", f"{server}/query", "--user_prompt", "x",
@@ -171,7 +165,7 @@ def test_a_full_queue_answers_503_and_loses_no_request():
     app = create_app(model, load_tokenizer(config.model_id), max_new_tokens_cap=64, max_waiting=2, max_batch=1)
     from htmlgen_utils.serve import BackgroundServer
 
-    api = BackgroundServer(app, port=_free_port())
+    api = BackgroundServer(app, port=free_port())
     try:
         def send(i):
             return _post(f"{api.url}/query", json.dumps({"user_prompt": f"A page {i}", "max_new_tokens": 48}).encode())
