@@ -1,15 +1,17 @@
 """htmlgen: fine-tune a Llama-2-7B-class model with 4-bit QLoRA to write HTML from a description.
 
-One module per stage of the data flow:
+One module per concern of the data flow:
     config      -> the `Config` dataclass and its presets
     data        -> load, validate, dedupe, split              (notebook 01)
     packing     -> prompt template, tokenisation, packing     (notebook 02)
     model       -> 4-bit load, LoRA                           (notebook 03)
-    train       -> the hand-written amp training loop         (notebook 04)
-    generation, evaluation, rendering, plots                  (notebook 05)
-    stages      -> each stage as one call over a run directory
-    pipeline    -> the five notebooks in order with papermill
-    serve       -> the HTTP query API
+    loss, train, checkpoints, tracking, export
+                -> the hand-written amp training loop         (notebook 04)
+    generation, evaluation, layout, rendering, plots          (notebook 05)
+    levers      -> speed and memory levers, apart from the plain path
+    stages      -> the run directory between notebooks
+    colab, notebook, repository -> Colab, the notebooks' helpers, the repository's address
+    cli, pipeline, serve -> the command lines, the five notebooks with papermill, the HTTP query API
 """
 
 __version__ = "0.1.0"
