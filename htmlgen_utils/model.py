@@ -115,12 +115,7 @@ def rope_scaling(config: Config, model_config) -> dict | None:
 def model_config_for(config: Config):
     """The checkpoint's model config, with the RoPE scaling `config` asks for (transformers 5 keeps it in
     `rope_parameters`, 4.x in `rope_scaling`)."""
-    from transformers import AutoConfig
-
-    try:
-        model_config = AutoConfig.from_pretrained(config.model_id, token=hf_token())
-    except OSError as error:
-        raise OSError(f"{gated_help(config.model_id)} ({error})") from error
+    model_config = _checkpoint_config(config.model_id)
     scaling = rope_scaling(config, model_config)
     if scaling is not None:
         current = getattr(model_config, "rope_parameters", None)
@@ -131,18 +126,27 @@ def model_config_for(config: Config):
     return model_config
 
 
-def saved_quantization(model_id: str) -> dict | None:
-    """The bitsandbytes settings a checkpoint was saved with (an already-4-bit model, e.g. a hub `...-bnb-4bit`
-    repo: a ~4 GB download instead of 13.5 GB), or None for a 16/32-bit checkpoint."""
+def _checkpoint_config(model_id: str):
+    """The checkpoint's own model config (config.json), with the gated-model help when it can't be fetched."""
     from transformers import AutoConfig
 
     try:
-        found = getattr(AutoConfig.from_pretrained(model_id, token=hf_token()), "quantization_config", None)
+        return AutoConfig.from_pretrained(model_id, token=hf_token())
     except OSError as error:
         raise OSError(f"{gated_help(model_id)} ({error})") from error
+
+
+def _quantization_of(model_config) -> dict | None:
+    found = getattr(model_config, "quantization_config", None)
     if found is None:
         return None
     return found if isinstance(found, dict) else found.to_dict()
+
+
+def saved_quantization(model_id: str) -> dict | None:
+    """The bitsandbytes settings a checkpoint was saved with (an already-4-bit model, e.g. a hub `...-bnb-4bit`
+    repo: a ~4 GB download instead of 13.5 GB), or None for a 16/32-bit checkpoint."""
+    return _quantization_of(_checkpoint_config(model_id))
 
 
 def load_base_model(config: Config, quantize: bool | None = None):
@@ -153,8 +157,8 @@ def load_base_model(config: Config, quantize: bool | None = None):
     quantize = config.load_in_4bit if quantize is None else quantize
     kwargs = dict(dtype=compute_dtype(config.precision), token=hf_token(),
                   device_map={"": 0} if device.type == "cuda" else "cpu")
-    prequantized = saved_quantization(config.model_id)
     kwargs["config"] = model_config_for(config)
+    prequantized = _quantization_of(kwargs["config"])
     if prequantized is not None and not prequantized.get("load_in_4bit"):
         raise ValueError(f"{config.model_id} is saved quantised ({prequantized.get('quant_method')}), but not in "
                          f"bitsandbytes 4-bit: use its 16-bit original or a '...-bnb-4bit' checkpoint")
