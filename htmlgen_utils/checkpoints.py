@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .distributed import SINGLE, Ranks, gather_to_main
+
 CHECKPOINT_DIR = "checkpoints"
 TRAINING_STATE = "training_state.pt"
 
@@ -44,16 +46,24 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, state: TrainState) -> Path:
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, state: TrainState,
+                    ranks: Ranks = SINGLE) -> Path | None:
     """Adapter + optimiser + schedule + scaler + RNG + data position, written to a temporary folder and
-    renamed into place, so an interruption never leaves a half-written checkpoint behind."""
+    renamed into place, so an interruption never leaves a half-written checkpoint behind.
+
+    Over several processes every rank calls it: rank 0 collects each rank's RNG (their dropout masks differ) and
+    writes; the adapter, optimiser and scaler are the same on every rank (they take the same steps)."""
+    rng = gather_to_main(_rng_state(), ranks)
+    if not ranks.is_main:
+        return None
     root = run_dir / CHECKPOINT_DIR
     final = root / f"step-{state.step:06d}"
     tmp = root / f".tmp-step-{state.step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": _rng_state(), "state": asdict(state)}, tmp / TRAINING_STATE)
+                "scaler": scaler.state_dict(), "rng_per_rank": rng, "world_size": ranks.world_size,
+                "state": asdict(state)}, tmp / TRAINING_STATE)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in root.glob("step-*"):  # keep only the newest checkpoint
@@ -68,14 +78,21 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> TrainState:
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, ranks: Ranks = SINGLE) -> TrainState:
+    """Restore everything `save_checkpoint` wrote. A checkpoint continues only under the number of processes
+    that wrote it: each rank's place in the data is its share of the blocks, which depends on that number."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
     saved = torch.load(path / TRAINING_STATE, weights_only=False)
+    written_by = saved.get("world_size", 1)
+    if written_by != ranks.world_size:
+        raise ValueError(f"The checkpoint {path} was written by a run on {written_by} process(es) and this run has "
+                         f"{ranks.world_size}: resume with the same number (torchrun --nproc_per_node {written_by} "
+                         f"..., or without torchrun for 1), or train anew with --fresh-start")
+    set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     scaler.load_state_dict(saved["scaler"])
-    _set_rng_state(saved["rng"])
+    _set_rng_state(saved["rng_per_rank"][ranks.rank] if "rng_per_rank" in saved else saved["rng"])
     return TrainState(**saved["state"])

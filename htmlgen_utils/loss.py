@@ -7,6 +7,7 @@ notebook compared each position's logits with the *same* position's token and ta
 from __future__ import annotations
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from .config import Config
@@ -49,7 +50,13 @@ def next_token_loss(model, batch: dict, chunk_tokens: int, reduction: str = "mea
     `chunk_tokens=0` runs the head on the whole block (its fp32 [tokens, 32000] logits exist at once: 0.25 GiB
     at 2048 tokens, 4 GiB at 32768, plus their gradient). Otherwise the head and the loss run `chunk_tokens`
     positions at a time under checkpointing, so only one chunk's logits ever exist; the backward pass
-    recomputes each chunk's logits (one extra head matmul, ~2% of a 7B step's FLOPs)."""
+    recomputes each chunk's logits (one extra head matmul, ~2% of a 7B step's FLOPs).
+
+    Training on several processes passes `NextTokenLoss` wrapped in DistributedDataParallel instead of the
+    model (`distributed.data_parallel`): the same loss, run through DDP's forward so that it averages the
+    gradients over the processes."""
+    if isinstance(model, DistributedDataParallel):
+        return model(batch, chunk_tokens, reduction)
     head, hidden, targets = _decoder_outputs(model, batch)
     chunk = chunk_tokens if chunk_tokens > 0 else targets.numel()
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -62,6 +69,18 @@ def next_token_loss(model, batch: dict, chunk_tokens: int, reduction: str = "mea
     if reduction == "sum":
         return total
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+class NextTokenLoss(torch.nn.Module):
+    """`next_token_loss` of a model as a module's forward: what DistributedDataParallel wraps (it all-reduces the
+    gradients of parameters its own forward used)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict, chunk_tokens: int, reduction: str = "mean") -> torch.Tensor:
+        return next_token_loss(self.model, batch, chunk_tokens, reduction)
 
 
 @torch.no_grad()

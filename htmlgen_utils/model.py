@@ -57,8 +57,8 @@ def compute_dtype(precision: str) -> torch.dtype:
 def device_for(config: Config) -> torch.device:
     """CUDA when present; a GPU-only precision on a machine without one is a clear error."""
     precision = resolve_precision(config.precision)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
+    if torch.cuda.is_available():  # under torchrun, the GPU of this process's local rank
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if precision in ("fp16", "bf16"):
         raise RuntimeError(
             f"Preset {config.preset!r} uses {precision} on a CUDA GPU, and this machine has none. On Colab: Runtime -> "
@@ -156,7 +156,7 @@ def load_base_model(config: Config, quantize: bool | None = None):
     device = device_for(config)
     quantize = config.load_in_4bit if quantize is None else quantize
     kwargs = dict(dtype=compute_dtype(config.precision), token=hf_token(),
-                  device_map={"": 0} if device.type == "cuda" else "cpu")
+                  device_map={"": device.index} if device.type == "cuda" else "cpu")
     kwargs["config"] = model_config_for(config)
     prequantized = _quantization_of(kwargs["config"])
     if prequantized is not None and not prequantized.get("load_in_4bit"):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .config import LONG_PAGE_POLICIES, Config
 
@@ -314,16 +314,19 @@ def load_packed(run_dir: str | Path) -> datasets.DatasetDict:
 
 # ---------------------------------------------------------------------------------------------- batches
 def make_dataloader(blocks: datasets.Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
-                    epoch: int = 0, skip_batches: int = 0) -> DataLoader:
-    """Batches of {input_ids, labels, position_ids}. The shuffle order depends only on (seed, epoch), so a
-    resumed run can skip exactly the batches it already trained on. The loader gets a generator of its own:
-    otherwise each new loader draws its base seed from the global RNG, and a resumed run (which makes a new
-    loader mid-epoch) would draw different dropout masks from an uninterrupted one."""
-    order = list(range(len(blocks)))
-    if shuffle:
-        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-        order = torch.randperm(len(blocks), generator=generator).tolist()
-    order = order[skip_batches * batch_size:]
+                    epoch: int = 0, skip_batches: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Batches of {input_ids, labels, position_ids}: this rank's share of the blocks (all of them in a world of
+    one), shuffled by torch's `DistributedSampler`.
+
+    The order depends only on (seed, epoch): a resumed run skips exactly the batches it already trained on.
+    Over several processes each takes every `world_size`-th block of the epoch's one permutation, so no block is
+    seen twice in an epoch (the last `len(blocks) % world_size` of the permutation wait for the next epoch). The
+    loader gets a generator of its own: otherwise each new loader draws its base seed from the global RNG, and a
+    resumed run (which makes a new loader mid-epoch) would draw different dropout masks from an uninterrupted one."""
+    sampler = DistributedSampler(blocks, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                                 drop_last=True)
+    sampler.set_epoch(epoch)
+    order = list(sampler)[skip_batches * batch_size:]
     subset = blocks.select(order).select_columns(list(BLOCK_COLUMNS))
     return DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_blocks,
                       generator=torch.Generator().manual_seed(seed))

@@ -23,6 +23,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .checkpoints import CHECKPOINT_DIR, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
+from .distributed import (SINGLE, Ranks, any_rank, data_parallel, end_process_group, launched_ranks, main_rank_first,
+                          mean_over_ranks, start_process_group)
 from .export import check_merge_possible, merge_to_16bit, push_adapter_to_hub, save_outputs
 from .levers import apply_training_levers
 from .loss import count_targets, evaluate_blocks, next_token_loss
@@ -63,25 +65,31 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def plan_steps(num_blocks: int, config: Config) -> tuple[int, int, int]:
+def plan_steps(num_blocks: int, config: Config, world_size: int = 1) -> tuple[int, int, int]:
     """(accumulation, optimiser steps per epoch, total optimiser steps). The last micro-batches of an epoch that
-    do not fill a whole accumulation group are left out of that epoch (the next epoch reshuffles them in)."""
+    do not fill a whole accumulation group are left out of that epoch (the next epoch reshuffles them in). Over
+    `world_size` processes each trains on its share of the blocks, and a step takes a group from each."""
     if num_blocks == 0:
         raise ValueError("The training split has no packed blocks: run notebook 02 / check the dataset")
-    batches = -(-num_blocks // config.micro_batch_size)
+    if num_blocks < world_size:
+        raise ValueError(f"{num_blocks} training blocks cannot be shared by {world_size} processes: use fewer "
+                         f"processes (torchrun --nproc_per_node) or more data")
+    batches = -(-(num_blocks // world_size) // config.micro_batch_size)
     accumulation = min(config.gradient_accumulation_steps, batches)
     steps_per_epoch = batches // accumulation
     total = config.max_steps if config.max_steps > 0 else steps_per_epoch * config.epochs
     return accumulation, steps_per_epoch, total
 
 
-def micro_batch_groups(blocks, config: Config, accumulation: int, state: TrainState) -> Iterator[list[dict]]:
-    """The micro-batches of each optimiser step in turn, epoch after epoch, from where `state` stands in the
-    data (a resumed run continues mid-epoch). The order of an epoch depends only on (seed, epoch)."""
-    _, steps_per_epoch, _ = plan_steps(len(blocks), config)
+def micro_batch_groups(blocks, config: Config, accumulation: int, state: TrainState,
+                       ranks: Ranks = SINGLE) -> Iterator[list[dict]]:
+    """The micro-batches of each optimiser step in turn (this rank's), epoch after epoch, from where `state`
+    stands in the data (a resumed run continues mid-epoch). The order of an epoch depends only on (seed, epoch)."""
+    _, steps_per_epoch, _ = plan_steps(len(blocks), config, ranks.world_size)
     while True:
         loader = iter(make_dataloader(blocks, config.micro_batch_size, shuffle=True, seed=config.seed,
-                                      epoch=state.epoch, skip_batches=state.batch_in_epoch))
+                                      epoch=state.epoch, skip_batches=state.batch_in_epoch, rank=ranks.rank,
+                                      world_size=ranks.world_size))
         while state.batch_in_epoch < steps_per_epoch * accumulation:
             group = [next(loader) for _ in range(accumulation)]
             state.batch_in_epoch += accumulation
@@ -138,6 +146,7 @@ class TrainingRun:
     left_out: int  # micro-batches at an epoch's end that do not fill an accumulation group
     progress: Any
     tracker: Any  # a wandb run, or None
+    ranks: Ranks = SINGLE  # rank 0 validates and writes; every rank trains
 
 
 def after_step(run: TrainingRun, state: TrainState, record: dict, stop_when: Callable[[TrainState], bool] | None
@@ -156,20 +165,21 @@ def after_step(run: TrainingRun, state: TrainState, record: dict, stop_when: Cal
             f"(step {state.step}); stopping without saving an adapter. On a T4 (fp16) lower learning_rate, "
             f"keep max_grad_norm, and make sure loss_scaling is on; check the data for empty examples.")
     epoch_done = state.batch_in_epoch >= run.epoch_micro_batches
-    if state.step % config.eval_every == 0 or epoch_done or state.step == run.total_steps:
+    validate = state.step % config.eval_every == 0 or epoch_done or state.step == run.total_steps
+    if validate and run.ranks.is_main:
         metrics = evaluate_blocks(run.model, run.validation, config, run.device, config.max_eval_batches)
         state.history.append({"step": state.step, "epoch": state.epoch, **metrics})
         run.progress.write(f"step {state.step}: eval_loss {metrics['eval_loss']:.4f}, "
                            f"token accuracy {metrics['eval_token_accuracy']:.3f}")
+        if run.tracker is not None:
+            run.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
     if epoch_done and run.left_out:
         run.progress.write(f"epoch {state.epoch} done: its last {run.left_out} micro-batch(es) did not fill an "
                            f"accumulation group and were left out (the next epoch reshuffles them in)")
-        if run.tracker is not None:
-            run.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
-    stop = stop_when is not None and stop_when(state)
+    stop = any_rank(stop_when is not None and stop_when(state), run.ranks)  # every rank stops at the same step
     if stop or (config.checkpoint_every and state.step % config.checkpoint_every == 0
                 and state.step < run.total_steps):
-        save_checkpoint(run.run_dir, run.model, run.optimizer, run.scheduler, run.scaler, state)
+        save_checkpoint(run.run_dir, run.model, run.optimizer, run.scheduler, run.scaler, state, run.ranks)
     return stop
 
 
@@ -178,47 +188,56 @@ def train(model, tokenizer, packed, config: Config, run_dir: str | Path, resume:
           stop_when: Callable[[TrainState], bool] | None = None) -> TrainState:
     """Train the LoRA adapters on `packed["train"]`, validating on `packed["validation"]`; resume from the run
     directory's last checkpoint when there is one. `stop_when(state)` returning True ends the call after that
-    step and its checkpoint (e.g. a time budget); the same call later continues from there."""
+    step and its checkpoint (e.g. a time budget); the same call later continues from there.
+
+    Started by torchrun on several processes, each trains on its share of the blocks and the gradients are
+    averaged over them (`distributed.py`); one process runs it all otherwise."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    ranks = start_process_group()  # a world of one unless torchrun started this process
     device = device_for(config)
-    accumulation, steps_per_epoch, total_steps = plan_steps(len(packed["train"]), config)
+    accumulation, steps_per_epoch, total_steps = plan_steps(len(packed["train"]), config, ranks.world_size)
     apply_training_levers(model, config, device)  # speed and memory levers the config asks for (levers/)
     parameters = trainable_parameters(model)
     optimizer = build_optimizer(model, config, device)
     scheduler = build_scheduler(optimizer, config, total_steps)
     scaler = build_scaler(config, device)
+    trainee = data_parallel(model, ranks, device)  # the model; its loss inside DDP on several processes
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed + ranks.rank)  # each process its own dropout masks
     state = TrainState()
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
-        print(f"Resuming from {checkpoint} (step {state.step}/{total_steps})")
-    progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step")
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler, ranks)
+        if ranks.is_main:
+            print(f"Resuming from {checkpoint} (step {state.step}/{total_steps})")
+    progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", disable=not ranks.is_main)
     epoch_micro_batches = steps_per_epoch * accumulation
-    left_out = -(-len(packed["train"]) // config.micro_batch_size) - epoch_micro_batches
+    left_out = -(-(len(packed["train"]) // ranks.world_size) // config.micro_batch_size) - epoch_micro_batches
     run = TrainingRun(model, optimizer, scheduler, scaler, config, device, run_dir, packed["validation"],
-                      total_steps, epoch_micro_batches, left_out, progress, start_wandb(config, run_dir))
+                      total_steps, epoch_micro_batches, left_out, progress,
+                      start_wandb(config, run_dir) if ranks.is_main else None, ranks)
 
     model.train()  # gradient checkpointing and LoRA dropout only act in train mode
     optimizer.zero_grad(set_to_none=True)
-    groups = micro_batch_groups(packed["train"], config, accumulation, state)
+    groups = micro_batch_groups(packed["train"], config, accumulation, state, ranks)
     try:
         while state.step < total_steps:
             micro_batches = next(groups)
             started = time.perf_counter()
-            step_targets = count_targets(micro_batches)  # every target token of the step weighs the same
+            # every target token of the step weighs the same (of every process: DDP averages over them)
+            step_targets = mean_over_ranks(count_targets(micro_batches), ranks)
             loss_sum = torch.zeros((), device=device)
             for batch in micro_batches:  # gradient accumulation
-                loss_sum += forward_backward(model, batch, scaler, step_targets, config, device)
+                loss_sum += forward_backward(trainee, batch, scaler, step_targets, config, device)
+            loss_sum = mean_over_ranks(loss_sum, ranks)
             grad_norm, finite = optimizer_step(parameters, optimizer, scheduler, scaler, config.max_grad_norm,
                                                loss_sum)
             state.step += 1
             state.skipped_steps += not finite
             state.consecutive_nonfinite = 0 if finite else state.consecutive_nonfinite + 1
             seconds = time.perf_counter() - started
-            tokens = sum(batch["input_ids"].numel() for batch in micro_batches)
+            tokens = sum(batch["input_ids"].numel() for batch in micro_batches) * ranks.world_size
             record = {"step": state.step, "epoch": state.epoch, "loss": float(loss_sum) / max(step_targets, 1),
                       "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": tokens / seconds,
                       "seconds": seconds, "skipped": not finite,
@@ -241,7 +260,7 @@ def finished_training(config: Config) -> TrainState | None:
     if not summary.exists() or not (run_dir / "adapter" / "adapter_config.json").exists():
         return None
     state = TrainState(**json.loads(summary.read_text())["state"])
-    _, _, total_steps = plan_steps(len(load_packed(run_dir)["train"]), config)
+    _, _, total_steps = plan_steps(len(load_packed(run_dir)["train"]), config, launched_ranks().world_size)
     return state if state.step >= total_steps else None
 
 
@@ -268,21 +287,28 @@ def finish_run(model, tokenizer, config: Config, state: TrainState, run_dir: str
 
 def run_training(config: Config, resume: bool = True, fresh_start: bool = False) -> TrainState:
     """What the command line runs (notebook 04 runs the same pieces in cells): packed data from the run dir ->
-    trained adapter saved. A run that already finished is reported, not trained again, unless `fresh_start`."""
+    trained adapter saved. A run that already finished is reported, not trained again, unless `fresh_start`.
+    Under torchrun, rank 0 prepares the data and writes the results; every rank trains."""
     run_dir = Path(config.run_dir)
-    if fresh_start:
-        start_over(run_dir)
-    elif (done := finished_training(config)) is not None:
-        print(f"The run in {run_dir} already finished its {done.step} steps; its adapter is in {run_dir / 'adapter'}. "
-              f"To train again from scratch, pass fresh_start=True (command line: --fresh-start).")
+    ranks = start_process_group()
+    if not fresh_start and (done := finished_training(config)) is not None:
+        if ranks.is_main:
+            print(f"The run in {run_dir} already finished its {done.step} steps; its adapter is in "
+                  f"{run_dir / 'adapter'}. To train again from scratch, pass fresh_start=True (command line: "
+                  f"--fresh-start).")
         return done
-    if config.merge_after_training:
-        check_merge_possible(config)  # before hours of training, not after
-    packed = ensure_packed(config, load_tokenizer(config.model_id))  # the data's problems before the model's load
+    with main_rank_first(ranks):  # rank 0 packs the data; the others then read it
+        if ranks.is_main and fresh_start:
+            start_over(run_dir)
+        if ranks.is_main and config.merge_after_training:
+            check_merge_possible(config)  # before hours of training, not after
+        packed = ensure_packed(config, load_tokenizer(config.model_id))  # the data's problems before the model's
     model, tokenizer = load_for_training(config)
-    config.save(run_dir)
+    if ranks.is_main:
+        config.save(run_dir)
     state = train(model, tokenizer, packed, config, run_dir, resume=resume and not fresh_start)
-    finish_run(model, tokenizer, config, state, run_dir)
+    if ranks.is_main:
+        finish_run(model, tokenizer, config, state, run_dir)
     return state
 
 
@@ -290,10 +316,14 @@ def main(argv: list[str] | None = None) -> None:
     from .cli import config_from_args
 
     config, args = config_from_args(argv, "Train LoRA adapters with the hand-written QLoRA loop.", training=True)
-    state = run_training(config, resume=not args.no_resume, fresh_start=args.fresh_start)
+    try:
+        state = run_training(config, resume=not args.no_resume, fresh_start=args.fresh_start)
+    finally:
+        end_process_group()
     evals = [h for h in state.history if "eval_loss" in h]
-    print(json.dumps({"steps": state.step, "skipped_steps": state.skipped_steps,
-                      "final_eval": evals[-1] if evals else None, "run_dir": config.run_dir}, indent=2))
+    if launched_ranks().is_main:
+        print(json.dumps({"steps": state.step, "skipped_steps": state.skipped_steps,
+                          "final_eval": evals[-1] if evals else None, "run_dir": config.run_dir}, indent=2))
 
 
 if __name__ == "__main__":
