@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -89,75 +90,131 @@ def _read_bundled(long: bool = False) -> list[dict]:
     return generate_long_dataset() if long else generate_dataset()
 
 
+def _codec(encoding: str) -> str:
+    """The codec to read `encoding` with: UTF-8 drops a byte-order mark at the start of the file."""
+    return "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+
+
+def _not_text(path: Path, encoding: str, byte: int, line: int) -> ValueError:
+    return ValueError(f"Dataset file {path} is not {encoding} text (byte 0x{byte:02x} on line {line}). Give its "
+                      f"encoding, e.g. -p dataset_encoding latin-1 (in a notebook: overrides="
+                      f"{{\"dataset_encoding\": \"latin-1\"}}), or convert it: iconv -f latin1 -t utf-8")
+
+
 def _decode(path: Path, encoding: str) -> str:
-    """The file's text; a byte-order mark at the start is dropped. A file that is not in `encoding` is named with
-    the first bad byte and the two ways out."""
+    """The file's text, whole (a .json array, or an encoding whose newline is not the byte 0x0a); a byte-order
+    mark at the start is dropped. A file that is not in `encoding` is named with the first bad byte."""
     data = path.read_bytes()
     if not data.strip():
         raise ValueError(f"Dataset file {path} is empty: nothing to train on")
     try:
-        return data.decode("utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding)
+        return data.decode(_codec(encoding))
     except UnicodeDecodeError as error:
-        line = data[:error.start].count(b"\n") + 1
-        raise ValueError(f"Dataset file {path} is not {encoding} text (byte 0x{data[error.start]:02x} on line {line}). "
-                         f"Give its encoding, e.g. -p dataset_encoding latin-1 (in a notebook: overrides="
-                         f"{{\"dataset_encoding\": \"latin-1\"}}), or convert it: iconv -f latin1 -t utf-8") from None
+        raise _not_text(path, encoding, data[error.start], data[:error.start].count(b"\n") + 1) from None
+
+
+def _check_encoding(encoding: str) -> None:
+    try:
+        "".encode(encoding)
     except LookupError:
         raise ValueError(f"dataset_encoding {encoding!r} is not an encoding Python knows (e.g. utf-8, latin-1, "
                          f"cp1252)") from None
 
 
-def _read_rows(path: Path, encoding: str) -> list[dict]:
-    """Rows of a local .json (a list of objects), .jsonl (one object a line) or .csv (a header row) file, with a
-    message that names the line for anything else."""
-    text = _decode(path, encoding)
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        import csv
-        import io
+def _jsonl_lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line, read one at a time; lines end at "\n" only, never at U+2028 or "\r"."""
+    if "\n".encode(encoding) != b"\n":  # e.g. UTF-16: lines cannot be cut from the bytes
+        yield from enumerate(_decode(path, encoding).split("\n"), 1)
+        return
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):  # a binary file's lines end at b"\n" only
+            try:
+                yield number, raw.decode(_codec(encoding) if number == 1 else encoding)
+            except UnicodeDecodeError as error:
+                raise _not_text(path, encoding, raw[error.start], number) from None
 
-        csv.field_size_limit(2**31 - 1)  # scraped pages run to hundreds of thousands of characters
-        reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted fields keep their newlines and CRs
+
+def _jsonl_rows(path: Path, encoding: str) -> Iterator[dict]:
+    for number, line in _jsonl_lines(path, encoding):
+        if not line.strip():
+            continue
         try:
-            rows = list(reader)
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"Dataset file {path}, line {number}: not a JSON object ({error.msg} at column "
+                             f"{error.colno}). Each line must be one object like {{\"label\": ..., "
+                             f"\"html\": ...}}") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"Dataset file {path}: entry {number} is {type(row).__name__}, expected an object with "
+                             f"a description and a page, e.g. {{\"label\": ..., \"html\": ...}}")
+        yield row
+
+
+def _csv_rows(path: Path, encoding: str) -> Iterator[dict]:
+    import csv
+
+    csv.field_size_limit(2**31 - 1)  # scraped pages run to hundreds of thousands of characters
+    with open(path, encoding=_codec(encoding), newline="") as handle:  # quoted fields keep newlines and CRs
+        reader = csv.DictReader(handle)
+        try:
+            yield from reader
         except csv.Error as error:
             raise ValueError(f"Dataset file {path}, line {reader.line_num}: not valid CSV ({error})") from None
-        if not rows:
+        except UnicodeDecodeError as error:
+            raise _not_text(path, encoding, error.object[error.start], reader.line_num + 1) from None
+        if reader.line_num == 1:
             raise ValueError(f"Dataset file {path} has a header row and no data rows")
-        return rows
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            hint = " (one object per line is .jsonl: rename the file)" if "Extra data" in error.msg else ""
-            raise ValueError(f"Dataset file {path} is not valid JSON: {error.msg} at line {error.lineno}, column "
-                             f"{error.colno}{hint}") from None
-        if isinstance(data, dict):
-            lists = [key for key, value in data.items() if isinstance(value, list)]
-            where = f" (its key {lists[0]!r} holds a list: save that list alone)" if lists else ""
-            raise ValueError(f"Dataset file {path} holds a JSON object; expected a list of objects "
-                             f"[{{\"label\": ..., \"html\": ...}}, ...]{where}")
-        rows = data if isinstance(data, list) else None
-    else:
-        rows = []
-        for number, line in enumerate(text.split("\n"), 1):  # "\n" only: U+2028 and friends stay inside a page
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"Dataset file {path}, line {number}: not a JSON object ({error.msg} at column "
-                                 f"{error.colno}). Each line must be one object like {{\"label\": ..., "
-                                 f"\"html\": ...}}") from None
-    bad = next((i for i, row in enumerate(rows or [None]) if not isinstance(row, dict)), None)
+
+
+def _json_rows(path: Path, encoding: str) -> list[dict]:
+    """A .json file is one array: read whole (for a large corpus, .jsonl streams)."""
+    try:
+        data = json.loads(_decode(path, encoding))
+    except json.JSONDecodeError as error:
+        hint = " (one object per line is .jsonl: rename the file)" if "Extra data" in error.msg else ""
+        raise ValueError(f"Dataset file {path} is not valid JSON: {error.msg} at line {error.lineno}, column "
+                         f"{error.colno}{hint}") from None
+    if isinstance(data, dict):
+        lists = [key for key, value in data.items() if isinstance(value, list)]
+        where = f" (its key {lists[0]!r} holds a list: save that list alone)" if lists else ""
+        raise ValueError(f"Dataset file {path} holds a JSON object; expected a list of objects "
+                         f"[{{\"label\": ..., \"html\": ...}}, ...]{where}")
+    bad = next((i for i, row in enumerate(data) if not isinstance(row, dict)), None)
     if bad is not None:
-        raise ValueError(f"Dataset file {path}: entry {bad + 1} is {type((rows or [None])[bad]).__name__}, expected an "
-                         f"object with a description and a page, e.g. {{\"label\": ..., \"html\": ...}}")
-    return rows
+        raise ValueError(f"Dataset file {path}: entry {bad + 1} is {type(data[bad]).__name__}, expected an object "
+                         f"with a description and a page, e.g. {{\"label\": ..., \"html\": ...}}")
+    return data
 
 
-def load_raw(source: str, encoding: str = "utf-8") -> datasets.Dataset | list[dict]:
-    """Read `source` without validating it yet: the bundled rows, a local file's rows, or a hub dataset."""
+class FileRows:
+    """The rows of a local .json (a list of objects), .jsonl (one object a line) or .csv (a header row) file, read
+    as they are iterated: a .jsonl or .csv file is never in memory whole. Problems name the line."""
+
+    def __init__(self, path: Path, encoding: str):
+        _check_encoding(encoding)
+        self.path, self.encoding = path, encoding
+        if path.stat().st_size == 0:
+            raise ValueError(f"Dataset file {path} is empty: nothing to train on")
+
+    def __iter__(self) -> Iterator[dict]:
+        suffix = self.path.suffix.lower()
+        reader = {".csv": _csv_rows, ".json": _json_rows}.get(suffix, _jsonl_rows)
+        empty = True
+        for row in reader(self.path, self.encoding):
+            empty = False
+            yield row
+        if empty:
+            raise ValueError(f"Dataset file {self.path} is empty: nothing to train on")
+
+
+def _read_rows(path: Path, encoding: str) -> list[dict]:
+    """All rows of a local file (for small files: the named corpora's local copies)."""
+    return list(FileRows(path, encoding))
+
+
+def load_raw(source: str, encoding: str = "utf-8") -> datasets.Dataset | Iterable[dict]:
+    """Read `source` without validating it yet: the bundled rows, a local file's rows (read as they are
+    iterated), or a hub dataset."""
     if source in (BUNDLED_DATASET, BUNDLED_LONG_DATASET):
         return _read_bundled(long=source == BUNDLED_LONG_DATASET)
     if source in DATASET_PROFILES:
@@ -169,7 +226,7 @@ def load_raw(source: str, encoding: str = "utf-8") -> datasets.Dataset | list[di
                                     f"parameter)")
         if path.is_dir() or path.suffix.lower() not in LOCAL_SUFFIXES:
             raise ValueError(f"Unsupported dataset file {path}: give a .json, .jsonl or .csv file")
-        return _read_rows(path, encoding)
+        return FileRows(path, encoding)
     # A hub id such as "jawerty/html_dataset" (needs network access; Colab has it).
     try:
         return datasets.load_dataset(source, split="train")
@@ -180,49 +237,75 @@ def load_raw(source: str, encoding: str = "utf-8") -> datasets.Dataset | list[di
         ) from None
 
 
-def validate_and_clean(raw: datasets.Dataset | list[dict], label_column: str = "label", html_column: str = "html",
+def arrow_dataset(rows: Iterable[dict], features: datasets.Features) -> datasets.Dataset:
+    """A `datasets.Dataset` of `rows`, written to an Arrow file on disk as they come (in batches) and
+    memory-mapped: a corpus of any size never sits in Python lists. Each call writes a file of its own in a fresh
+    temporary folder, so nothing stale is ever read back from a cache."""
+    import tempfile
+
+    from datasets.arrow_writer import ArrowWriter
+
+    path = Path(tempfile.mkdtemp(prefix="htmlgen-")) / "rows.arrow"
+    with ArrowWriter(features=features, path=str(path), writer_batch_size=1000) as writer:
+        for row in rows:
+            writer.write(row)
+        writer.finalize()
+    return datasets.Dataset.from_file(str(path))
+
+
+PAIR_FEATURES = datasets.Features({"label": datasets.Value("string"), "html": datasets.Value("string")})
+
+
+def validate_and_clean(raw: datasets.Dataset | Iterable[dict], label_column: str = "label", html_column: str = "html",
                        source: str = "") -> tuple[datasets.Dataset, DataReport]:
-    """Check columns and types, normalise text, drop empty rows and exact duplicates."""
-    if isinstance(raw, list):
-        columns = list(dict.fromkeys(key for row in raw[:1000] for key in row))
-        labels = [row.get(label_column) for row in raw]
-        pages = [row.get(html_column) for row in raw]
-    else:
-        columns = raw.column_names
-        labels = raw[label_column] if label_column in columns else []
-        pages = raw[html_column] if html_column in columns else []
+    """Check columns and types, normalise text, drop empty rows and exact duplicates, in one pass over the rows
+    (duplicates are found by a hash of each pair, so only the hashes are held in memory)."""
+    import hashlib
+    import itertools
+
+    rows = iter(raw)
+    first = list(itertools.islice(rows, 1000))
+    columns = raw.column_names if isinstance(raw, datasets.Dataset) else list(
+        dict.fromkeys(key for row in first for key in row))
     missing = [c for c in (label_column, html_column) if c not in columns]
-    if missing:
+    if missing and first:
         raise ValueError(
             f"Dataset {source!r} has no column(s) {missing}; it has {columns}. "
             f"Set label_column / html_column (e.g. -p label_column title) to the right names."
         )
-    if len(raw) == 0:
+    counts = {"loaded": 0, "empty": 0, "duplicates": 0}
+
+    def cleaned() -> Iterator[dict]:
+        seen: set[bytes] = set()
+        for index, row in enumerate(itertools.chain(first, rows)):
+            counts["loaded"] += 1
+            label, html = row.get(label_column), row.get(html_column)
+            for column, value in ((label_column, label), (html_column, html)):
+                if value is not None and not isinstance(value, str):
+                    raise ValueError(
+                        f"Row {index} of {source!r}: column {column!r} holds {type(value).__name__} {value!r:.60}, "
+                        f"expected text. Fix the row or convert the column to strings."
+                    )
+            label = " ".join((label or "").split())  # one line, single spaces
+            html = (html or "").replace("\r\n", "\n").replace("\r", "\n").strip()
+            if not label or not html:
+                counts["empty"] += 1
+                continue
+            key = hashlib.blake2b(f"{label}\x00{html}".encode("utf-8", "surrogatepass"), digest_size=16).digest()
+            if key in seen:
+                counts["duplicates"] += 1
+                continue
+            seen.add(key)
+            yield {"label": label, "html": html}
+
+    clean = arrow_dataset(cleaned(), PAIR_FEATURES)
+    if counts["loaded"] == 0:
         raise ValueError(f"Dataset {source!r} has zero rows: nothing to train on")
-    rows, empty, seen, duplicates = [], 0, set(), 0
-    for index, (label, html) in enumerate(zip(labels, pages)):
-        for column, value in ((label_column, label), (html_column, html)):
-            if value is not None and not isinstance(value, str):
-                raise ValueError(
-                    f"Row {index} of {source!r}: column {column!r} holds {type(value).__name__} {value!r:.60}, "
-                    f"expected text. Fix the row or convert the column to strings."
-                )
-        label = " ".join((label or "").split())  # one line, single spaces
-        html = (html or "").replace("\r\n", "\n").replace("\r", "\n").strip()
-        if not label or not html:
-            empty += 1
-            continue
-        key = (label, html)
-        if key in seen:
-            duplicates += 1
-            continue
-        seen.add(key)
-        rows.append({"label": label, "html": html})
-    if not rows:
-        raise ValueError(f"Dataset {source!r}: all {len(raw)} rows have an empty description or page")
-    report = DataReport(source=source, rows_loaded=len(raw), empty_dropped=empty,
-                        duplicates_dropped=duplicates, rows_kept=len(rows))
-    return datasets.Dataset.from_list(rows), report
+    if len(clean) == 0:
+        raise ValueError(f"Dataset {source!r}: all {counts['loaded']} rows have an empty description or page")
+    report = DataReport(source=source, rows_loaded=counts["loaded"], empty_dropped=counts["empty"],
+                        duplicates_dropped=counts["duplicates"], rows_kept=len(clean))
+    return clean, report
 
 
 def split_dataset(dataset: datasets.Dataset, validation_fraction: float, test_fraction: float,
@@ -275,9 +358,5 @@ def load_saved_splits(run_dir: str | Path) -> datasets.DatasetDict:
     missing = [str(p) for p in files.values() if not p.exists()]
     if missing:
         raise FileNotFoundError(f"Missing {missing}: run notebook 01_dataset_exploration first (same run_dir)")
-    return datasets.DatasetDict({
-        # split on "\n" only: str.splitlines() also splits on U+2028, U+0085, form feed... inside a page
-        name: datasets.Dataset.from_list([json.loads(line) for line in path.read_text(encoding="utf-8").split("\n")
-                                          if line.strip()])
-        for name, path in files.items()
-    })
+    return datasets.DatasetDict({name: arrow_dataset(_jsonl_rows(path, "utf-8"), PAIR_FEATURES)
+                                 for name, path in files.items()})  # read a line at a time, "\n" only

@@ -43,8 +43,8 @@ SINGLE = Ranks()
 
 def launched_ranks() -> Ranks:
     """The ranks torchrun (or `accelerate launch`) put in the environment; a world of one without them."""
-    return Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                 int(os.environ.get("LOCAL_RANK", 0)))
+    return Ranks(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                 int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def start_process_group() -> Ranks:

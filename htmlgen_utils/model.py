@@ -58,7 +58,7 @@ def device_for(config: Config) -> torch.device:
     """CUDA when present; a GPU-only precision on a machine without one is a clear error."""
     precision = resolve_precision(config.precision)
     if torch.cuda.is_available():  # under torchrun, the GPU of this process's local rank
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if precision in ("fp16", "bf16"):
         raise RuntimeError(
             f"Preset {config.preset!r} uses {precision} on a CUDA GPU, and this machine has none. On Colab: Runtime -> "

@@ -14,6 +14,7 @@ instruction when `loss_on_response_only`, and on block padding.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .config import LONG_PAGE_POLICIES, Config
+from .data import arrow_dataset
 
 IGNORE_INDEX = -100
 PROMPT_HEADER = ("Below is an instruction that describes a task. You will be provided a prompt and based on it you "
@@ -114,19 +116,28 @@ def _truncate_and_close(tokenizer, page: str, page_enc, room: int) -> list[int]:
     return []
 
 
+PARALLEL_ROWS = 20_000  # splits this large are tokenised by one process per CPU core (`datasets.map(num_proc=)`)
+
+
 def tokenize_split(split: datasets.Dataset, tokenizer, config: Config) -> datasets.Dataset:
-    """`datasets.map` over a split; keeps every row (dropped ones empty) so the policy's counts are visible."""
+    """`datasets.map` over a split, written batch by batch to an Arrow file; keeps every row (dropped ones empty)
+    so the policy's counts are visible. Large splits are tokenised by several processes."""
 
     def fn(batch):
-        out = {"input_ids": [], "labels": [], "status": [], "full_length": [], "prompt_length": []}
+        out = {"input_ids": [], "labels": [], "status": [], "full_length": [], "prompt_length": [], "length": [],
+               "loss_tokens": []}
         for description, page in zip(batch["label"], batch["html"]):
             example = tokenize_example(tokenizer, description, page, config.max_example_tokens,
                                        config.long_page_policy, config.loss_on_response_only)
+            example["length"] = len(example["input_ids"])
+            example["loss_tokens"] = sum(label != IGNORE_INDEX for label in example["labels"])
             for key in out:
                 out[key].append(example[key])
         return out
 
-    return split.map(fn, batched=True, remove_columns=split.column_names, desc="tokenising")
+    cores = os.cpu_count() or 1
+    num_proc = min(cores, 8) if len(split) >= PARALLEL_ROWS and cores > 1 else None
+    return split.map(fn, batched=True, remove_columns=split.column_names, desc="tokenising", num_proc=num_proc)
 
 
 LENGTH_MARKS = (2048, 4096, 8192, 16384)
@@ -199,57 +210,79 @@ class PackingStats:
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     """Group example indices into bins of at most `capacity` tokens, longest first, each into the first bin
-    with room. Deterministic; typically fills > 95% of every block when examples are short."""
+    with room. Deterministic; typically fills > 95% of every block when examples are short.
+
+    The first bin with room is found in a tree of the bins' free room (each node holds the most free room
+    below it), in log(bins) steps instead of a scan over every bin: 100k examples pack in seconds, not hours."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    leaves = 1
+    while leaves < max(1, len(lengths)):
+        leaves *= 2
+    room = [0] * (2 * leaves)  # room[1] is the root; leaf `leaves + b` is bin b (0 until the bin opens)
     bins: list[list[int]] = []
-    room: list[int] = []
     for i in order:
-        for b, free in enumerate(room):
-            if lengths[i] <= free:
-                bins[b].append(i)
-                room[b] -= lengths[i]
-                break
+        need = max(1, lengths[i])
+        if room[1] >= need:  # some open bin has room: walk down to the leftmost one that does
+            node = 1
+            while node < leaves:
+                node = 2 * node if room[2 * node] >= need else 2 * node + 1
+            bins[node - leaves].append(i)
         else:
+            node = leaves + len(bins)
             bins.append([i])
-            room.append(capacity - lengths[i])
+            room[node] = capacity
+        room[node] -= lengths[i]
+        node //= 2
+        while node:
+            room[node] = max(room[2 * node], room[2 * node + 1])
+            node //= 2
     return bins
 
 
+BLOCK_FEATURES = datasets.Features({name: datasets.List(datasets.Value("int64"))
+                                   for name in ("input_ids", "labels", "position_ids")})
+
+
 def pack_examples(tokenized: datasets.Dataset, block_size: int, pad_token_id: int) -> tuple[datasets.Dataset, PackingStats]:
-    """Whole examples into blocks of exactly `block_size` tokens with per-example position ids."""
+    """Whole examples into blocks of exactly `block_size` tokens with per-example position ids.
+
+    Only the examples' lengths are held in memory; the token ids are read back in block order and the blocks
+    written to an Arrow file as they are made."""
     stats = PackingStats(examples=len(tokenized), block_size=block_size)
-    ids_col, labels_col = tokenized["input_ids"], tokenized["labels"]
-    for status, full, ids in zip(tokenized["status"], tokenized["full_length"], ids_col):
+    lengths = tokenized["length"]
+    for status, full, length in zip(tokenized["status"], tokenized["full_length"], lengths):
         setattr(stats, status, getattr(stats, status) + 1)
         stats.tokens_before_policy += full
-        stats.tokens_cut_by_policy += full - len(ids)
-    lengths = [len(ids) for ids in ids_col]
+        stats.tokens_cut_by_policy += full - length
     too_long = [i for i, n in enumerate(lengths) if n > block_size]
     if too_long:
         raise ValueError(f"{len(too_long)} examples exceed block_size={block_size}: set max_example_tokens <= block_size")
     keep = [i for i, n in enumerate(lengths) if n > 0]
-    bins = first_fit_decreasing([lengths[i] for i in keep], block_size)
-    blocks = {"input_ids": [], "labels": [], "position_ids": []}
-    for members in bins:
-        input_ids, labels, positions = [], [], []
-        for m in sorted(members):  # inside a block, keep the dataset's order
-            i = keep[m]
-            input_ids += ids_col[i]
-            labels += labels_col[i]
-            positions += list(range(lengths[i]))
-        pad = block_size - len(input_ids)
-        stats.padding_tokens += pad
-        input_ids += [pad_token_id] * pad
-        labels += [IGNORE_INDEX] * pad
-        positions += list(range(pad))  # padding is its own segment: it attends only to itself
-        blocks["input_ids"].append(input_ids)
-        blocks["labels"].append(labels)
-        blocks["position_ids"].append(positions)
+    bins = [sorted(keep[m] for m in members)  # inside a block, keep the dataset's order
+            for members in first_fit_decreasing([lengths[i] for i in keep], block_size)]
+    in_block_order = tokenized.select([i for members in bins for i in members]).select_columns(["input_ids", "labels"])
+
+    def blocks():
+        examples = (row for batch in in_block_order.iter(batch_size=1000)
+                    for row in zip(batch["input_ids"], batch["labels"]))
+        for members in bins:
+            input_ids, labels, positions = [], [], []
+            for ids, example_labels in (next(examples) for _ in members):
+                input_ids += ids
+                labels += example_labels
+                positions += range(len(ids))
+            pad = block_size - len(input_ids)
+            input_ids += [pad_token_id] * pad
+            labels += [IGNORE_INDEX] * pad
+            positions += range(pad)  # padding is its own segment: it attends only to itself
+            yield {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+
+    packed = arrow_dataset(blocks(), BLOCK_FEATURES)
     stats.blocks = len(bins)
     stats.real_tokens = sum(lengths)
-    stats.loss_tokens = sum(sum(1 for x in labels_col[i] if x != IGNORE_INDEX) for i in keep)
+    stats.padding_tokens = stats.blocks * block_size - stats.real_tokens
+    stats.loss_tokens = sum(n for n, length in zip(tokenized["loss_tokens"], lengths) if length > 0)
     stats.examples_per_block = round(len(keep) / max(1, len(bins)), 2)
-    packed = datasets.Dataset.from_dict(blocks)
     return packed, stats
 
 
