@@ -16,10 +16,15 @@ under a T4's 15 GiB (`torch.cuda.set_per_process_memory_fraction`):
   with one lever switched the other way each (`LEVERS`, at the blocks named there), to show what each bought;
 - `ours bf16`: the `ampere-bf16` preset at its own micro-batch, without the memory cap.
 
-Each system runs in its own process (clean peaks; an out-of-memory cannot spoil the next one). Per block: one
-optimiser step of warm-up, then `--steps` measured (one for blocks >= 8192); tokens/s is the median over
-measured optimiser steps of (tokens in the step) / (wall time of the step, synchronised). Peak is
-`torch.cuda.max_memory_allocated` over load + training. Prints one JSON table last and writes it to --out.
+Each run of a system is its own process (clean peaks; an out-of-memory cannot spoil the next one), and the
+systems run `--repeats` times interleaved (seed-style, ours, low-memory, seed-style, ours, ...), so the shared
+GPU's drift touches all alike. Per block: one optimiser step of warm-up (which also compiles), then `--steps`
+measured (one for blocks >= 8192); a run's tokens/s is the median over its measured optimiser steps of (tokens in
+the step) / (wall time of the step, synchronised). `summary` gives, per system and block, the median and min-max
+over the repeats and the ratio of medians. Peak is `torch.cuda.max_memory_allocated` over load + training. Prints
+one JSON table last and writes it to --out.
+
+- `low-memory`: the `colab-t4-low-memory` preset (every layer checkpointed, checkpoints offloaded to CPU).
 """
 from __future__ import annotations
 
@@ -175,6 +180,7 @@ def trl_sft(model_path: str, data_dir: Path, block_size: int, steps: int, precis
 
 def ours(model_path: str, data_dir: Path, block_size: int, steps: int, preset: str, overrides: dict) -> dict:
     from htmlgen_utils.config import Config
+    from htmlgen_utils.levers import apply_training_levers
     from htmlgen_utils.model import load_for_training
     from htmlgen_utils.packing import load_packed
     from htmlgen_utils.train import train
@@ -186,6 +192,9 @@ def ours(model_path: str, data_dir: Path, block_size: int, steps: int, preset: s
     model, tokenizer = load_for_training(config)
     after_load = peak_gib()
     reset_peak()
+    device = next(model.parameters()).device
+    # the levers as for a long run (a run of a few steps would skip compiling; we measure steady steps)
+    apply_training_levers(model, config, device)
     state = train(model, tokenizer, load_packed(data_dir), config, config.run_dir, resume=False)
     steps_log = [h for h in state.history if "tokens_per_s" in h]
     return {"records": [(h["tokens_per_s"] * h["seconds"], h["seconds"]) for h in steps_log],
@@ -249,22 +258,36 @@ def run_worker(system: str, blocks: list[int], args: argparse.Namespace, model_p
     return rows
 
 
-def ratios(rows: list[dict]) -> dict:
-    """ours / seed-style and ours / TRL tokens/s per block, and the longest block each trains."""
-    def rate(system, block):
-        found = [r for r in rows if r["system"] == system and r.get("block") == block and r.get("tokens_per_s")]
-        return found[0]["tokens_per_s"] if found else None
+def summarise(rows: list[dict]) -> dict:
+    """Per system and block over the repeats: median, min and max of tokens/s (each run's own median over its
+    measured steps), the largest peak, and the ratio of medians against seed-style and TRL."""
+    table: dict = {}
+    for system in dict.fromkeys(r["system"] for r in rows):
+        for block in sorted({r["block"] for r in rows if r["system"] == system and "block" in r}):
+            runs = [r for r in rows if r["system"] == system and r.get("block") == block]
+            rates = [r["tokens_per_s"] for r in runs if r.get("tokens_per_s")]
+            peaks = [r["peak_gib"] for r in runs if r.get("peak_gib")]
+            table.setdefault(system, {})[str(block)] = {
+                "runs": len(runs), "oom": sum(bool(r.get("oom")) for r in runs),
+                "tokens_per_s_median": round(statistics.median(rates), 1) if rates else None,
+                "tokens_per_s_min": min(rates, default=None), "tokens_per_s_max": max(rates, default=None),
+                "peak_gib": max(peaks, default=None)}
+    for system, blocks in table.items():
+        for block, cell in blocks.items():
+            for other in ("seed-style", "trl"):
+                theirs = table.get(other, {}).get(block, {}).get("tokens_per_s_median")
+                if theirs and cell["tokens_per_s_median"] and system != other:
+                    cell[f"ratio_of_medians_vs_{other}"] = round(cell["tokens_per_s_median"] / theirs, 2)
+    return table
 
-    out = {}
-    for block in sorted({r["block"] for r in rows if "block" in r}):
-        mine, seed, trl = rate("ours", block), rate("seed-style", block), rate("trl", block)
-        out[str(block)] = {"ours_vs_seed_style": round(mine / seed, 2) if mine and seed else None,
-                           "ours_vs_trl": round(mine / trl, 2) if mine and trl else None}
+
+def longest_blocks(rows: list[dict]) -> dict:
+    """The longest block each system trained under the cap."""
     longest = {}
-    for system in ("seed-style", "trl", "ours"):
+    for system in dict.fromkeys(r["system"] for r in rows):
         fits = [r["block"] for r in rows if r["system"] == system and r.get("oom") is False]
         longest[system] = max(fits) if fits else None
-    return {"tokens_per_s_ratio": out, "longest_block_under_cap": longest}
+    return {"longest_block_under_cap": longest}
 
 
 def main() -> None:
@@ -272,12 +295,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--work", type=Path, default=Path("/tmp/htmlgen-bench"))
     parser.add_argument("--blocks", default=",".join(map(str, BLOCKS)))
-    parser.add_argument("--systems", default="seed-style,trl,ours,levers,bf16")
+    parser.add_argument("--systems", default="seed-style,trl,ours,low-memory,levers,bf16")
     parser.add_argument("--levers", default="",
                         help="run only the levers whose name contains one of these comma-separated texts")
     parser.add_argument("--variants", default="{}",
                         help='more rows of ours: JSON {"label": {Config overrides}}, run at every --blocks')
-    parser.add_argument("--steps", type=int, default=2, help="measured optimiser steps for blocks below 8192")
+    parser.add_argument("--steps", type=int, default=4, help="measured optimiser steps for blocks below 8192")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each system, interleaved (A B C A B C ...)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, short blocks: checks the script")
     # worker-only
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -300,10 +324,15 @@ def main() -> None:
               "recipe": "NF4 double-quant, LoRA r16/a64/0.05 all linear, paged AdamW8bit 2e-4, fp16 autocast + "
                         "GradScaler, gradient checkpointing, micro-batch 1, accumulation 4", "rows": []}
     rows = report["rows"]
-    for system in ("seed-style", "trl", "ours"):
-        if system in systems:
-            rows += run_worker(system, blocks, args, model_path)
-            write_report(report, args.out, "train_compare.json", quiet=True)  # partial results survive a timeout
+    for repeat in range(args.repeats):  # A B C, A B C, ...: the GPU's drift touches every system alike
+        for system in ("seed-style", "trl", "ours", "low-memory"):
+            if system in systems:
+                preset = "colab-t4-low-memory" if system == "low-memory" else "colab-t4"
+                found = run_worker("ours" if system == "low-memory" else system, blocks, args, model_path,
+                                   preset=preset, label=system)
+                rows += [{**row, "repeat": repeat} for row in found]
+                report["summary"] = summarise(rows)
+                write_report(report, args.out, "train_compare.json", quiet=True)  # partial results survive a timeout
     if "levers" in systems:
         for name, (overrides, lever_blocks) in LEVERS.items():
             if not any(part in name for part in args.levers.split(",")):
@@ -317,7 +346,8 @@ def main() -> None:
     if "bf16" in systems:
         rows += run_worker("ours", [2048], args, model_path, preset="ampere-bf16", uncapped=True,
                            label="ours bf16 preset (uncapped)")
-    report.update(ratios(rows))
+    report["summary"] = summarise(rows)
+    report.update(longest_blocks(rows))
     report["total_s"] = round(time.perf_counter() - started, 1)
     write_report(report, args.out, "train_compare.json")
 

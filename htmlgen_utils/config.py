@@ -50,7 +50,9 @@ class Config:
     loss_chunk_tokens: int = 1024  # vocabulary projection + loss this many tokens at a time; 0 = whole block
     embeddings_in_compute_dtype: bool = True  # keep the frozen embeddings/head in fp16/bf16, not fp32
     offload_activations: str = "auto"  # park layer checkpoints in CPU memory (CUDA): auto = blocks >= 16384 | on | off
-    compile_training: bool = False  # torch.compile each decoder layer for training (the first steps compile)
+    compile_training: bool = False  # torch.compile each decoder layer for training (the first step compiles)
+    memory_budget_gib: float = 0.0  # GPU memory training may plan for: layers whose activations fit are not
+    #                                 checkpointed (less recompute); 0 = checkpoint every layer (the least memory)
     compile_generation: bool = False  # static KV cache + compiled decode step (CUDA; first call compiles)
     # --- data ---
     dataset: str = BUNDLED_DATASET  # "bundled", a hub id, or a local .json/.jsonl/.csv file
@@ -136,6 +138,9 @@ class Config:
             fail("repetition_penalty", "must be a number from 1.0 (off) to 2.0")
         if self.rope_scaling not in ROPE_SCALING:
             fail("rope_scaling", f"must be one of {ROPE_SCALING}")
+        if not isinstance(self.memory_budget_gib, (int, float)) or isinstance(self.memory_budget_gib, bool) or \
+                self.memory_budget_gib < 0:
+            fail("memory_budget_gib", "must be a number of GiB >= 0 (0 = checkpoint every layer)")
         if self.max_grad_norm <= 0:
             fail("max_grad_norm", "must be positive")
         if self.precision not in PRECISIONS:
@@ -251,15 +256,22 @@ def gpu_has_native_bf16() -> bool:
 
 
 PRESETS: dict[str, dict[str, Any]] = {  # each lists only what it changes from the defaults above
-    # Free Colab T4: 15 GiB, no native bf16, so fp16 with a GradScaler; checkpoints parked in CPU memory; whole
-    # examples up to Llama-2's native 4,096 tokens (longer ones with rope_scaling: measured up to 16,384 in 15 GiB).
+    # Free Colab T4: 15 GiB, no native bf16, so fp16 with a GradScaler; whole examples up to Llama-2's native 4,096
+    # tokens; a T4 is bound by arithmetic, so memory up to 13 GiB (of ~14.6 usable) buys layers without checkpoint
+    # recompute.
     "colab-t4": dict(
+        precision="fp16", block_size=4096, max_example_tokens=4096, compile_training=True, memory_budget_gib=13.0,
+        compile_generation=True, run_dir="runs/colab-t4",
+    ),
+    # The T4 preset in the least memory (under 5 GiB at 2,048 tokens): every layer checkpointed, the checkpoints
+    # parked in CPU memory. For long examples (RoPE scaling: one of 24,576 tokens trains in 15 GiB) and small GPUs.
+    "colab-t4-low-memory": dict(
         precision="fp16", block_size=4096, max_example_tokens=4096, compile_training=True, offload_activations="on",
         compile_generation=True, run_dir="runs/colab-t4",
     ),
     # Ampere or newer (A100, L4, H100): bf16 needs no loss scaling, so a bigger micro-batch.
     "ampere-bf16": dict(
-        precision="bf16", micro_batch_size=4, generation_batch_size=32, compile_training=True,
+        precision="bf16", micro_batch_size=4, generation_batch_size=32, compile_training=True, memory_budget_gib=20.0,
         compile_generation=True, run_dir="runs/ampere-bf16",
     ),
     # The small pre-trained Llama shipped with the package, on CPU: what tests, CI and GPU-less machines run.

@@ -165,7 +165,7 @@ def evaluation_settings(config: Config, tokenizer, quick_evaluation: str = "auto
     if quick_evaluation not in ("auto", "on", "off"):
         raise ValueError(f"quick_evaluation={quick_evaluation!r}: use 'auto', 'on' or 'off'")
     config = config.replace(max_new_tokens=generation_length(config, tokenizer))
-    quick = quick_evaluation == "on" or (quick_evaluation == "auto" and config.preset == "colab-t4")
+    quick = quick_evaluation == "on" or (quick_evaluation == "auto" and config.preset.startswith("colab-t4"))
     if quick:
         config = config.replace(max_test_examples=min(config.max_test_examples, 8),
                                 max_new_tokens=min(config.max_new_tokens, 768))

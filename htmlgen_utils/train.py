@@ -147,6 +147,8 @@ class TrainingRun:
     progress: Any
     tracker: Any  # a wandb run, or None
     ranks: Ranks = SINGLE  # rank 0 validates and writes; every rank trains
+    compiled: bool = False  # the first step of the process compiles the layers: its cost is printed
+    first_step: int = 0  # the step this process started from (a resumed run starts past 0)
 
 
 def after_step(run: TrainingRun, state: TrainState, record: dict, stop_when: Callable[[TrainState], bool] | None
@@ -155,6 +157,10 @@ def after_step(run: TrainingRun, state: TrainState, record: dict, stop_when: Cal
     here (`stop_when` said so, as an interruption would; a checkpoint is written first)."""
     config = run.config
     state.history.append(record)
+    timed = [h["seconds"] for h in state.history if "seconds" in h][-2:]
+    if run.compiled and len(timed) == 2 and state.step - run.first_step == 2:  # this process's second step
+        run.progress.write(f"compiling the decoder layers took ~{timed[0] - timed[1]:.0f} s, in the first step "
+                           f"({timed[0]:.1f} s; the second took {timed[1]:.1f} s)")
     run.progress.update(1)
     run.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
     if run.tracker is not None:
@@ -197,7 +203,7 @@ def train(model, tokenizer, packed, config: Config, run_dir: str | Path, resume:
     ranks = start_process_group()  # a world of one unless torchrun started this process
     device = device_for(config)
     accumulation, steps_per_epoch, total_steps = plan_steps(len(packed["train"]), config, ranks.world_size)
-    apply_training_levers(model, config, device)  # speed and memory levers the config asks for (levers/)
+    levers = apply_training_levers(model, config, device, total_steps)  # speed and memory levers (levers/)
     parameters = trainable_parameters(model)
     optimizer = build_optimizer(model, config, device)
     scheduler = build_scheduler(optimizer, config, total_steps)
@@ -216,7 +222,7 @@ def train(model, tokenizer, packed, config: Config, run_dir: str | Path, resume:
     left_out = -(-(len(packed["train"]) // ranks.world_size) // config.micro_batch_size) - epoch_micro_batches
     run = TrainingRun(model, optimizer, scheduler, scaler, config, device, run_dir, packed["validation"],
                       total_steps, epoch_micro_batches, left_out, progress,
-                      start_wandb(config, run_dir) if ranks.is_main else None, ranks)
+                      start_wandb(config, run_dir) if ranks.is_main else None, ranks, "compile_training" in levers, state.step)
 
     model.train()  # gradient checkpointing and LoRA dropout only act in train mode
     optimizer.zero_grad(set_to_none=True)

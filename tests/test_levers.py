@@ -7,8 +7,9 @@ import torch
 
 from htmlgen_utils.config import TINY_BASE_DIR, Config
 from htmlgen_utils.generation import clean_page, generate_pages, stream_page
-from htmlgen_utils.levers import (PACKED_ATTENTION, CheckpointsOnCPU, apply_training_levers, compile_decoder_layers,
-                                  example_spans, packed_attention)
+from htmlgen_utils.levers import (COMPILE_MIN_STEPS, PACKED_ATTENTION, CheckpointsOnCPU, apply_training_levers,
+                                  compile_decoder_layers, example_spans, leave_layers_unchecked, packed_attention,
+                                  plan_recompute)
 from htmlgen_utils.loss import next_token_loss
 from htmlgen_utils.model import keep_frozen_embeddings_in, load_base_model, load_for_training, load_tokenizer
 from htmlgen_utils.packing import build_prompt, make_dataloader, pack_splits
@@ -119,6 +120,55 @@ def test_checkpoint_offload_installed_on_the_decoder_gives_the_same_gradients(tr
     assert hooks.offloaded == moved
 
 
+def test_layers_left_unchecked_give_the_same_gradients_without_the_recompute(training_model, packed_batch):
+    layers = training_model.get_base_model().model.layers
+    runs = []
+    for layer in layers:  # a sub-module's hook: it sees the recompute too (the layer's own hooks run outside it)
+        layer.mlp.register_forward_pre_hook(lambda module, args, layer=layer: runs.append(layer))
+    checkpointed = loss_and_grads(training_model, packed_batch, chunk_tokens=256)
+    assert len(runs) == 2 * len(layers)  # each layer ran twice: forward, then its recompute in the backward
+    runs.clear()
+    leave_layers_unchecked(training_model, 1)
+    unchecked = loss_and_grads(training_model, packed_batch, chunk_tokens=256)
+    assert len(runs) == 2 * len(layers) - 1 and runs.count(layers[-1]) == 1  # the last layer: no recompute
+    assert_same(checkpointed, unchecked)
+
+
+def test_memory_plan_fits_layers_into_the_budget(training_model, monkeypatch):
+    """The memory model's arithmetic, with a 15 GiB GPU that already holds 4 GiB (the 4-bit 7B weights)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 4 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=15 * 2**30))
+    gpu = torch.device("cuda", 0)
+    training_model.config.hidden_size = 4096  # per-token figures in 7B-sized vectors
+    config = Config.from_preset("colab-t4", block_size=2048, max_example_tokens=2048)
+
+    def plan(**changes):
+        return plan_recompute(training_model, config.replace(**changes), gpu, checkpoints_offloaded=False)
+
+    roomy, tight = plan(memory_budget_gib=13.0), plan(memory_budget_gib=8.0)
+    layers = training_model.config.num_hidden_layers
+    assert 0 < tight.unchecked < roomy.unchecked or roomy.unchecked == layers
+    assert tight.estimate_gib <= 8.0 and roomy.estimate_gib <= 13.0
+    assert plan(memory_budget_gib=5.0).unchecked == 0  # 4 GiB + the step's own leave no room for a layer
+    assert plan(memory_budget_gib=0.0).unchecked == 0  # the low-memory mode checkpoints every layer
+    assert plan(memory_budget_gib=13.0, block_size=4096, max_example_tokens=4096).unchecked <= roomy.unchecked
+    assert plan_recompute(training_model, config, gpu, checkpoints_offloaded=True).unchecked == 0
+    assert plan_recompute(training_model, config, torch.device("cpu"), checkpoints_offloaded=False).unchecked == 0
+    assert "less matmul work a step" in str(tight)
+
+
+def test_a_run_too_short_to_repay_compiling_runs_eagerly(tiny_config, capsys):
+    config = tiny_config.replace(model_id=BASE, compile_training=True)
+    model, _ = load_for_training(config)
+    assert apply_training_levers(model, config, torch.device("cpu"), total_steps=COMPILE_MIN_STEPS - 1) == []
+    assert "not compiling for 9 step(s)" in capsys.readouterr().out
+    assert all(layer._compiled_call_impl is None for layer in model.get_base_model().model.layers)
+    assert apply_training_levers(model, config, torch.device("cpu"), total_steps=COMPILE_MIN_STEPS) == [
+        "compile_training"]
+
+
 def test_training_levers_apply_once_and_as_configured(tiny_config):
     config = tiny_config.replace(model_id=BASE, packed_attention="on", compile_training=True)
     model, _ = load_for_training(config)
@@ -149,7 +199,8 @@ def test_long_block_levers_switch_on_where_measured():
     long = Config.from_preset("ampere-bf16", block_size=16384, max_example_tokens=2048)
     assert not short.long_block_lever("offload_activations") and not short.long_block_lever("packed_attention")
     assert long.long_block_lever("offload_activations") and long.long_block_lever("packed_attention")
-    assert Config.from_preset("colab-t4").long_block_lever("offload_activations")  # a T4 offloads at every size
+    assert Config.from_preset("colab-t4-low-memory").long_block_lever("offload_activations")  # at every size
+    assert not Config.from_preset("colab-t4").long_block_lever("offload_activations")  # spends memory on speed
     assert not long.replace(packed_attention="off").long_block_lever("packed_attention")
     with pytest.raises(ValueError, match="offload_activations"):
         Config.from_preset("colab-t4", offload_activations=True)

@@ -6,6 +6,7 @@ generation asks for compiled decoding per call (`generate_pages(..., compile_dec
 
     attention  per-example attention for packed blocks, no block x block mask   (`packed_attention`)
     offload    layer checkpoints parked in CPU memory during the forward       (`offload_activations`)
+    recompute  layers left un-checkpointed where memory allows                 (`memory_budget_gib`)
     compile    regional torch.compile of the decoder layers                    (`compile_training`)
     decoding   static KV cache, compiled decode step, our own batch-1 loop     (`compile_generation`)
 
@@ -21,23 +22,38 @@ from .attention import PACKED_ATTENTION, example_spans, packed_attention, use_pa
 from .compile import compile_decoder_layers
 from .decoding import compiled_decoding, decode_one, static_cache, wants_compiled_decode
 from .offload import CheckpointsOnCPU, offload_checkpoints
+from .recompute import RecomputePlan, leave_layers_unchecked, plan_recompute
 
-__all__ = ["PACKED_ATTENTION", "CheckpointsOnCPU", "apply_training_levers", "compile_decoder_layers",
-           "compiled_decoding", "decode_one", "example_spans", "offload_checkpoints", "packed_attention",
-           "static_cache", "use_packed_attention", "wants_compiled_decode"]
+__all__ = ["COMPILE_MIN_STEPS", "PACKED_ATTENTION", "CheckpointsOnCPU", "RecomputePlan", "apply_training_levers",
+           "compile_decoder_layers", "compiled_decoding", "decode_one", "example_spans", "leave_layers_unchecked",
+           "offload_checkpoints", "packed_attention", "plan_recompute", "static_cache", "use_packed_attention",
+           "wants_compiled_decode"]
+
+# Compiling the layers takes ~15-20 s on an H200 and about a minute on a T4, once a process; compiled steps are
+# 1.3-1.65x as fast (bench/README.md), which on a T4 saves ~5-10 s a step of 4 x 4,096 tokens: a run of fewer
+# optimiser steps than this would not win its compile time back, and runs eagerly.
+COMPILE_MIN_STEPS = 10
 
 
-def apply_training_levers(model, config: Config, device: torch.device) -> list[str]:
+def apply_training_levers(model, config: Config, device: torch.device, total_steps: int | None = None) -> list[str]:
     """Switch on the config's training levers for `model` (once; a second call changes nothing) and return
-    their names, for the notebook to print."""
+    their names, for the notebook to print. `total_steps` (the run's planned optimiser steps) decides whether
+    compiling pays: a run shorter than `COMPILE_MIN_STEPS` is not compiled."""
     applied = model.__dict__.setdefault("_htmlgen_levers", [])
     wanted = []
     if config.long_block_lever("packed_attention"):
         wanted.append("packed_attention")
     if config.long_block_lever("offload_activations") and device.type == "cuda":
         wanted.append("offload_activations")  # CPU memory is what it would save
+    plan = plan_recompute(model, config, device, checkpoints_offloaded="offload_activations" in wanted + applied)
+    if plan.unchecked:
+        wanted.append("unchecked_layers")
     if config.compile_training:
-        wanted.append("compile_training")
+        if total_steps is not None and total_steps < COMPILE_MIN_STEPS and "compile_training" not in applied:
+            print(f"compile_training: not compiling for {total_steps} step(s) (compiling pays from "
+                  f"{COMPILE_MIN_STEPS}); the layers run eagerly")
+        else:
+            wanted.append("compile_training")
     for name in wanted:
         if name in applied:
             continue
@@ -45,6 +61,9 @@ def apply_training_levers(model, config: Config, device: torch.device) -> list[s
             use_packed_attention(model)
         elif name == "offload_activations":
             offload_checkpoints(model)
+        elif name == "unchecked_layers":
+            leave_layers_unchecked(model, plan.unchecked)
+            print(f"memory plan: {plan}")
         else:
             compile_decoder_layers(model)
         applied.append(name)
