@@ -13,6 +13,7 @@ preset) checkpoints every layer: the smallest memory, for long blocks and small 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +22,10 @@ from ..config import Config
 
 GIB = 2**30
 # Measured on the 7B shape with compiled layers (bench/results/2026-11-29_recompute_calibration_h200.json), per token
-# of a micro-batch, in hidden-size vectors of the compute dtype (8 KiB each for Llama-2-7B in fp16):
-STEP_VECTORS = 47  # the step's own peak with every layer checkpointed (the layer being recomputed, the loss chunk...)
-LAYER_VECTORS = 24  # what one un-checkpointed layer keeps until its backward
+# of a micro-batch, in hidden-size vectors of the compute dtype (8 KiB each for Llama-2-7B in fp16), at 2,048 and
+# 4,096 tokens (the larger of the two):
+STEP_VECTORS = 77  # the step's own peak above the weights, every layer checkpointed (besides the checkpoints)
+LAYER_VECTORS = 29  # what one un-checkpointed layer keeps until its backward (28.7 and 25.3 measured)
 MARGIN_GIB = 0.5  # allocator fragmentation and what the estimate leaves out
 
 
@@ -72,6 +74,11 @@ def plan_recompute(model, config: Config, device: torch.device, checkpoints_offl
     room = budget * GIB - static - step - MARGIN_GIB * GIB
     unchecked = max(0, min(layers, int(room // per_layer)))
     estimate = (static + step + unchecked * per_layer) / GIB + MARGIN_GIB
+    if estimate > budget:
+        warnings.warn(f"A micro-batch of {config.micro_batch_size} x {config.block_size} tokens needs about "
+                      f"{estimate:.1f} GiB with every layer checkpointed, over memory_budget_gib={budget:g}: lower "
+                      f"micro_batch_size (raise gradient_accumulation_steps to keep the step) or use the "
+                      f"colab-t4-low-memory preset", stacklevel=2)
     return RecomputePlan(layers, unchecked, round(budget, 2), round(estimate, 2), round(per_layer / GIB, 3))
 
 
