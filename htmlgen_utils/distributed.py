@@ -82,8 +82,9 @@ def data_parallel(model, ranks: Ranks, device: torch.device):
     """What each micro-batch runs through: the model itself in a world of one; over several processes, its
     loss (`loss.NextTokenLoss`) inside `DistributedDataParallel`, which all-reduces the gradients of the
     trainable (LoRA) parameters as the backward pass produces them, bucket by bucket, overlapping the
-    communication with the rest of the backward. `loss.next_token_loss` takes either. The frozen 4-bit base is left out of DDP's start-up broadcast: every rank loaded the
-    same checkpoint, and the adapters' initialisation is seeded (`prepare_for_training`)."""
+    communication with the rest of the backward. `loss.next_token_loss` takes either. The frozen 4-bit base is
+    left out of DDP's start-up broadcast: every rank loaded the same checkpoint, and the adapters' initialisation
+    is seeded (`prepare_for_training`)."""
     if not ranks.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel

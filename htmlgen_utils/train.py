@@ -158,7 +158,7 @@ def after_step(run: TrainingRun, state: TrainState, record: dict, stop_when: Cal
     config = run.config
     state.history.append(record)
     timed = [h["seconds"] for h in state.history if "seconds" in h][-2:]
-    if run.compiled and len(timed) == 2 and state.step - run.first_step == 2:  # this process's second step
+    if run.compiled and run.ranks.is_main and len(timed) == 2 and state.step - run.first_step == 2:  # 2nd step here
         run.progress.write(f"compiling the decoder layers took ~{timed[0] - timed[1]:.0f} s, in the first step "
                            f"({timed[0]:.1f} s; the second took {timed[1]:.1f} s)")
     run.progress.update(1)
@@ -179,7 +179,7 @@ def after_step(run: TrainingRun, state: TrainState, record: dict, stop_when: Cal
                            f"token accuracy {metrics['eval_token_accuracy']:.3f}")
         if run.tracker is not None:
             run.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
-    if epoch_done and run.left_out:
+    if epoch_done and run.left_out and run.ranks.is_main:
         run.progress.write(f"epoch {state.epoch} done: its last {run.left_out} micro-batch(es) did not fill an "
                            f"accumulation group and were left out (the next epoch reshuffles them in)")
     stop = any_rank(stop_when is not None and stop_when(state), run.ranks)  # every rank stops at the same step
@@ -222,7 +222,8 @@ def train(model, tokenizer, packed, config: Config, run_dir: str | Path, resume:
     left_out = -(-(len(packed["train"]) // ranks.world_size) // config.micro_batch_size) - epoch_micro_batches
     run = TrainingRun(model, optimizer, scheduler, scaler, config, device, run_dir, packed["validation"],
                       total_steps, epoch_micro_batches, left_out, progress,
-                      start_wandb(config, run_dir) if ranks.is_main else None, ranks, "compile_training" in levers, state.step)
+                      start_wandb(config, run_dir) if ranks.is_main else None, ranks,
+                      compiled="compile_training" in levers, first_step=state.step)
 
     model.train()  # gradient checkpointing and LoRA dropout only act in train mode
     optimizer.zero_grad(set_to_none=True)

@@ -1,3 +1,5 @@
+import re
+
 import datasets
 import pytest
 import torch
@@ -206,3 +208,27 @@ def test_plan_steps():
     config = Config.from_preset("tiny", micro_batch_size=2, gradient_accumulation_steps=4, max_steps=-1, epochs=2)
     assert plan_steps(100, config) == (4, 12, 24)  # 50 micro-batches an epoch -> 12 whole groups of 4
     assert plan_steps(3, config.replace(max_steps=7)) == (2, 1, 7)  # fewer batches than the accumulation
+
+
+def test_a_compiled_run_says_what_compiling_cost(tiny_config, small_splits, monkeypatch, capsys):
+    """The second step's line puts the first step's extra time down to compiling (here the compiler is replaced by a
+    sleep in the first forward, so the test is quick and the cost known)."""
+    import time
+
+    import htmlgen_utils.levers as levers
+
+    def slow_first_call(model):
+        def compile_once(module, args):
+            time.sleep(1.5)
+            handle.remove()
+
+        handle = model.get_base_model().model.register_forward_pre_hook(compile_once)
+
+    monkeypatch.setattr(levers, "compile_decoder_layers", slow_first_call)
+    config = tiny_config.replace(compile_training=True, max_steps=10, gradient_accumulation_steps=1, eval_every=100,
+                                 checkpoint_every=0)
+    model, tokenizer, packed = _setup(config, small_splits)
+    train(model, tokenizer, packed, config, config.run_dir, resume=False)
+    printed = capsys.readouterr()
+    said = [line for line in (printed.err + printed.out).splitlines() if "compiling the decoder layers took" in line]
+    assert len(said) == 1 and re.search(r"took ~(1|2) s, in the first step \(\d+\.\d s; the second", said[0]), said

@@ -45,9 +45,9 @@ class RecomputePlan:
         return 0.25 * self.unchecked / max(1, self.layers)
 
     def __str__(self) -> str:
-        return (f"{self.unchecked} of {self.layers} layers un-checkpointed ({self.per_layer_gib:.2f} GiB each; estimated "
-                f"peak {self.estimate_gib:.1f} of a {self.budget_gib:g} GiB budget): {self.recompute_saved:.0%} less "
-                f"matmul work a step")
+        return (f"{self.unchecked} of {self.layers} layers un-checkpointed ({self.per_layer_gib:.2f} GiB each; "
+                f"estimated peak {self.estimate_gib:.1f} of a {self.budget_gib:g} GiB budget): "
+                f"{self.recompute_saved:.0%} less matmul work a step")
 
 
 def _decoder_layers(model) -> torch.nn.ModuleList:
