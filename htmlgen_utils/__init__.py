@@ -7,6 +7,7 @@ One module per concern of the data flow:
     model       -> 4-bit load, LoRA                           (notebook 03)
     loss, train, checkpoints, tracking, export
                 -> the hand-written amp training loop         (notebook 04)
+    distributed -> the same loop data-parallel under torchrun
     generation, evaluation, layout, rendering, plots          (notebook 05)
     levers      -> speed and memory levers, apart from the plain path
     stages      -> the run directory between notebooks
