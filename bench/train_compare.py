@@ -1,6 +1,7 @@
 """Training throughput and memory, side by side: the seed-style loop, TRL's SFTTrainer, and ours.
 
-    PYTHONPATH=$PWD python bench/train_compare.py --out $OUT        # one H200 (or any CUDA GPU); ~11 minutes
+    PYTHONPATH=$PWD python bench/train_compare.py --out $OUT --systems seed-style,ours --blocks 2048,4096
+        # one H200 (or any CUDA GPU): 3 interleaved repeats, ~7 minutes; every system and block takes far longer
     PYTHONPATH=$PWD python bench/train_compare.py --smoke --out /tmp/bench   # CPU, tiny model: checks the script
 
 All systems train the same random-weight Llama-2-7B-shaped checkpoint on the bundled data packed into the same

@@ -47,7 +47,7 @@ def rows_from_profile(profile: DatasetProfile, source: str | None = None, encodi
     """A profile's rows as {"label", "html"}: streamed from the hub (its first `max_rows`), or read from a local
     file with the same columns (`source`)."""
     if source is not None:
-        rows = _read_rows(Path(source), encoding)
+        rows = list(FileRows(Path(source), encoding))
     else:
         try:
             stream = datasets.load_dataset(profile.hub_id, profile.config_name, split="train", streaming=True)
@@ -205,11 +205,6 @@ class FileRows:
             yield row
         if empty:
             raise ValueError(f"Dataset file {self.path} is empty: nothing to train on")
-
-
-def _read_rows(path: Path, encoding: str) -> list[dict]:
-    """All rows of a local file (for small files: the named corpora's local copies)."""
-    return list(FileRows(path, encoding))
 
 
 def load_raw(source: str, encoding: str = "utf-8") -> datasets.Dataset | Iterable[dict]:

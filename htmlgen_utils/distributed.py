@@ -98,6 +98,11 @@ def data_parallel(model, ranks: Ranks, device: torch.device):
     return DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def _collective_device() -> str:
+    """Where tensors for a collective must live: on the GPU for NCCL, in CPU memory for gloo."""
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
 def mean_over_ranks(value: float | torch.Tensor, ranks: Ranks) -> float | torch.Tensor:
     """The mean of `value` over the processes (a float, or a tensor on this rank's device); itself for one.
 
@@ -107,8 +112,8 @@ def mean_over_ranks(value: float | torch.Tensor, ranks: Ranks) -> float | torch.
     if not ranks.distributed:
         return value
     is_tensor = isinstance(value, torch.Tensor)
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    total = (value.detach().double() if is_tensor else torch.tensor(float(value), dtype=torch.float64)).to(device)
+    total = (value.detach().double() if is_tensor else torch.tensor(float(value), dtype=torch.float64))
+    total = total.to(_collective_device())
     dist.all_reduce(total)
     total /= ranks.world_size
     return total.to(value.device, value.dtype) if is_tensor else float(total)
@@ -118,8 +123,7 @@ def any_rank(flag: bool, ranks: Ranks) -> bool:
     """True when any process says True (a stop request must end every rank's loop at the same step)."""
     if not ranks.distributed:
         return flag
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor(int(flag), device=device)
+    value = torch.tensor(int(flag), device=_collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value)
 

@@ -213,7 +213,8 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     with room. Deterministic; typically fills > 95% of every block when examples are short.
 
     The first bin with room is found in a tree of the bins' free room (each node holds the most free room
-    below it), in log(bins) steps instead of a scan over every bin: 100k examples pack in seconds, not hours."""
+    below it), in log(bins) steps instead of a scan over every open bin (which grows with the square of the
+    examples: 100k pairs make ~25k bins)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     leaves = 1
     while leaves < max(1, len(lengths)):

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -62,8 +63,8 @@ def step_losses(run_dir: Path) -> list[float]:
 
 
 def test_each_rank_takes_its_own_blocks_and_together_they_take_each_once():
-    blocks = __import__("datasets").Dataset.from_dict({name: [[i] * 4 for i in range(11)] for name in
-                                                      ("input_ids", "labels", "position_ids")})
+    blocks = datasets.Dataset.from_dict({name: [[i] * 4 for i in range(11)]
+                                         for name in ("input_ids", "labels", "position_ids")})
     seen = []
     for rank in (0, 1):
         ids = [row[0] for batch in make_dataloader(blocks, 1, shuffle=True, seed=3, epoch=1, rank=rank, world_size=2)
