@@ -131,7 +131,12 @@ def gpu_timeline(profiler, trace_path: Path, steps: int) -> dict:
             busy += stop - max(start, end)
             end = stop
     kinds: dict[str, float] = {}
+    by_name: dict[str, list[float]] = {}
     for event in events:
+        if event["cat"] == "kernel":
+            totals = by_name.setdefault(event["name"][:120], [0, 0.0])
+            totals[0] += 1
+            totals[1] += event.get("dur", 0)
         kind = "copies" if event["cat"] != "kernel" else next(
             (k for k, pattern in KERNEL_KINDS if re.search(pattern, event["name"])), "other kernels")
         kinds[kind] = kinds.get(kind, 0.0) + event.get("dur", 0)
@@ -139,7 +144,9 @@ def gpu_timeline(profiler, trace_path: Path, steps: int) -> dict:
     return {"gpu_busy_s": round(busy / 1e6, 3),
             "kernels_per_step": round(sum(e["cat"] == "kernel" for e in events) / steps),
             "copies_per_step": round(sum(e["cat"] == "gpu_memcpy" for e in events) / steps),
-            "seconds_by_kind": {k: round(v / 1e6, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
+            "seconds_by_kind": {k: round(v / 1e6, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{"name": name, "per_step": round(n / steps, 1), "us_per_step": round(us / steps, 1)}
+                            for name, (n, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:12]]}
 
 
 def compiler_counters() -> dict:

@@ -296,6 +296,72 @@ def test_own_decode_loop_writes_what_generate_writes():
     assert clean_page(streamed) == plain.pages[1]
 
 
+def test_one_query_attention_equals_sdpa_and_hands_prompts_to_it():
+    """A decode step's attention as two matmuls and a softmax gives SDPA's output, with SDPA's bool mask (unfilled
+    cache slots hidden) and with grouped-query heads; more than one query goes to SDPA itself."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from htmlgen_utils.levers.decoding import one_query_attention
+
+    torch.manual_seed(0)
+    for heads, kv_heads in ((4, 4), (8, 2)):
+        module = SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True)
+        key, value = torch.randn(2, kv_heads, 40, 16), torch.randn(2, kv_heads, 40, 16)
+        query = torch.randn(2, heads, 1, 16)
+        mask = torch.zeros(2, 1, 1, 40, dtype=torch.bool)
+        mask[0, ..., :25], mask[1, ..., :7] = True, True  # a static cache filled to 25 and to 7 slots
+        ours = one_query_attention(module, query, key, value, mask, scaling=0.25)[0]
+        sdpa = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)[0]
+        torch.testing.assert_close(ours, sdpa)
+        key[1, :, 7:] = 1e4  # what a hidden slot holds must not matter
+        torch.testing.assert_close(one_query_attention(module, query, key, value, mask, scaling=0.25)[0], sdpa)
+    prompt = torch.randn(1, 4, 5, 16)
+    module = SimpleNamespace(num_key_value_groups=1, is_causal=True)
+    torch.testing.assert_close(one_query_attention(module, prompt, prompt, prompt, None, scaling=0.25)[0],
+                               sdpa_attention_forward(module, prompt, prompt, prompt, None, scaling=0.25)[0])
+
+
+def test_one_token_lora_matrices_compute_what_linear_computes():
+    """`OneTokenLinear` multiplies one token as a multiply-and-sum and anything larger as `nn.Linear`: both give
+    the layer's own product; `use_one_token_lora` switches every LoRA matrix in place, once."""
+    from htmlgen_utils.levers.decoding import OneTokenLinear, use_one_token_lora
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 8, bias=True)
+    x_one, x_many = torch.randn(1, 1, 64), torch.randn(3, 5, 64)
+    expected = linear(x_one), linear(x_many)
+    linear.__class__ = OneTokenLinear
+    torch.testing.assert_close(linear(x_one), expected[0])
+    torch.testing.assert_close(linear(x_many), expected[1])
+    model, _ = load_for_training(Config.from_preset("tiny"))
+    layers = model.config.num_hidden_layers
+    assert use_one_token_lora(model) == 2 * 7 * layers  # A and B of q, k, v, o, gate, up, down in every layer
+    assert use_one_token_lora(model) == 0
+    assert all(type(m) is OneTokenLinear for name, m in model.named_modules() if ".lora_A." in name or ".lora_B." in name)
+
+
+def test_own_decode_loop_with_a_trained_adapter_writes_what_generate_writes():
+    """With LoRA adapters that change the pages (random B matrices), `decode_one` (one-query attention, one-token
+    LoRA matrices, its `DecodeStep` from fixed token and position buffers) writes `generate`'s pages; a second
+    page reuses the step its cache was built with."""
+    model, tokenizer = load_for_training(Config.from_preset("tiny"))
+    torch.manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.02)
+    model.eval()
+    descriptions = ["A modern landing page for Acme in blue", "Build a retro 404 error page for Nova."]
+    with model.disable_adapter():
+        base_pages = generate_pages(model, tokenizer, descriptions, max_new_tokens=150).pages
+    plain = generate_pages(model, tokenizer, descriptions, max_new_tokens=150)
+    assert plain.pages != base_pages  # the adapter matters
+    ours = generate_pages(model, tokenizer, descriptions, max_new_tokens=150, batch_size=1, compile_decode=True)
+    assert ours.pages == plain.pages and ours.new_tokens == plain.new_tokens
+    assert len(model.__dict__["_htmlgen_decode_steps"]) == 1  # both pages ran on one cache and its one step
+
+
 def test_compiled_decoding_lifts_the_training_hook_for_the_call():
     """A model prepared for training carries transformers' hook that makes the embeddings' output require grad;
     torch 2.11's compiler cannot trace it and splits the decode step around it, so compiled decoding takes it

@@ -4,7 +4,10 @@ A speed lever for generation on a GPU, with the workarounds of library internals
 place: the plain path (`generation.generate_pages` without `compile_decode`) never touches them.
 One prompt at a time (the playground and the query API) skips `generate`: its per-token Python and its
 every-token stop check (a host sync) cost more than the compiled step itself, so `decode_one` is a plain loop
-that looks at its tokens only every `STOP_CHECK_TOKENS`.
+that looks at its tokens only every `STOP_CHECK_TOKENS`. Its step is built for one token: attention of one
+query as plain matmuls (`one_query_attention`), the LoRA matrices as multiply-and-sums the compiler fuses
+(`OneTokenLinear`), and its own CUDA graph (`DecodeStep`); on the 7B shape that took it from 118 to 171
+tokens/s (bench/README.md), and what remains is mostly bitsandbytes' 4-bit matrix-vector kernel.
 """
 from __future__ import annotations
 
@@ -16,6 +19,71 @@ from typing import Iterator
 import torch
 
 from ..packing import STOP_STRING
+from .attention import PACKED_ATTENTION
+
+
+ONE_QUERY_ATTENTION = "htmlgen_one_query"
+
+
+def one_query_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """Attention for a decode step: one new token against the whole KV cache, as two small matmuls and a softmax.
+
+    SDPA's kernels are built for many queries. A static cache needs a mask (its unfilled slots), which rules out
+    FlashAttention, and SDPA's memory-efficient kernel then gives one query a whole tile of work: on the 7B
+    shape it took ~55 us a layer, a quarter of the decode step. The plain form (what transformers' `eager`
+    attention computes) is two batched matrix-vector products and a softmax that the compiler fuses with the
+    mask. Anything with more than one query (a prompt) goes to transformers' SDPA unchanged."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if query.shape[2] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    scores = torch.matmul(query, key.transpose(2, 3)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if attention_mask is not None:  # SDPA's mask: True where the token may look, or an additive float mask
+        scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
+                  else scores + attention_mask)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
+
+
+def _register_one_query_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ONE_QUERY_ATTENTION, one_query_attention)
+    AttentionMaskInterface.register(ONE_QUERY_ATTENTION, sdpa_mask)  # the same mask SDPA gets
+
+
+_register_one_query_attention()
+
+
+class OneTokenLinear(torch.nn.Linear):
+    """A LoRA matrix that multiplies a single token as a multiply-and-sum instead of a GEMM.
+
+    At batch 1 each of a 7B model's 224 LoRA pairs is two tiny matrix products, and cuBLAS runs each as its
+    own kernel (often two): 448 launches, ~4 ms of a 7.5 ms decode step. Written as `(x * W).sum(-1)` the
+    compiler generates the kernels itself and fuses them with their neighbours (the casts, the scaling, the
+    add onto the 4-bit layer's output). Anything with more than one token is `nn.Linear` unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[:-1].numel() != 1:
+            return super().forward(x)
+        out = (x.unsqueeze(-2) * self.weight).sum(-1)
+        return out if self.bias is None else out + self.bias
+
+
+def use_one_token_lora(model) -> int:
+    """Make every LoRA A and B matrix of `model` a `OneTokenLinear`, in place (the same weights; calling it
+    again changes nothing). Returns how many it switched."""
+    matrices = [linear for module in model.modules() for name in ("lora_A", "lora_B")
+                if isinstance(getattr(module, name, None), torch.nn.ModuleDict) for linear in getattr(module, name).values()]
+    plain = [linear for linear in matrices if type(linear) is torch.nn.Linear]
+    for linear in plain:
+        linear.__class__ = OneTokenLinear
+    return len(plain)
 
 
 @contextmanager
@@ -27,7 +95,8 @@ def compiled_decoding(model):
     (hundreds of small kernels a token). It refuses for every bitsandbytes model, a rule older than
     bitsandbytes' own support (4-bit layers compile since 0.46 with torch >= 2.8 and run in CUDA graphs since
     0.44), so the model's quantizer is hidden from that one check for the duration of the call. The first
-    call of each batch size compiles (tens of seconds); later calls reuse it.
+    call of each batch size compiles (tens of seconds); later calls reuse it. Attention runs as
+    `one_query_attention` for the call.
 
     A model prepared for training in this process carries transformers' hook that marks the embeddings'
     output as requiring grad (for gradient checkpointing); the compiler cannot trace it and would split the
@@ -38,13 +107,17 @@ def compiled_decoding(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     quantizer = getattr(base, "hf_quantizer", None)
     hooked = hasattr(base, "_require_grads_hook")
+    attention = base.config._attn_implementation
     base.hf_quantizer = None
+    if attention in ("sdpa", PACKED_ATTENTION):  # both are SDPA for a decode step
+        base.config._attn_implementation = ONE_QUERY_ATTENTION
     if hooked:
         base.disable_input_require_grads()
     try:
         yield
     finally:
         base.hf_quantizer = quantizer
+        base.config._attn_implementation = attention
         if hooked:
             base.enable_input_require_grads()
 
@@ -113,40 +186,92 @@ def _stop_index(tokenizer, tokens: list[int], checked: int, stop_at_html_end: bo
     return eos_end
 
 
+class DecodeStep:
+    """One token's forward with the static KV cache, captured once as a CUDA graph and replayed for every token.
+
+    transformers' compiled step (`mode="reduce-overhead"`) replays through torch.compile's CUDA-graph trees,
+    which on every call check guards and the addresses of all the model's tensors: with a 7B model's
+    thousands of LoRA and 4-bit tensors that host work took longer than the GPU's step. Here the forward is
+    compiled to plain generated kernels and captured into a `torch.cuda.CUDAGraph` that reads its token and
+    position from two fixed buffers, so a token costs two small copies and one replay. Build it before the
+    prompt is in the cache: warming up and capturing run the step on the cache (its own write counter moves
+    too), so the cache is reset afterwards. On CPU there is no graph: the same step runs eagerly from the same
+    buffers."""
+
+    def __init__(self, model, cache, cache_name: str, device: torch.device):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.model, self.cache, self.cache_name = model, cache, cache_name
+        self.token = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.position = torch.zeros((1,), dtype=torch.long, device=device)
+        self.forward = torch.compile(base, dynamic=False) if device.type == "cuda" else base
+        self.graph = None
+        if device.type == "cuda":
+            with compiled_decoding(model):  # one graph, also for a model prepared for training
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # CUDA graphs are captured after warm-up runs on a side stream
+                    for _ in range(2):
+                        self._run()
+                torch.cuda.current_stream().wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.logits = self._run()
+            cache.reset()
+
+    def _run(self) -> torch.Tensor:
+        return self.forward(input_ids=self.token, **{self.cache_name: self.cache}, cache_position=self.position,
+                            position_ids=self.position[None], use_cache=True).logits[:, -1]
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """The next token's logits after `token` at `position` (both on the device). On CUDA the result is the
+        graph's own output buffer: read it before the next call."""
+        self.token.copy_(token)
+        self.position.copy_(position)
+        if self.graph is None:
+            with compiled_decoding(self.model):
+                return self._run()
+        self.graph.replay()
+        return self.logits
+
+
+def decode_step(model, cache, cache_name: str, device: torch.device) -> DecodeStep:
+    """The `DecodeStep` of this static cache, built at its first use (before the prompt goes in: building it
+    resets the cache) and kept with it, as a graph is bound to its cache's tensors."""
+    steps = model.__dict__.setdefault("_htmlgen_decode_steps", {})
+    if id(cache) not in steps:
+        steps[id(cache)] = DecodeStep(model, cache, cache_name, device)
+    return steps[id(cache)]
+
+
 @torch.no_grad()
 def decode_one(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
                temperature: float = 0.7, top_p: float = 0.95, stop_at_html_end: bool = True) -> Iterator[list[int]]:
     """One prompt's new tokens (its EOS included), yielded in pieces as they are read back.
 
-    Prefill the static cache with the prompt, then one compiled forward a token (on CUDA: CUDA graphs; on
+    Prefill the static cache with the prompt, then one `DecodeStep` a token (on CUDA a CUDA-graph replay; on
     CPU the same loop runs eagerly). The tokens stay on the GPU and are read back every `STOP_CHECK_TOKENS`,
     so the host launches steps ahead of the GPU instead of waiting for each; a page that ends mid-piece is cut
     where it ended (up to `STOP_CHECK_TOKENS` tokens were computed for nothing)."""
-    from transformers import CompileConfig
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    use_one_token_lora(model)
     length = input_ids.shape[1]
     cache = static_cache(model, 1, length + max_new_tokens)
-    step = base.get_compiled_call(CompileConfig()) if input_ids.is_cuda else base.__call__
     pick = _token_picker(do_sample, temperature, top_p)
     # the KV cache argument is `cache` from transformers 5.2x on, `past_key_values` before
     cache_name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     positions = torch.arange(length + max_new_tokens, device=input_ids.device)
     new = torch.empty((1, max_new_tokens), dtype=torch.long, device=input_ids.device)
+    step = decode_step(model, cache, cache_name, input_ids.device)
     logits = base(input_ids=input_ids, **{cache_name: cache}, cache_position=positions[:length], use_cache=True,
                   logits_to_keep=1).logits[:, -1]
     tokens: list[int] = []
     for start in range(0, max_new_tokens, STOP_CHECK_TOKENS):
         stop = min(start + STOP_CHECK_TOKENS, max_new_tokens)
-        with compiled_decoding(model):  # one graph, also for a model prepared for training
-            for i in range(start, stop):
-                token = pick(logits)
-                new[:, i] = token[:, 0]
-                if i + 1 < max_new_tokens:  # launched before the read-back below, so the GPU keeps working
-                    torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
-                    position = positions[length + i:length + i + 1]
-                    logits = step(input_ids=token, **{cache_name: cache}, cache_position=position,
-                                  position_ids=position[None], use_cache=True).logits[:, -1]
+        for i in range(start, stop):
+            token = pick(logits)
+            new[:, i] = token[:, 0]
+            if i + 1 < max_new_tokens:  # launched before the read-back below, so the GPU keeps working
+                logits = step(token, positions[length + i:length + i + 1])
         checked = len(tokens)
         tokens += new[0, checked:stop].tolist()
         end = _stop_index(tokenizer, tokens, checked, stop_at_html_end)
