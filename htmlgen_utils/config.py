@@ -283,4 +283,13 @@ PRESETS: dict[str, dict[str, Any]] = {  # each lists only what it changes from t
         checkpoint_every=16, max_test_examples=12, generation_batch_size=12, run_dir="runs/tiny",
         wandb_mode="disabled",
     ),
+    # The tiny chain on long pages (`bundled-long`, 5k-33k characters): examples of 2,048 tokens, twice the tiny
+    # base's context (linear RoPE scaling), a fifth of the pages for testing (7 of 36; the base's long-page
+    # pre-training left them out) and 128 steps (measured: after 32 no page ended before the token limit).
+    "tiny-long": dict(
+        model_id=str(TINY_BASE_DIR), dataset=BUNDLED_LONG_DATASET, test_fraction=0.2, precision="fp32",
+        gradient_checkpointing=False, block_size=2048, max_example_tokens=2048, learning_rate=2e-3, warmup_steps=3,
+        max_steps=128, eval_every=32, max_eval_batches=6, checkpoint_every=32, max_test_examples=12,
+        generation_batch_size=12, run_dir="runs/tiny-long", wandb_mode="disabled",
+    ),
 }

@@ -7,7 +7,13 @@ and, separately, on descriptions -- never on (description, page) pairs, so follo
 is left for the QLoRA fine-tune to teach. Only the training split's rows are used: the held-out test
 pages stay unseen.
 
-    python -m htmlgen_utils.tiny_base --out htmlgen_utils/tiny_base      # ~10 min on 2 CPU cores
+Two stages, as real bases see both short and long documents: first the bundled set's short pages, then a
+shorter stage that adds the long-page set's training pages (`bundled-long`, 5k-40k characters). Without the
+second stage the model had never seen a long page's body (its loss there was 9-11, worse than a uniform
+guess), so long-page fine-tuning measured nothing but that gap.
+
+    python -m htmlgen_utils.tiny_base --out htmlgen_utils/tiny_base      # ~25 min on 2 CPU cores
+    python -m htmlgen_utils.tiny_base --stage1-from DIR --out DIR2       # only the second stage, on DIR
 """
 from __future__ import annotations
 
@@ -26,7 +32,9 @@ from .tiny_model import tiny_llama_config, train_tokenizer
 
 ARCHITECTURE = dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=704, max_position_embeddings=1024)
 RECIPE = dict(vocab_size=2048, seq_len=512, batch_size=8, steps=900, learning_rate=3e-3, warmup=50, seed=0,
-              threads=2)
+              threads=2,
+              # the second stage: short and long pages together, from the first stage's weights
+              long_steps=300, long_learning_rate=1e-3, long_warmup=20, long_test_fraction=0.2)
 
 
 def pretraining_texts(seed: int = 42) -> tuple[list[str], list[str]]:
@@ -35,30 +43,32 @@ def pretraining_texts(seed: int = 42) -> tuple[list[str], list[str]]:
     return list(splits["train"]["html"]), list(splits["train"]["label"])
 
 
-def build(out: Path | None, steps: int = RECIPE["steps"], log_every: int = 50, stop_after: int | None = None) -> dict:
-    """Pre-train and save to `out`. `stop_after` runs only the first steps of the same schedule and saves
-    nothing: a quick check that a rebuild follows the recorded loss curve."""
-    torch.manual_seed(RECIPE["seed"])
-    random.seed(RECIPE["seed"])
-    torch.set_num_threads(RECIPE["threads"])
-    from transformers import LlamaForCausalLM
+def long_pretraining_pages(seed: int = 42) -> list[str]:
+    """The long-page set's training pages at `long_test_fraction` 0.2: its test (and validation) rows are the
+    first of one seeded order, so any test fraction up to 0.2 keeps its test pages unseen."""
+    splits, _ = load_splits(Config.from_preset("tiny", dataset="bundled-long", seed=seed,
+                                               test_fraction=RECIPE["long_test_fraction"]))
+    return list(splits["train"]["html"])
 
-    pages, descriptions = pretraining_texts()
-    # The tokenizer sees the prompt template too, so the instruction costs few tokens.
-    tokenizer = train_tokenizer(pages + [build_prompt(d) for d in descriptions], RECIPE["vocab_size"])
-    docs = [tokenizer(p).input_ids + [tokenizer.eos_token_id] for p in pages]
-    docs += [tokenizer(d).input_ids + [tokenizer.eos_token_id] for d in descriptions]
+
+def token_chunks(tokenizer, texts: list[str]) -> tuple[torch.Tensor, int]:
+    """Each text tokenized and ended with EOS, shuffled (seeded), concatenated and cut into `seq_len` rows;
+    and how many tokens the texts make."""
+    docs = [tokenizer(text).input_ids + [tokenizer.eos_token_id] for text in texts]
     random.Random(RECIPE["seed"]).shuffle(docs)
     stream = [t for doc in docs for t in doc]
     seq = RECIPE["seq_len"]
-    chunks = torch.tensor(stream[: len(stream) // seq * seq]).view(-1, seq)
+    return torch.tensor(stream[: len(stream) // seq * seq]).view(-1, seq), len(stream)
 
-    model = LlamaForCausalLM(tiny_llama_config(tokenizer, **ARCHITECTURE))
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    optimizer = torch.optim.AdamW(model.parameters(), lr=RECIPE["learning_rate"], weight_decay=0.01)
+
+def pretrain(model, chunks: torch.Tensor, steps: int, learning_rate: float, warmup: int, log_every: int,
+             stop_after: int | None = None) -> tuple[list[float], float]:
+    """Causal-LM training on random rows of `chunks` (AdamW, cosine schedule): the loss every `log_every`
+    steps, and the seconds it took."""
     from transformers import get_cosine_schedule_with_warmup
 
-    scheduler = get_cosine_schedule_with_warmup(optimizer, RECIPE["warmup"], steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
     generator = torch.Generator().manual_seed(RECIPE["seed"])
     model.train()
     started, losses, loss_log = time.perf_counter(), [], []
@@ -75,15 +85,50 @@ def build(out: Path | None, steps: int = RECIPE["steps"], log_every: int = 50, s
             recent = sum(losses[-log_every:]) / len(losses[-log_every:])
             loss_log.append(round(recent, 4))
             print(f"step {step}/{steps} loss {recent:.4f} ({time.perf_counter() - started:.0f}s)", flush=True)
-    seconds = time.perf_counter() - started
-    if stop_after is not None:
-        return {"loss_log": loss_log, "steps": stop_after, "seconds": round(seconds, 1)}
-    final_loss = sum(losses[-50:]) / len(losses[-50:])
+    return loss_log, time.perf_counter() - started
+
+
+def build(out: Path | None, steps: int = RECIPE["steps"], log_every: int = 50, stop_after: int | None = None,
+          stage1_from: Path | None = None) -> dict:
+    """Pre-train and save to `out`. `stop_after` runs only the first steps of the first stage and saves
+    nothing: a quick check that a rebuild follows the recorded loss curve. `stage1_from` takes the first
+    stage's model and tokenizer from that folder and runs only the second."""
+    torch.manual_seed(RECIPE["seed"])
+    random.seed(RECIPE["seed"])
+    torch.set_num_threads(RECIPE["threads"])
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    pages, descriptions = pretraining_texts()
+    if stage1_from is None:
+        # The tokenizer sees the prompt template too, so the instruction costs few tokens.
+        tokenizer = train_tokenizer(pages + [build_prompt(d) for d in descriptions], RECIPE["vocab_size"])
+        chunks, corpus_tokens = token_chunks(tokenizer, pages + descriptions)
+        model = LlamaForCausalLM(tiny_llama_config(tokenizer, **ARCHITECTURE))
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        loss_log, seconds = pretrain(model, chunks, steps, RECIPE["learning_rate"], RECIPE["warmup"], log_every,
+                                     stop_after)
+        if stop_after is not None:
+            return {"loss_log": loss_log, "steps": stop_after, "seconds": round(seconds, 1)}
+        stage1 = {"steps": steps, "seconds": round(seconds, 1), "corpus_tokens": corpus_tokens,
+                  "loss_log": loss_log, "final_train_loss_last50": loss_log[-1]}
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(stage1_from))
+        model = LlamaForCausalLM.from_pretrained(str(stage1_from), dtype=torch.float32)
+        recorded = json.loads((Path(stage1_from) / "build_report.json").read_text())
+        stage1 = {key: recorded[key] for key in ("steps", "seconds", "corpus_tokens", "loss_log",
+                                                 "final_train_loss_last50")}
+    long_pages = long_pretraining_pages()
+    chunks, corpus_tokens = token_chunks(tokenizer, pages + long_pages + descriptions)
+    loss_log, seconds = pretrain(model, chunks, RECIPE["long_steps"], RECIPE["long_learning_rate"],
+                                 RECIPE["long_warmup"], log_every)
+    final_loss = loss_log[-1]
+    seq = RECIPE["seq_len"]
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(out)  # fp16 on disk: half the size; loads in any dtype
     tokenizer.save_pretrained(out)
-    report = {"final_train_loss_last50": round(final_loss, 4), "steps": steps, "seconds": round(seconds, 1),
-              "tokens_seen": steps * RECIPE["batch_size"] * seq, "corpus_tokens": len(stream),
+    report = {"final_train_loss_last50": round(final_loss, 4), "steps": RECIPE["long_steps"],
+              "seconds": round(seconds, 1), "tokens_seen": RECIPE["long_steps"] * RECIPE["batch_size"] * seq,
+              "corpus_tokens": corpus_tokens, "long_pages": len(long_pages), "stage1": stage1,
               "parameters": sum(p.numel() for p in model.parameters()), "architecture": ARCHITECTURE,
               "loss_log_every": log_every, "loss_log": loss_log,
               "recipe": RECIPE, "torch": torch.__version__}
@@ -93,7 +138,7 @@ def build(out: Path | None, steps: int = RECIPE["steps"], log_every: int = 50, s
 
 
 def model_card(report: dict) -> str:
-    a = report["architecture"]
+    a, r, s1 = report["architecture"], report["recipe"], report["stage1"]
     return f"""# tiny-html-llama: the `tiny` preset's base model
 
 A {report['parameters'] / 1e6:.1f}M-parameter `LlamaForCausalLM` (Llama-2's architecture at toy size) and a
@@ -102,14 +147,19 @@ byte-level BPE tokenizer of {report['recipe']['vocab_size']} tokens, made by `py
 - Architecture: hidden {a['hidden_size']}, {a['num_layers']} layers, {a['num_heads']} heads, MLP {a['intermediate_size']},
   context {a['max_position_embeddings']}, untied embeddings; weights stored in fp16.
 - Data: the pages and, as separate documents, the descriptions of the bundled dataset's training split
-  (never paired, so following an instruction is what the QLoRA fine-tune teaches; test pages never seen):
-  {report['corpus_tokens']:,} tokens, cut into {report['recipe']['seq_len']}-token sequences.
-- Training: {report['steps']} steps of AdamW (lr {report['recipe']['learning_rate']}, cosine, warm-up
-  {report['recipe']['warmup']}), batch {report['recipe']['batch_size']}, fp32, seed {report['recipe']['seed']},
-  {report['recipe']['threads']} CPU threads: {report['tokens_seen']:,} tokens in {report['seconds']:.0f} s.
-- Final training loss (mean of the last 50 steps): {report['final_train_loss_last50']}.
+  (never paired, so following an instruction is what the QLoRA fine-tune teaches; test pages never seen).
+- Stage 1: {s1['corpus_tokens']:,} tokens cut into {r['seq_len']}-token sequences; {s1['steps']} steps of AdamW
+  (lr {r['learning_rate']}, cosine, warm-up {r['warmup']}), batch {r['batch_size']}, fp32, seed {r['seed']},
+  {r['threads']} CPU threads, {s1['seconds']:.0f} s; final training loss (mean of the last 50 steps)
+  {s1['final_train_loss_last50']}.
+- Stage 2, long pages: the same data plus the {report['long_pages']} training pages of the long-page set
+  (`--dataset bundled-long`; its split at test_fraction {r['long_test_fraction']}, so a test fraction up to
+  {r['long_test_fraction']} keeps its test pages unseen): {report['corpus_tokens']:,} tokens; {report['steps']}
+  steps at lr {r['long_learning_rate']} (cosine, warm-up {r['long_warmup']}), {report['tokens_seen']:,} tokens in
+  {report['seconds']:.0f} s. Final training loss (mean of the last 50 steps): {report['final_train_loss_last50']}.
 - Rebuild: `python -m htmlgen_utils.tiny_base --out DIR` (the same loss within a few hundredths; exact bits
-  depend on the CPU's math library). `build_report.json` holds these figures.
+  depend on the CPU's math library); `--stage1-from DIR` runs only stage 2 on a stage-1 model.
+  `build_report.json` holds these figures.
 
 Not a useful model of HTML beyond this dataset: it exists so CPU runs and tests show real pages.
 """
@@ -118,9 +168,11 @@ Not a useful model of HTML beyond this dataset: it exists so CPU runs and tests 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Pre-train the tiny base model on CPU.")
     parser.add_argument("--out", type=Path, default=TINY_BASE_DIR)
-    parser.add_argument("--steps", type=int, default=RECIPE["steps"])
+    parser.add_argument("--steps", type=int, default=RECIPE["steps"], help="first-stage steps")
+    parser.add_argument("--stage1-from", type=Path, default=None,
+                        help="a first-stage model folder: run only the second stage on it")
     args = parser.parse_args(argv)
-    print(json.dumps(build(args.out, args.steps), indent=2))
+    print(json.dumps(build(args.out, args.steps, stage1_from=args.stage1_from), indent=2))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ def test_shipped_base_is_small_and_documented():
     weights = TINY_BASE_DIR / "model.safetensors"
     assert weights.stat().st_size < 12 * 2**20
     assert report["final_train_loss_last50"] < 0.2 and report["steps"] == len(report["loss_log"]) * 50
+    assert report["stage1"]["steps"] == len(report["stage1"]["loss_log"]) * 50 and report["long_pages"] >= 20
     card = (TINY_BASE_DIR / "README.md").read_text()
     assert str(report["final_train_loss_last50"]) in card and "python -m htmlgen_utils.tiny_base" in card
 
@@ -20,4 +21,20 @@ def test_rebuild_reproduces_the_recorded_loss_curve():
     """The first 50 steps of the same recipe (seeded data, tokenizer, init and batches) give the recorded loss."""
     report = json.loads((TINY_BASE_DIR / "build_report.json").read_text())
     rebuilt = build(None, stop_after=50)
-    assert rebuilt["loss_log"][0] == pytest.approx(report["loss_log"][0], abs=0.05)
+    assert rebuilt["loss_log"][0] == pytest.approx(report["stage1"]["loss_log"][0], abs=0.05)
+
+
+def test_long_pages_of_the_second_stage_stay_out_of_every_test_split_up_to_a_fifth():
+    """The second stage pre-trains on long pages: none may be a test page of the long set at the test fractions
+    its card allows (the test rows come first in one seeded order, so a smaller fraction's test pages are a
+    subset of the 0.2 split's)."""
+    from htmlgen_utils.config import Config
+    from htmlgen_utils.data import load_splits
+    from htmlgen_utils.tiny_base import long_pretraining_pages
+
+    pretrained = set(long_pretraining_pages())
+    assert len(pretrained) >= 20
+    for fraction in (0.05, 0.1, 0.2):
+        splits, _ = load_splits(Config.from_preset("tiny", dataset="bundled-long", test_fraction=fraction))
+        assert not pretrained & set(splits["test"]["html"])
+        assert not pretrained & set(splits["validation"]["html"])

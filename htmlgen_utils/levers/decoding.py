@@ -30,7 +30,7 @@ def one_query_attention(module, query, key, value, attention_mask, dropout: floa
 
     SDPA's kernels are built for many queries. A static cache needs a mask (its unfilled slots), which rules out
     FlashAttention, and SDPA's memory-efficient kernel then gives one query a whole tile of work: on the 7B
-    shape it took ~55 us a layer, a quarter of the decode step. The plain form (what transformers' `eager`
+    shape it took 54 us a layer, 1.7 ms of a 7.5 ms decode step. The plain form (what transformers' `eager`
     attention computes) is two batched matrix-vector products and a softmax that the compiler fuses with the
     mask. Anything with more than one query (a prompt) goes to transformers' SDPA unchanged."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -63,10 +63,10 @@ _register_one_query_attention()
 class OneTokenLinear(torch.nn.Linear):
     """A LoRA matrix that multiplies a single token as a multiply-and-sum instead of a GEMM.
 
-    At batch 1 each of a 7B model's 224 LoRA pairs is two tiny matrix products, and cuBLAS runs each as its
-    own kernel (often two): 448 launches, ~4 ms of a 7.5 ms decode step. Written as `(x * W).sum(-1)` the
-    compiler generates the kernels itself and fuses them with their neighbours (the casts, the scaling, the
-    add onto the 4-bit layer's output). Anything with more than one token is `nn.Linear` unchanged."""
+    At batch 1 each of a 7B model's 224 LoRA pairs is two tiny matrix products, and cuBLAS ran each as a gemv,
+    a dot and a reduce kernel: ~1,300 launches, 1.3 ms of a 7.5 ms decode step. Written as `(x * W).sum(-1)`
+    the compiler generates the kernels itself and fuses them with their neighbours (the casts, the scaling,
+    the add onto the 4-bit layer's output). Anything with more than one token is `nn.Linear` unchanged."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[:-1].numel() != 1:
