@@ -18,6 +18,7 @@ BUNDLED_DATA_FILE = REPO_DIR / "data" / "html_pages.jsonl"  # regenerated in mem
 BUNDLED_LONG_DATASET = "bundled-long"  # 36 long pages (5k-40k characters) for the long-page path
 BUNDLED_LONG_FILE = REPO_DIR / "data" / "long_pages.jsonl"
 TINY_BASE_DIR = PACKAGE_DIR / "tiny_base"
+TINY_LONG_BASE_DIR = PACKAGE_DIR / "tiny_base_long"  # the tiny base pre-trained further with long pages
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 LOSS_SCALING = ("auto", "on", "off")
@@ -283,12 +284,13 @@ PRESETS: dict[str, dict[str, Any]] = {  # each lists only what it changes from t
         checkpoint_every=16, max_test_examples=12, generation_batch_size=12, run_dir="runs/tiny",
         wandb_mode="disabled",
     ),
-    # The tiny chain on long pages (`bundled-long`, 5k-33k characters): examples of 2,048 tokens, twice the tiny
-    # base's context (linear RoPE scaling), a fifth of the pages for testing (7 of 36; the base's long-page
-    # pre-training left them out) and 128 steps (measured: after 32 no page ended before the token limit).
+    # The tiny chain on long pages (`bundled-long`, 5k-33k characters), on the tiny base that has also seen long
+    # pages: examples of 2,048 tokens (the default), twice its context (linear RoPE scaling), a fifth of the pages
+    # for testing (7 of 36, which its pre-training left out) and 128 steps (measured: after 32 no page ended
+    # before the token limit).
     "tiny-long": dict(
-        model_id=str(TINY_BASE_DIR), dataset=BUNDLED_LONG_DATASET, test_fraction=0.2, precision="fp32",
-        gradient_checkpointing=False, block_size=2048, max_example_tokens=2048, learning_rate=2e-3, warmup_steps=3,
+        model_id=str(TINY_LONG_BASE_DIR), dataset=BUNDLED_LONG_DATASET, test_fraction=0.2, precision="fp32",
+        gradient_checkpointing=False, learning_rate=2e-3, warmup_steps=3,
         max_steps=128, eval_every=32, max_eval_batches=6, checkpoint_every=32, max_test_examples=12,
         generation_batch_size=12, run_dir="runs/tiny-long", wandb_mode="disabled",
     ),

@@ -7,13 +7,11 @@ and, separately, on descriptions -- never on (description, page) pairs, so follo
 is left for the QLoRA fine-tune to teach. Only the training split's rows are used: the held-out test
 pages stay unseen.
 
-Two stages, as real bases see both short and long documents: first the bundled set's short pages, then a
-shorter stage that adds the long-page set's training pages (`bundled-long`, 5k-40k characters). Without the
-second stage the model had never seen a long page's body (its loss there was 9-11, worse than a uniform
-guess), so long-page fine-tuning measured nothing but that gap.
+`--long` makes the `tiny-long` preset's base from it: 300 more steps that add the long-page set's training
+pages (`bundled-long`, 5k-33k characters), as real bases have seen long pages too.
 
-    python -m htmlgen_utils.tiny_base --out htmlgen_utils/tiny_base      # ~25 min on 2 CPU cores
-    python -m htmlgen_utils.tiny_base --stage1-from DIR --out DIR2       # only the second stage, on DIR
+    python -m htmlgen_utils.tiny_base --out htmlgen_utils/tiny_base      # ~20 min on 2 CPU cores
+    python -m htmlgen_utils.tiny_base --long                             # ~4 min: htmlgen_utils/tiny_base_long
 """
 from __future__ import annotations
 
@@ -25,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .config import TINY_BASE_DIR, Config
+from .config import TINY_BASE_DIR, TINY_LONG_BASE_DIR, Config
 from .data import load_splits
 from .packing import build_prompt
 from .tiny_model import tiny_llama_config, train_tokenizer
@@ -33,7 +31,7 @@ from .tiny_model import tiny_llama_config, train_tokenizer
 ARCHITECTURE = dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=704, max_position_embeddings=1024)
 RECIPE = dict(vocab_size=2048, seq_len=512, batch_size=8, steps=900, learning_rate=3e-3, warmup=50, seed=0,
               threads=2,
-              # the second stage: short and long pages together, from the first stage's weights
+              # the long-page base: short and long pages together, from the tiny base's weights
               long_steps=300, long_learning_rate=1e-3, long_warmup=20, long_test_fraction=0.2)
 
 
@@ -88,57 +86,66 @@ def pretrain(model, chunks: torch.Tensor, steps: int, learning_rate: float, warm
     return loss_log, time.perf_counter() - started
 
 
-def build(out: Path | None, steps: int = RECIPE["steps"], log_every: int = 50, stop_after: int | None = None,
-          stage1_from: Path | None = None) -> dict:
-    """Pre-train and save to `out`. `stop_after` runs only the first steps of the first stage and saves
-    nothing: a quick check that a rebuild follows the recorded loss curve. `stage1_from` takes the first
-    stage's model and tokenizer from that folder and runs only the second."""
+def build(out: Path | None, steps: int = RECIPE["steps"], log_every: int = 50, stop_after: int | None = None) -> dict:
+    """Pre-train the tiny base and save it to `out`. `stop_after` runs only the first steps of the same schedule
+    and saves nothing: a quick check that a rebuild follows the recorded loss curve."""
+    torch.manual_seed(RECIPE["seed"])
+    random.seed(RECIPE["seed"])
+    torch.set_num_threads(RECIPE["threads"])
+    from transformers import LlamaForCausalLM
+
+    pages, descriptions = pretraining_texts()
+    # The tokenizer sees the prompt template too, so the instruction costs few tokens.
+    tokenizer = train_tokenizer(pages + [build_prompt(d) for d in descriptions], RECIPE["vocab_size"])
+    chunks, corpus_tokens = token_chunks(tokenizer, pages + descriptions)
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer, **ARCHITECTURE))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    loss_log, seconds = pretrain(model, chunks, steps, RECIPE["learning_rate"], RECIPE["warmup"], log_every,
+                                 stop_after)
+    if stop_after is not None:
+        return {"loss_log": loss_log, "steps": stop_after, "seconds": round(seconds, 1)}
+    report = {"final_train_loss_last50": loss_log[-1], "steps": steps, "seconds": round(seconds, 1),
+              "tokens_seen": steps * RECIPE["batch_size"] * RECIPE["seq_len"], "corpus_tokens": corpus_tokens,
+              "parameters": sum(p.numel() for p in model.parameters()), "architecture": ARCHITECTURE,
+              "loss_log_every": log_every, "loss_log": loss_log, "recipe": RECIPE, "torch": torch.__version__}
+    _save(model, tokenizer, out, report, model_card(report))
+    return report
+
+
+def build_long(out: Path, stage1: Path = TINY_BASE_DIR, log_every: int = 50) -> dict:
+    """The long-page base: the tiny base (`stage1`) pre-trained further on its own data plus the long-page set's
+    training pages, saved to `out`."""
     torch.manual_seed(RECIPE["seed"])
     random.seed(RECIPE["seed"])
     torch.set_num_threads(RECIPE["threads"])
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    tokenizer = AutoTokenizer.from_pretrained(str(stage1))
+    model = LlamaForCausalLM.from_pretrained(str(stage1), dtype=torch.float32)
     pages, descriptions = pretraining_texts()
-    if stage1_from is None:
-        # The tokenizer sees the prompt template too, so the instruction costs few tokens.
-        tokenizer = train_tokenizer(pages + [build_prompt(d) for d in descriptions], RECIPE["vocab_size"])
-        chunks, corpus_tokens = token_chunks(tokenizer, pages + descriptions)
-        model = LlamaForCausalLM(tiny_llama_config(tokenizer, **ARCHITECTURE))
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        loss_log, seconds = pretrain(model, chunks, steps, RECIPE["learning_rate"], RECIPE["warmup"], log_every,
-                                     stop_after)
-        if stop_after is not None:
-            return {"loss_log": loss_log, "steps": stop_after, "seconds": round(seconds, 1)}
-        stage1 = {"steps": steps, "seconds": round(seconds, 1), "corpus_tokens": corpus_tokens,
-                  "loss_log": loss_log, "final_train_loss_last50": loss_log[-1]}
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(str(stage1_from))
-        model = LlamaForCausalLM.from_pretrained(str(stage1_from), dtype=torch.float32)
-        recorded = json.loads((Path(stage1_from) / "build_report.json").read_text())
-        stage1 = {key: recorded[key] for key in ("steps", "seconds", "corpus_tokens", "loss_log",
-                                                 "final_train_loss_last50")}
     long_pages = long_pretraining_pages()
     chunks, corpus_tokens = token_chunks(tokenizer, pages + long_pages + descriptions)
     loss_log, seconds = pretrain(model, chunks, RECIPE["long_steps"], RECIPE["long_learning_rate"],
                                  RECIPE["long_warmup"], log_every)
-    final_loss = loss_log[-1]
-    seq = RECIPE["seq_len"]
-    out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.float16).save_pretrained(out)  # fp16 on disk: half the size; loads in any dtype
-    tokenizer.save_pretrained(out)
-    report = {"final_train_loss_last50": round(final_loss, 4), "steps": RECIPE["long_steps"],
-              "seconds": round(seconds, 1), "tokens_seen": RECIPE["long_steps"] * RECIPE["batch_size"] * seq,
-              "corpus_tokens": corpus_tokens, "long_pages": len(long_pages), "stage1": stage1,
+    report = {"final_train_loss_last50": loss_log[-1], "steps": RECIPE["long_steps"], "seconds": round(seconds, 1),
+              "tokens_seen": RECIPE["long_steps"] * RECIPE["batch_size"] * RECIPE["seq_len"],
+              "corpus_tokens": corpus_tokens, "long_pages": len(long_pages),
               "parameters": sum(p.numel() for p in model.parameters()), "architecture": ARCHITECTURE,
-              "loss_log_every": log_every, "loss_log": loss_log,
-              "recipe": RECIPE, "torch": torch.__version__}
-    (out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "README.md").write_text(model_card(report))
+              "loss_log_every": log_every, "loss_log": loss_log, "recipe": RECIPE, "torch": torch.__version__}
+    _save(model, tokenizer, out, report, long_model_card(report))
     return report
 
 
+def _save(model, tokenizer, out: Path, report: dict, card: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float16).save_pretrained(out)  # fp16 on disk: half the size; loads in any dtype
+    tokenizer.save_pretrained(out)
+    (out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "README.md").write_text(card)
+
+
 def model_card(report: dict) -> str:
-    a, r, s1 = report["architecture"], report["recipe"], report["stage1"]
+    a = report["architecture"]
     return f"""# tiny-html-llama: the `tiny` preset's base model
 
 A {report['parameters'] / 1e6:.1f}M-parameter `LlamaForCausalLM` (Llama-2's architecture at toy size) and a
@@ -147,32 +154,51 @@ byte-level BPE tokenizer of {report['recipe']['vocab_size']} tokens, made by `py
 - Architecture: hidden {a['hidden_size']}, {a['num_layers']} layers, {a['num_heads']} heads, MLP {a['intermediate_size']},
   context {a['max_position_embeddings']}, untied embeddings; weights stored in fp16.
 - Data: the pages and, as separate documents, the descriptions of the bundled dataset's training split
-  (never paired, so following an instruction is what the QLoRA fine-tune teaches; test pages never seen).
-- Stage 1: {s1['corpus_tokens']:,} tokens cut into {r['seq_len']}-token sequences; {s1['steps']} steps of AdamW
-  (lr {r['learning_rate']}, cosine, warm-up {r['warmup']}), batch {r['batch_size']}, fp32, seed {r['seed']},
-  {r['threads']} CPU threads, {s1['seconds']:.0f} s; final training loss (mean of the last 50 steps)
-  {s1['final_train_loss_last50']}.
-- Stage 2, long pages: the same data plus the {report['long_pages']} training pages of the long-page set
-  (`--dataset bundled-long`; its split at test_fraction {r['long_test_fraction']}, so a test fraction up to
-  {r['long_test_fraction']} keeps its test pages unseen): {report['corpus_tokens']:,} tokens; {report['steps']}
-  steps at lr {r['long_learning_rate']} (cosine, warm-up {r['long_warmup']}), {report['tokens_seen']:,} tokens in
-  {report['seconds']:.0f} s. Final training loss (mean of the last 50 steps): {report['final_train_loss_last50']}.
+  (never paired, so following an instruction is what the QLoRA fine-tune teaches; test pages never seen):
+  {report['corpus_tokens']:,} tokens, cut into {report['recipe']['seq_len']}-token sequences.
+- Training: {report['steps']} steps of AdamW (lr {report['recipe']['learning_rate']}, cosine, warm-up
+  {report['recipe']['warmup']}), batch {report['recipe']['batch_size']}, fp32, seed {report['recipe']['seed']},
+  {report['recipe']['threads']} CPU threads: {report['tokens_seen']:,} tokens in {report['seconds']:.0f} s.
+- Final training loss (mean of the last 50 steps): {report['final_train_loss_last50']}.
 - Rebuild: `python -m htmlgen_utils.tiny_base --out DIR` (the same loss within a few hundredths; exact bits
-  depend on the CPU's math library); `--stage1-from DIR` runs only stage 2 on a stage-1 model.
-  `build_report.json` holds these figures.
+  depend on the CPU's math library). `build_report.json` holds these figures.
 
 Not a useful model of HTML beyond this dataset: it exists so CPU runs and tests show real pages.
 """
 
 
+def long_model_card(report: dict) -> str:
+    r = report["recipe"]
+    return f"""# tiny-html-llama-long: the `tiny-long` preset's base model
+
+The tiny base (`../tiny_base`, same architecture and tokenizer) pre-trained further with long pages, made by
+`python -m htmlgen_utils.tiny_base --long`. Pre-trained on short pages only, the tiny base had never seen a long
+page's body (its loss there was 9-11, worse than a uniform guess), so fine-tuning it on long pages measured
+little but that gap; real bases have seen long pages.
+
+- Data: the tiny base's own (the bundled training split's pages and descriptions) plus the
+  {report['long_pages']} training pages of the long-page set (`--dataset bundled-long`, split at test_fraction
+  {r['long_test_fraction']}: test and validation rows come first in one seeded order, so any test fraction up to
+  {r['long_test_fraction']} keeps its test pages unseen); never (description, page) pairs:
+  {report['corpus_tokens']:,} tokens, cut into {r['seq_len']}-token sequences.
+- Training: {report['steps']} steps of AdamW from the tiny base's weights (lr {r['long_learning_rate']}, cosine,
+  warm-up {r['long_warmup']}), batch {r['batch_size']}, fp32, seed {r['seed']}, {r['threads']} CPU threads:
+  {report['tokens_seen']:,} tokens in {report['seconds']:.0f} s.
+- Final training loss (mean of the last 50 steps): {report['final_train_loss_last50']}.
+- Rebuild: `python -m htmlgen_utils.tiny_base --long --out DIR`. `build_report.json` holds these figures.
+"""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Pre-train the tiny base model on CPU.")
-    parser.add_argument("--out", type=Path, default=TINY_BASE_DIR)
-    parser.add_argument("--steps", type=int, default=RECIPE["steps"], help="first-stage steps")
-    parser.add_argument("--stage1-from", type=Path, default=None,
-                        help="a first-stage model folder: run only the second stage on it")
+    parser.add_argument("--out", type=Path, default=None, help="default: the shipped model's folder")
+    parser.add_argument("--steps", type=int, default=RECIPE["steps"])
+    parser.add_argument("--long", action="store_true",
+                        help="build the long-page base (tiny_base_long) from the tiny base instead")
     args = parser.parse_args(argv)
-    print(json.dumps(build(args.out, args.steps, stage1_from=args.stage1_from), indent=2))
+    report = (build_long(args.out or TINY_LONG_BASE_DIR) if args.long
+              else build(args.out or TINY_BASE_DIR, args.steps))
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def test_generation_comparison_runs(tmp_path):
     assert set(rows) == {"seed-style, one at a time", "ours, batch 2, compiled decode", "ours, batch 2, eager decode",
                          "batch-1 decode, compiled"}
     seed = rows["seed-style, one at a time"]
-    assert seed["new_tokens"] == 256 and seed["prompts"] == 1  # the original's way: never stops early
+    assert 0 < seed["new_tokens"] <= 256 and seed["prompts"] == 1  # the original's way: no `</html>` stop, EOS only
     assert all(row["examples_per_s"] > 0 for row in rows.values())
     assert set(report["speedups"]) == set(rows)
 
