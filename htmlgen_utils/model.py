@@ -123,6 +123,10 @@ def model_config_for(config: Config):
             model_config.rope_parameters = {**current, **scaling}
         else:
             model_config.rope_scaling = scaling
+        if scaling["rope_type"] in ("linear", "yarn"):  # their frequencies depend on the factor, not on this:
+            # the context is now the scaled one (`generate` warns about every token past the old one otherwise);
+            # `dynamic` reads the original context from this field, so it keeps it
+            model_config.max_position_embeddings = config.max_example_tokens
     return model_config
 
 

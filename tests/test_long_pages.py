@@ -74,6 +74,7 @@ def test_long_examples_train_with_rope_scaling(tmp_path):
     scaled = load_base_model(config).config
     parameters = getattr(scaled, "rope_parameters", None) or scaled.rope_scaling
     assert parameters["rope_type"] == "linear" and parameters["factor"] == 2.0
+    assert scaled.max_position_embeddings == 2048  # the scaled context, so generating past 1,024 is not warned about
     plain = load_base_model(TINY).config
     assert (getattr(plain, "rope_parameters", None) or plain.rope_scaling or {}).get("rope_type", "default") == "default"
     assert load_base_model(config.replace(rope_scaling="yarn")).config.rope_parameters["rope_type"] == "yarn"
