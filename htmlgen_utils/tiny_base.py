@@ -89,9 +89,7 @@ def pretrain(model, chunks: torch.Tensor, steps: int, learning_rate: float, warm
 def build(out: Path | None, steps: int = RECIPE["steps"], log_every: int = 50, stop_after: int | None = None) -> dict:
     """Pre-train the tiny base and save it to `out`. `stop_after` runs only the first steps of the same schedule
     and saves nothing: a quick check that a rebuild follows the recorded loss curve."""
-    torch.manual_seed(RECIPE["seed"])
-    random.seed(RECIPE["seed"])
-    torch.set_num_threads(RECIPE["threads"])
+    _seed_and_threads()
     from transformers import LlamaForCausalLM
 
     pages, descriptions = pretraining_texts()
@@ -104,36 +102,43 @@ def build(out: Path | None, steps: int = RECIPE["steps"], log_every: int = 50, s
                                  stop_after)
     if stop_after is not None:
         return {"loss_log": loss_log, "steps": stop_after, "seconds": round(seconds, 1)}
-    report = {"final_train_loss_last50": loss_log[-1], "steps": steps, "seconds": round(seconds, 1),
-              "tokens_seen": steps * RECIPE["batch_size"] * RECIPE["seq_len"], "corpus_tokens": corpus_tokens,
-              "parameters": sum(p.numel() for p in model.parameters()), "architecture": ARCHITECTURE,
-              "loss_log_every": log_every, "loss_log": loss_log, "recipe": RECIPE, "torch": torch.__version__}
+    report = _report(model, steps, loss_log, log_every, seconds, corpus_tokens)
     _save(model, tokenizer, out, report, model_card(report))
     return report
 
 
-def build_long(out: Path, stage1: Path = TINY_BASE_DIR, log_every: int = 50) -> dict:
-    """The long-page base: the tiny base (`stage1`) pre-trained further on its own data plus the long-page set's
-    training pages, saved to `out`."""
-    torch.manual_seed(RECIPE["seed"])
-    random.seed(RECIPE["seed"])
-    torch.set_num_threads(RECIPE["threads"])
+def build_long(out: Path, tiny_base: Path = TINY_BASE_DIR, log_every: int = 50) -> dict:
+    """The long-page base: the tiny base (from `tiny_base`) pre-trained further on its own data plus the long-page
+    set's training pages, saved to `out`."""
+    _seed_and_threads()
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(str(stage1))
-    model = LlamaForCausalLM.from_pretrained(str(stage1), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_base))
+    model = LlamaForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32)
     pages, descriptions = pretraining_texts()
     long_pages = long_pretraining_pages()
     chunks, corpus_tokens = token_chunks(tokenizer, pages + long_pages + descriptions)
     loss_log, seconds = pretrain(model, chunks, RECIPE["long_steps"], RECIPE["long_learning_rate"],
                                  RECIPE["long_warmup"], log_every)
-    report = {"final_train_loss_last50": loss_log[-1], "steps": RECIPE["long_steps"], "seconds": round(seconds, 1),
-              "tokens_seen": RECIPE["long_steps"] * RECIPE["batch_size"] * RECIPE["seq_len"],
-              "corpus_tokens": corpus_tokens, "long_pages": len(long_pages),
-              "parameters": sum(p.numel() for p in model.parameters()), "architecture": ARCHITECTURE,
-              "loss_log_every": log_every, "loss_log": loss_log, "recipe": RECIPE, "torch": torch.__version__}
+    report = _report(model, RECIPE["long_steps"], loss_log, log_every, seconds, corpus_tokens,
+                     long_pages=len(long_pages))
     _save(model, tokenizer, out, report, long_model_card(report))
     return report
+
+
+def _seed_and_threads() -> None:
+    torch.manual_seed(RECIPE["seed"])
+    random.seed(RECIPE["seed"])
+    torch.set_num_threads(RECIPE["threads"])
+
+
+def _report(model, steps: int, loss_log: list[float], log_every: int, seconds: float, corpus_tokens: int,
+            **extra) -> dict:
+    """What `build_report.json` and the model card record of a pre-training run."""
+    return {"final_train_loss_last50": loss_log[-1], "steps": steps, "seconds": round(seconds, 1),
+            "tokens_seen": steps * RECIPE["batch_size"] * RECIPE["seq_len"], "corpus_tokens": corpus_tokens, **extra,
+            "parameters": sum(p.numel() for p in model.parameters()), "architecture": ARCHITECTURE,
+            "loss_log_every": log_every, "loss_log": loss_log, "recipe": RECIPE, "torch": torch.__version__}
 
 
 def _save(model, tokenizer, out: Path, report: dict, card: str) -> None:
