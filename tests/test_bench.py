@@ -67,3 +67,23 @@ def test_decode_profile_runs(tmp_path):
                for row in rows.values())
     assert report["speedup_vs_plain_generate"]["plain generate"] == 1.0 and report["repeats"] == 2
     assert set(report["speedup_vs_before"]) == set(rows)
+
+
+def test_four_bit_matvec_reference_reads_the_nf4_layout(monkeypatch):
+    """`four_bit_matvec.py` needs CUDA and Triton; on CPU its plain-tensor product (what the kernel is checked
+    against) must equal the product with bitsandbytes' dequantised weight, or the benchmark checks nothing."""
+    import bitsandbytes as bnb
+    import torch
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from four_bit_matvec import nf4_matvec
+
+    torch.manual_seed(0)
+    rows, cols = 96, 1280
+    layer = bnb.nn.Linear4bit(cols, rows, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(rows, cols), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+    layer = layer.to("cpu")
+    x = torch.randn(1, 1, cols)
+    weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    torch.testing.assert_close(nf4_matvec(x, layer), x.reshape(-1) @ weight.T, rtol=1e-5, atol=1e-4)
