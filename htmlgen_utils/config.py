@@ -48,6 +48,8 @@ class Config:
     #                             linear | dynamic | yarn; the factor is max_example_tokens / max_position_embeddings
     # --- memory & speed levers (bench/README.md measures each) ---
     packed_attention: str = "auto"  # per-example attention, no block x block mask: auto = blocks >= 16384 | on | off
+    flex_attention: str = "auto"  # block-sparse attention for packed blocks (FlexAttention; replaces the two above):
+    #                               auto = blocks >= 4096 on CUDA GPUs of compute capability >= 8.0 | on | off
     loss_chunk_tokens: int = 1024  # vocabulary projection + loss this many tokens at a time; 0 = whole block
     embeddings_in_compute_dtype: bool = True  # keep the frozen embeddings/head in fp16/bf16, not fp32
     offload_activations: str = "auto"  # park layer checkpoints in CPU memory (CUDA): auto = blocks >= 16384 | on | off
@@ -148,7 +150,7 @@ class Config:
             fail("precision", f"must be one of {PRECISIONS}")
         if self.loss_scaling not in LOSS_SCALING:
             fail("loss_scaling", f"must be one of {LOSS_SCALING}")
-        for name in ("offload_activations", "packed_attention"):
+        for name in ("offload_activations", "packed_attention", "flex_attention"):
             if getattr(self, name) not in SWITCH_MODES:
                 fail(name, f"must be one of {SWITCH_MODES}")
         for name in ("embeddings_in_compute_dtype", "compile_training", "compile_generation", "stop_on_repetition"):

@@ -57,3 +57,35 @@ def test_batch1_decoding_replays_its_cuda_graph_and_follows_the_eager_model():
         assert (shortfall == 0).float().mean() > 0.9
     steps = list(model.__dict__["_htmlgen_decode_steps"].values())
     assert len(steps) == 1 and steps[0].graph is not None
+
+
+def test_flex_attention_trains_what_the_block_mask_trains():
+    """Block-sparse FlexAttention on CUDA (compiled), eager layers and compiled ones: the loss and LoRA gradients
+    of SDPA with the block mask, within fp16 rounding (the CPU test can check only the forward)."""
+    from htmlgen_utils.levers import FLEX_ATTENTION, compile_decoder_layers, use_flex_attention
+
+    config = Config.from_preset("tiny", precision="fp16", lora_dropout=0.0, run_dir="/tmp/unused")
+    model, _ = load_for_training(config)
+    model.train()
+    positions = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+    torch.manual_seed(0)
+    input_ids = torch.randint(3, 500, (1, sum(LENGTHS)))
+    batch = {k: v.cuda() for k, v in {"input_ids": input_ids, "labels": input_ids.clone(),
+                                       "position_ids": positions}.items()}
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = next_token_loss(model, batch, config.loss_chunk_tokens)
+        loss.backward()
+        return loss.detach().float(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    masked = loss_and_grads()
+    use_flex_attention(model)
+    assert model.config._attn_implementation == FLEX_ATTENTION
+    flex_eager = loss_and_grads()
+    compile_decoder_layers(model)
+    flex_compiled = loss_and_grads()
+    for loss, grads in (flex_eager, flex_compiled):
+        assert abs(loss - masked[0]) < 2e-3, (loss, masked[0])
+        assert (grads - masked[1]).abs().max() <= 2e-2 * masked[1].abs().max()

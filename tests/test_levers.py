@@ -59,6 +59,32 @@ def assert_same(reference, other, atol=1e-5):
     assert worst <= atol * max(1.0, float(scale)), worst
 
 
+def test_flex_attention_matches_the_block_mask_and_skips_the_empty_tiles(training_model, packed_batch, monkeypatch):
+    """Block-sparse FlexAttention (its eager reference here: CPU has no FlexAttention backward, so the gradients
+    are checked on the GPU, tests/test_gpu.py) gives the loss of SDPA with the block mask through the real 4-bit
+    + LoRA path; its `BlockMask` leaves out the tiles between examples; without gradients (evaluation,
+    generation) the model is back on SDPA's mask."""
+    import torch.nn.attention.flex_attention as flex
+
+    from htmlgen_utils.levers import FLEX_ATTENTION, use_flex_attention
+
+    training_model.get_base_model().disable_input_require_grads()
+    training_model.requires_grad_(False)  # a training forward (gradients on) with nothing to differentiate
+    masked = next_token_loss(training_model, packed_batch, 256)
+    masks = []
+    real_flex = flex.flex_attention
+    monkeypatch.setattr(flex, "flex_attention", lambda *a, **k: masks.append(k["block_mask"]) or real_flex(*a, **k))
+    use_flex_attention(training_model)
+    assert training_model.config._attn_implementation == FLEX_ATTENTION
+    torch.testing.assert_close(next_token_loss(training_model, packed_batch, 256), masked)
+    assert len(masks) == training_model.config.num_hidden_layers
+    tiles = masks[0].to_dense()  # [batch, heads, query tiles, key tiles]: 1 where a tile is computed
+    assert 0 < tiles.sum() < torch.ones(tiles.shape[-2:]).tril().sum() * tiles.shape[0]  # fewer than causal's
+    with torch.no_grad():
+        training_model(**packed_batch, use_cache=False)
+    assert len(masks) == training_model.config.num_hidden_layers  # no gradients: SDPA
+
+
 def test_model_loss_is_the_shifted_next_token_loss(training_model, packed_batch):
     model_loss = training_model(**packed_batch, use_cache=False).loss
     ours = next_token_loss(training_model, packed_batch, 300)

@@ -5,6 +5,7 @@ switch; `bench/README.md` measures each. Training turns them on with one call, `
 generation asks for compiled decoding per call (`generate_pages(..., compile_decode=True)`).
 
     attention  per-example attention for packed blocks, no block x block mask   (`packed_attention`)
+               block-sparse FlexAttention for packed blocks                    (`flex_attention`)
     offload    layer checkpoints parked in CPU memory during the forward       (`offload_activations`)
     recompute  layers left un-checkpointed where memory allows                 (`memory_budget_gib`)
     compile    regional torch.compile of the decoder layers                    (`compile_training`)
@@ -18,16 +19,17 @@ from __future__ import annotations
 import torch
 
 from ..config import Config
-from .attention import PACKED_ATTENTION, example_spans, packed_attention, use_packed_attention
+from .attention import (FLEX_ATTENTION, PACKED_ATTENTION, example_spans, packed_attention, use_flex_attention,
+                        use_packed_attention, wants_flex_attention)
 from .compile import compile_decoder_layers
 from .decoding import compiled_decoding, decode_one, static_cache, wants_compiled_decode
 from .offload import CheckpointsOnCPU, offload_checkpoints
 from .recompute import RecomputePlan, leave_layers_unchecked, plan_recompute
 
-__all__ = ["COMPILE_MIN_STEPS", "PACKED_ATTENTION", "CheckpointsOnCPU", "RecomputePlan", "apply_training_levers",
+__all__ = ["COMPILE_MIN_STEPS", "FLEX_ATTENTION", "PACKED_ATTENTION", "CheckpointsOnCPU", "RecomputePlan", "apply_training_levers",
            "compile_decoder_layers", "compiled_decoding", "decode_one", "example_spans", "leave_layers_unchecked",
-           "offload_checkpoints", "packed_attention", "plan_recompute", "static_cache", "use_packed_attention",
-           "wants_compiled_decode"]
+           "offload_checkpoints", "packed_attention", "plan_recompute", "static_cache", "use_flex_attention",
+           "use_packed_attention", "wants_compiled_decode", "wants_flex_attention"]
 
 # Compiling the layers takes ~15-20 s on an H200 and about a minute on a T4, once a process; compiled steps are
 # 1.3-1.65x as fast (bench/README.md), which on a T4 saves ~5-10 s a step of 4 x 4,096 tokens: a run of fewer
@@ -41,7 +43,9 @@ def apply_training_levers(model, config: Config, device: torch.device, total_ste
     compiling pays: a run shorter than `COMPILE_MIN_STEPS` is not compiled."""
     applied = model.__dict__.setdefault("_htmlgen_levers", [])
     wanted = []
-    if config.long_block_lever("packed_attention"):
+    if wants_flex_attention(config, device):
+        wanted.append("flex_attention")
+    elif config.long_block_lever("packed_attention"):
         wanted.append("packed_attention")
     if config.long_block_lever("offload_activations") and device.type == "cuda":
         wanted.append("offload_activations")  # CPU memory is what it would save
@@ -59,6 +63,8 @@ def apply_training_levers(model, config: Config, device: torch.device, total_ste
             continue
         if name == "packed_attention":
             use_packed_attention(model)
+        elif name == "flex_attention":
+            use_flex_attention(model)
         elif name == "offload_activations":
             offload_checkpoints(model)
         elif name == "unchecked_layers":

@@ -1,4 +1,9 @@
-"""Per-example attention for packed blocks: no [block x block] mask (a memory lever for long blocks)."""
+"""Attention for packed blocks without the [block x block] mask's wasted work.
+
+Two levers: per-example attention (`packed_sdpa_attention`, a memory lever for long blocks: SDPA on each example
+on its own) and block-sparse attention (`flex_packed_attention`, a speed lever: FlexAttention skips every tile
+of the block that lies between two examples or above the diagonal).
+"""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -6,6 +11,8 @@ from contextlib import contextmanager
 import torch
 
 PACKED_ATTENTION = "htmlgen_packed_sdpa"
+FLEX_ATTENTION = "htmlgen_flex"
+FLEX_MIN_BLOCK = 4096  # `flex_attention: auto` from this block size
 _spans_cache: list = [None, None, None]  # (position ids, their memory and shape, spans)
 
 
@@ -94,3 +101,79 @@ def use_packed_attention(model) -> None:
     not a packed block, so generation and padded batches are unaffected)."""
     if model.config._attn_implementation == "sdpa":
         model.config._attn_implementation = PACKED_ATTENTION
+
+
+def flex_packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """Attention for a packed training block as one FlexAttention call that computes only the tiles it needs.
+
+    With the block-diagonal mask, SDPA's memory-efficient kernel computes every score of the block and masks
+    most of them away: the bundled data packs ~8 examples into a 4,096-token block, so 13% of the block x block
+    scores are ones an example may see. FlexAttention reads a `BlockMask` (which 128 x 128 tiles are empty,
+    full or partial) and skips the empty tiles, forward, backward and in checkpoint recompute. The mask comes from
+    transformers' own packed-sequence detection (position ids restarting), made a `BlockMask` by
+    `flex_or_sdpa_mask`; anything else (generation, evaluation without gradients, padded batches) gets SDPA's
+    mask and SDPA."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not isinstance(attention_mask, BlockMask):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    # eagerly FlexAttention is a slow reference that builds every score; on CUDA it is compiled (inside our
+    # compiled layers it is traced with them)
+    run = flex_attention if query.device.type != "cuda" or torch.compiler.is_compiling() else _compiled_flex()
+    out = run(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+_flex_cache: list = []
+
+
+def _compiled_flex():
+    if not _flex_cache:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _flex_cache.append(torch.compile(flex_attention, dynamic=False))
+    return _flex_cache[0]
+
+
+def flex_or_sdpa_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                      mask_function=None, attention_mask: torch.Tensor | None = None, device="cpu", **kwargs):
+    """A `BlockMask` for a training block (gradients on, no cache, no padding mask), SDPA's mask otherwise."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from transformers.masking_utils import add_offsets_to_mask_function, causal_mask_function, sdpa_mask
+
+    mask_function = mask_function or causal_mask_function
+    if not (torch.is_grad_enabled() and q_length == kv_length and attention_mask is None):
+        return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                         device=device, **kwargs)
+    return create_block_mask(add_offsets_to_mask_function(mask_function, q_offset, kv_offset), B=batch_size, H=None,
+                             Q_LEN=q_length, KV_LEN=kv_length, device=device,
+                             _compile=torch.device(device).type == "cuda")
+
+
+def _register_flex_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(FLEX_ATTENTION, flex_packed_attention)
+    AttentionMaskInterface.register(FLEX_ATTENTION, flex_or_sdpa_mask)
+
+
+_register_flex_attention()
+
+
+def wants_flex_attention(config, device: torch.device) -> bool:
+    """The config's `flex_attention`; `auto` is blocks of 4,096 tokens or more on CUDA GPUs of compute capability
+    8.0 or more, where it was measured (bench/README.md). A T4 (7.5) keeps the block mask: torch gives
+    FlexAttention's backward 16 x 16 tiles there, and it is not measured."""
+    if config.flex_attention != "auto":
+        return config.flex_attention == "on"
+    return (config.block_size >= FLEX_MIN_BLOCK and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) >= (8, 0))
+
+
+def use_flex_attention(model) -> None:
+    """Switch the model to `flex_packed_attention` for good (SDPA for anything that is not a training block)."""
+    if model.config._attn_implementation in ("sdpa", PACKED_ATTENTION):
+        model.config._attn_implementation = FLEX_ATTENTION

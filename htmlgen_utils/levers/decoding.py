@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from ..packing import STOP_STRING
-from .attention import PACKED_ATTENTION
+from .attention import FLEX_ATTENTION, PACKED_ATTENTION
 
 
 ONE_QUERY_ATTENTION = "htmlgen_one_query"
@@ -109,7 +109,7 @@ def compiled_decoding(model):
     hooked = hasattr(base, "_require_grads_hook")
     attention = base.config._attn_implementation
     base.hf_quantizer = None
-    if attention in ("sdpa", PACKED_ATTENTION):  # both are SDPA for a decode step
+    if attention in ("sdpa", PACKED_ATTENTION, FLEX_ATTENTION):  # all are SDPA for a decode step
         base.config._attn_implementation = ONE_QUERY_ATTENTION
     if hooked:
         base.disable_input_require_grads()
