@@ -207,6 +207,28 @@ def test_training_levers_apply_once_and_as_configured(tiny_config):
     assert apply_training_levers(plain, tiny_config, torch.device("cpu")) == []  # offload is for GPUs only
 
 
+def test_flex_attention_switches_on_where_measured(tiny_config, monkeypatch):
+    """`flex_attention: auto` is blocks of 4,096+ on GPUs of compute capability 8.0+ (a T4 keeps the block mask);
+    when on, it replaces per-example attention."""
+    from htmlgen_utils.levers import FLEX_ATTENTION, wants_flex_attention
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    t4_preset = Config.from_preset("colab-t4")  # 4,096-token blocks
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert wants_flex_attention(t4_preset, cuda) and not wants_flex_attention(
+        t4_preset.replace(block_size=2048, max_example_tokens=2048), cuda)
+    assert not wants_flex_attention(t4_preset, cpu) and not wants_flex_attention(
+        t4_preset.replace(flex_attention="off"), cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert not wants_flex_attention(t4_preset, cuda)
+    config = tiny_config.replace(model_id=BASE, packed_attention="on", flex_attention="on")
+    model, _ = load_for_training(config)
+    assert apply_training_levers(model, config, cpu) == ["flex_attention"]
+    assert model.config._attn_implementation == FLEX_ATTENTION
+    with pytest.raises(ValueError, match="flex_attention"):
+        Config.from_preset("colab-t4", flex_attention=True)
+
+
 def test_compiled_layers_match_eager_ones(training_model, packed_batch):
     """Regional compilation through the real 4-bit + LoRA + checkpointing path: same loss, same gradients,
     with the block mask and with per-example attention (which runs eagerly between compiled pieces)."""

@@ -26,8 +26,8 @@ from .decoding import compiled_decoding, decode_one, static_cache, wants_compile
 from .offload import CheckpointsOnCPU, offload_checkpoints
 from .recompute import RecomputePlan, leave_layers_unchecked, plan_recompute
 
-__all__ = ["COMPILE_MIN_STEPS", "FLEX_ATTENTION", "PACKED_ATTENTION", "CheckpointsOnCPU", "RecomputePlan", "apply_training_levers",
-           "compile_decoder_layers", "compiled_decoding", "decode_one", "example_spans", "leave_layers_unchecked",
+__all__ = ["COMPILE_MIN_STEPS", "FLEX_ATTENTION", "PACKED_ATTENTION", "CheckpointsOnCPU", "RecomputePlan",
+           "apply_training_levers", "compile_decoder_layers", "compiled_decoding", "decode_one", "example_spans", "leave_layers_unchecked",
            "offload_checkpoints", "packed_attention", "plan_recompute", "static_cache", "use_flex_attention",
            "use_packed_attention", "wants_compiled_decode", "wants_flex_attention"]
 
