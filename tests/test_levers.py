@@ -59,6 +59,7 @@ def assert_same(reference, other, atol=1e-5):
     assert worst <= atol * max(1.0, float(scale)), worst
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # the reference, on purpose
 def test_flex_attention_matches_the_block_mask_and_skips_the_empty_tiles(training_model, packed_batch, monkeypatch):
     """Block-sparse FlexAttention (its eager reference here: CPU has no FlexAttention backward, so the gradients
     are checked on the GPU, tests/test_gpu.py) gives the loss of SDPA with the block mask through the real 4-bit
