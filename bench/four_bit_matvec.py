@@ -1,6 +1,6 @@
 """Can our own kernel beat bitsandbytes at batch-1 decoding's main cost, one token times a 4-bit matrix?
 
-    PYTHONPATH=$PWD python bench/four_bit_matvec.py --out $OUT      # one CUDA GPU with Triton, ~1.5 minutes
+    PYTHONPATH=$PWD python bench/four_bit_matvec.py --out $OUT      # one CUDA GPU with Triton, ~1 minute
 
 On the 7B shape, bitsandbytes' matrix-vector kernel (`gemm_4bit_simt`) is 3.6 ms of a 5.4 ms decode step
 (bench/README.md), reading the packed weights at ~1 TB/s. This tries the obvious alternative, a Triton kernel

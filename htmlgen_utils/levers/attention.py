@@ -6,6 +6,7 @@ of the block that lies between two examples or above the diagonal).
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 import torch
@@ -126,15 +127,12 @@ def flex_packed_attention(module, query, key, value, attention_mask, dropout: fl
     return out.transpose(1, 2).contiguous(), None
 
 
-_flex_cache: list = []
-
-
+@functools.cache
 def _compiled_flex():
-    if not _flex_cache:
-        from torch.nn.attention.flex_attention import flex_attention
+    """FlexAttention compiled, once a process."""
+    from torch.nn.attention.flex_attention import flex_attention
 
-        _flex_cache.append(torch.compile(flex_attention, dynamic=False))
-    return _flex_cache[0]
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def flex_or_sdpa_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
