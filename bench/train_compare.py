@@ -195,13 +195,13 @@ def ours(model_path: str, data_dir: Path, block_size: int, steps: int, preset: s
     reset_peak()
     device = next(model.parameters()).device
     # the levers as for a long run (a run of a few steps would skip compiling; we measure steady steps)
-    apply_training_levers(model, config, device)
+    levers = apply_training_levers(model, config, device)
     state = train(model, tokenizer, load_packed(data_dir), config, config.run_dir, resume=False)
     steps_log = [h for h in state.history if "tokens_per_s" in h]
     return {"records": [(h["tokens_per_s"] * h["seconds"], h["seconds"]) for h in steps_log],
             "final_loss": round(steps_log[-1]["loss"], 4), "skipped_steps": state.skipped_steps,
             "micro_batch": config.micro_batch_size, "peak_load_gib": after_load,
-            "peak_training_gib": peak_gib()}
+            "peak_training_gib": peak_gib(), "levers": levers}
 
 
 # ---------------------------------------------------------------------------------------------- one process each

@@ -28,6 +28,7 @@ def test_training_comparison_runs(tmp_path):
     for row in report["rows"]:
         assert row["block"] == 256 and row["oom"] is False and row["tokens_per_s"] > 0 and row["measured_steps"] == 2
     ours = [row for row in report["rows"] if row["system"] == "ours"]
+    assert all(isinstance(row["levers"], list) for row in ours)  # which levers the row ran with
     # the chunked loss and the whole-block loss train the same run
     assert abs(ours[0]["final_loss"] - report["rows"][-1]["final_loss"]) < 1e-3
     cell = report["summary"]["ours"]["256"]
