@@ -6,8 +6,9 @@
 One prompt, greedy, a fixed number of new tokens (no stop), five ways: plain `generate` (the original's way);
 `generate` with our static cache and transformers' compiled decode step; `before`, our batch-1 loop as it was
 (transformers' compiled step for each token); `levers`, the same with `one_query_attention` and
-`OneTokenLinear`; and ours, `decode_one` (the levers, and its own CUDA graph, `DecodeStep`). Each way is warmed up once (which compiles), then timed `--repeats` times, the ways
-interleaved (A B C A B C ...): tokens/s as the median, min and max of the repeats, and peak memory. Then a profile
+`OneTokenLinear`; and ours, `decode_one` (the levers, and its own CUDA graph, `DecodeStep`). Each way is warmed
+up once (which compiles), then timed `--repeats` times, the ways interleaved (A B C A B C ...): tokens/s as the
+median, min and max of the repeats, and peak memory. Then a profile
 of a shorter run of each: wall time per token against the time the GPU was busy per token (the rest is the GPU
 waiting for the host), kernels per token, GPU time by kind. torch.compile's graph breaks and CUDA-graph skips
 come last.
@@ -102,8 +103,8 @@ def main() -> None:
 
     def compiled_generate(tokens: int) -> int:
         cache = static_cache(model, 1, input_ids.shape[1] + tokens)
-        generate_with_static_cache(model, cache, input_ids=input_ids, **_generation_kwargs(tokenizer, tokens, False, 0, 0,
-                                                                                    False))
+        kwargs = _generation_kwargs(tokenizer, tokens, False, 0, 0, False)
+        generate_with_static_cache(model, cache, input_ids=input_ids, **kwargs)
         return tokens
 
     def ours(tokens: int) -> int:

@@ -388,7 +388,8 @@ def test_one_token_lora_matrices_compute_what_linear_computes():
     layers = model.config.num_hidden_layers
     assert use_one_token_lora(model) == 2 * 7 * layers  # A and B of q, k, v, o, gate, up, down in every layer
     assert use_one_token_lora(model) == 0
-    assert all(type(m) is OneTokenLinear for name, m in model.named_modules() if ".lora_A." in name or ".lora_B." in name)
+    assert all(type(m) is OneTokenLinear for name, m in model.named_modules()
+               if ".lora_A." in name or ".lora_B." in name)
 
 
 def test_own_decode_loop_with_a_trained_adapter_writes_what_generate_writes():

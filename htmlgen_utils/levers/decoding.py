@@ -79,7 +79,8 @@ def use_one_token_lora(model) -> int:
     """Make every LoRA A and B matrix of `model` a `OneTokenLinear`, in place (the same weights; calling it
     again changes nothing). Returns how many it switched."""
     matrices = [linear for module in model.modules() for name in ("lora_A", "lora_B")
-                if isinstance(getattr(module, name, None), torch.nn.ModuleDict) for linear in getattr(module, name).values()]
+                if isinstance(getattr(module, name, None), torch.nn.ModuleDict)
+                for linear in getattr(module, name).values()]
     plain = [linear for linear in matrices if type(linear) is torch.nn.Linear]
     for linear in plain:
         linear.__class__ = OneTokenLinear
