@@ -88,3 +88,35 @@ def test_four_bit_matvec_reference_reads_the_nf4_layout(monkeypatch):
     x = torch.randn(1, 1, cols)
     weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     torch.testing.assert_close(nf4_matvec(x, layer), x.reshape(-1) @ weight.T, rtol=1e-5, atol=1e-4)
+
+
+def test_decode_tuning_runs(tmp_path):
+    """`decode_tuning.py`'s builds decode the same greedy tokens on CPU (where every build runs eagerly): its
+    candidate attention computes the package's."""
+    report = run_bench("decode_tuning.py", "--tokens", "16", "--repeats", "1", "--builds", "before,candidate",
+                       "--work", str(tmp_path / "work"), out=tmp_path)
+    rows = report["rows"]
+    assert len(rows) == 2 and all(row["tokens_per_s"] > 0 for row in rows.values())
+    assert all(row["tokens_equal_to_first_until"] == 16 for row in rows.values())
+
+
+def test_decode_anatomy_cuts_tokens_and_layers(monkeypatch):
+    """`decode_anatomy.py` cuts a profile's kernel list into tokens (at each greedy pick) and a token into layers
+    (seven 4-bit products each, the generated kernels named after the 4-bit op not counted as products)."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from decode_anatomy import anatomy
+
+    layer = [["triton_red_fused_add_mean_rsqrt", 2.0], ["triton_per_fused_add_gemm_4bit_mul", 1.0]] + \
+        [["void gemm_4bit_simt<__half, 1>", 10.0]] * 7
+    token = layer * 3 + [["nvjet_lm_head", 60.0], ["void at::native::reduce_kernel<ArgMaxOp>", 5.0]]
+    kernels, clock = [], 0.0
+    for name, duration in [["prefill", 100.0], ["reduce_kernel<ArgMaxOp>", 5.0]] + token * 4:
+        kernels.append([name, clock, duration])
+        clock += duration + 0.5  # a gap between kernels
+    report = anatomy(kernels, layers=3)
+    assert report["tokens_seen"] == 4 and report["kernels_per_token"] == len(token)
+    assert report["four_bit_products_per_token"] == 21
+    assert report["token_busy_us"] == 3 * 73 + 65
+    assert report["token_span_us"] == report["token_busy_us"] + 0.5 * (len(token) - 1)  # its gaps inside
+    assert report["layer"]["kernels"] == 9 and report["layer"]["four_bit_us"] == 70
+    assert report["layer"]["other_kernels"] == 2 and report["layer"]["other_us"] == 3
