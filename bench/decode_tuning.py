@@ -9,7 +9,8 @@ Builds of `decode_one`'s step on the 7B shape (4-bit base, unmerged LoRA, one pr
 `candidate`, the same step compiled with inductor's coordinate-descent tuning (it times block sizes for each
 generated kernel, as gpt-fast does for decoding) and with the one-query attention written as two
 multiply-and-sums (generated kernels that fuse the scaling, mask and softmax, instead of two cuBLAS
-matrix-vector kernels); `tuned`, the package's step with the tuning only (`--builds before,tuned,candidate`).
+matrix-vector kernels); `tuned`, the package's step with the tuning only; `stacked`, the package's step with
+q/k/v and gate/up as one 4-bit product and one LoRA-A product each (`stacked_decode.py`; not yet measured).
 Each build is compiled and captured once (its warm-up), then timed `--repeats` times interleaved: tokens/s as
 median, min and max; then one profile each (GPU time and kernels per token). Each build's tokens are compared
 with the first build's (random weights: another summation order may move a near-tie).
@@ -35,6 +36,7 @@ from common import (
     versions,
     write_report,
 )
+from stacked_decode import shared_input_groups, stacked_projections
 
 SUMMED_ATTENTION = "htmlgen_bench_one_query_summed"
 
@@ -68,7 +70,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/htmlgen-bench"))
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--builds", default="before,candidate", help="which of before, tuned, candidate to build")
+    parser.add_argument("--builds", default="before,candidate",
+                        help="which of before, tuned, candidate, stacked to build")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     from generation_compare import load_model
@@ -89,22 +92,24 @@ def main() -> None:
     model, tokenizer, _ = load_model(model_path, args.smoke)
     device = next(model.parameters()).device
     input_ids = tokenizer([build_prompt(description)], return_tensors="pt").input_ids.to(device)
-    known = {"before": ("before: the package's step (matmul attention, default kernels)", None, False),
-             "tuned": ("tuned: the package's step, tuned kernels", None, True),
-             "candidate": ("candidate: multiply-and-sum attention, tuned kernels", SUMMED_ATTENTION, True)}
+    known = {"before": ("before: the package's step (matmul attention, default kernels)", None, False, False),
+             "tuned": ("tuned: the package's step, tuned kernels", None, True, False),
+             "candidate": ("candidate: multiply-and-sum attention, tuned kernels", SUMMED_ATTENTION, True, False),
+             "stacked": ("stacked: q/k/v and gate/up as one 4-bit and one LoRA-A product", None, False, True)}
     builds = {known[key][0]: known[key][1:] for key in args.builds.split(",")}
+    groups = shared_input_groups(model) if any(build[2] for build in builds.values()) else []
     stores = {name: ({}, {}) for name in builds}  # each build's own static caches and captured steps
     attention = decoding.ONE_QUERY_ATTENTION
 
     def run(name: str, tokens: int) -> list[int]:
         """`decode_one` with this build's attention, caches and captured step (built, and compiled under its
         tuning setting, at its first call)."""
-        summed, tune = builds[name]
+        summed, tune, stacked = builds[name]
         decoding.ONE_QUERY_ATTENTION = summed or attention
         model.__dict__["_htmlgen_static_caches"], model.__dict__["_htmlgen_decode_steps"] = stores[name]
         tuning = torch._inductor.config.patch(coordinate_descent_tuning=True) if tune else nullcontext()
         try:
-            with tuning:
+            with tuning, stacked_projections(groups) if stacked else nullcontext():
                 return [t for piece in decoding.decode_one(model, tokenizer, input_ids, tokens,
                                                            stop_at_html_end=False) for t in piece]
         finally:

@@ -1,0 +1,144 @@
+"""A decode-step candidate, to be measured (`decode_tuning.py --builds before,stacked`) before it may join the
+package: the projections of a layer that read the same input (q, k and v; gate and up) run, for one token, as
+one 4-bit product and one LoRA-A product each instead of three and two.
+
+Why: bitsandbytes' matrix-vector kernel reads a larger matrix faster (`four_bit_matvec_words.py`: q, k and v
+stacked into one 12288 x 4096 product took 24.75 us against 3 x 10.25, gate and up 41.42 against 2 x 22.21,
+~0.29 ms of a 5.9 ms token), and every kernel of a one-token step costs ~2-3 us of latency and a gap
+(`decode_anatomy.py`), so two fewer 4-bit products and LoRA-A products a group is fewer kernels as well.
+
+How: a `SharedInput` group holds a copy of its members' packed 4-bit weights one after the other (each
+matrix's rows are contiguous bytes, so stacking is concatenation) with their absmax unnested (each weight's
+nested absmax is quantised per matrix, so the stacked one keeps the float32 values bitsandbytes itself
+dequantises: the same weights exactly), and its members' LoRA A matrices stacked. While `stacked_projections`
+is active, each member's base layer and LoRA A are stand-ins: for one token the first member (q, gate) computes
+the group's products and every member returns its slice; anything longer (the prompt) runs the originals. The
+members are called in order with the same input (Llama's attention and MLP do); an eager check says so.
+The copy costs memory (~2.2 GB for a 7B model besides the ~0.35 GB of unnested absmax): a lever would make the
+members' weights views into it.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+
+
+def unnested_absmax(state) -> torch.Tensor:
+    """A 4-bit weight's absmax (one per 64 weights) as the float32 values bitsandbytes dequantises it with."""
+    from bitsandbytes.functional import dequantize_blockwise
+
+    if not state.nested:
+        return state.absmax.float()
+    return (dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+
+
+class SharedInput:
+    """Members (peft LoRA layers over bitsandbytes 4-bit layers) that read the same input, stacked."""
+
+    def __init__(self, members: list) -> None:
+        from bitsandbytes.functional import QuantState
+
+        bases = [member.get_base_layer() for member in members]
+        states = [base.weight.quant_state for base in bases]
+        first = states[0]
+        self.rows = [state.shape[0] for state in states]
+        self.compute_dtype = bases[0].compute_dtype
+        # CPU inference may have re-packed the weights for its own kernel: then the group runs the originals
+        self.packed_for_cpu = any(getattr(state, "packing_format_for_cpu", False) for state in states)
+        if not self.packed_for_cpu:
+            self.weight = torch.cat([base.weight.data.reshape(-1) for base in bases]).view(-1, 1)
+            self.state = QuantState(absmax=torch.cat([unnested_absmax(state) for state in states]),
+                                    shape=torch.Size([sum(self.rows), first.shape[1]]), code=first.code,
+                                    blocksize=first.blocksize, quant_type=first.quant_type, dtype=first.dtype)
+        adapter = members[0].active_adapters[0]
+        a_matrices = [member.lora_A[adapter].weight for member in members]
+        self.ranks = [a.shape[0] for a in a_matrices]
+        self.lora_a = torch.cat([a.detach() for a in a_matrices])
+        self.adapter, self.members, self.originals = adapter, members, bases
+        self.input = self.base_out = self.lora_out = None
+
+    def base_product(self, x: torch.Tensor) -> torch.Tensor:
+        """All members' 4-bit products of one token, one after the other along the last dimension."""
+        import bitsandbytes as bnb
+
+        if self.packed_for_cpu:
+            return torch.cat([original(x) for original in self.originals], -1)
+        return bnb.matmul_4bit(x.to(self.compute_dtype), self.weight, quant_state=self.state).to(x.dtype)
+
+
+def _slice(values: torch.Tensor, sizes: list[int], index: int) -> torch.Tensor:
+    start = sum(sizes[:index])
+    return values[..., start:start + sizes[index]]
+
+
+class StackedBase(torch.nn.Module):
+    """A member's base layer while stacked: its slice of the group's 4-bit product for one token."""
+
+    def __init__(self, group: SharedInput, index: int) -> None:
+        super().__init__()
+        self.group, self.index = group, index
+        self.original = [group.originals[index]]  # a list: not registered, the module tree stays as it was
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[:-1].numel() != 1:
+            return self.original[0](x)
+        if self.index == 0:
+            self.group.input, self.group.base_out = x, self.group.base_product(x)
+        elif not torch.compiler.is_compiling() and self.group.input is not x:
+            raise RuntimeError("a stacked projection was called out of order or with another input")
+        return _slice(self.group.base_out, self.group.rows, self.index)
+
+
+class StackedA(torch.nn.Module):
+    """A member's LoRA A while stacked: its slice of the group's LoRA-A product for one token."""
+
+    def __init__(self, group: SharedInput, index: int, original: torch.nn.Module) -> None:
+        super().__init__()
+        self.group, self.index = group, index
+        self.original = [original]
+
+    @property
+    def weight(self) -> torch.Tensor:  # peft casts the input to the LoRA weights' dtype
+        return self.original[0].weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[:-1].numel() != 1:
+            return self.original[0](x)
+        if self.index == 0:
+            self.group.lora_out = (x.unsqueeze(-2) * self.group.lora_a).sum(-1)
+        return _slice(self.group.lora_out, self.group.ranks, self.index)
+
+
+def shared_input_groups(model) -> list[SharedInput]:
+    """One group for each layer's q/k/v and one for its gate/up (LoRA layers over 4-bit layers only)."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    groups = []
+    for layer in causal_lm.model.layers:
+        for block, names in GROUPS:
+            members = [getattr(getattr(layer, block), name) for name in names]
+            if all(hasattr(member, "lora_A") and hasattr(member.get_base_layer().weight, "quant_state")
+                   for member in members):
+                groups.append(SharedInput(members))
+    return groups
+
+
+@contextmanager
+def stacked_projections(groups: list[SharedInput]) -> Iterator[None]:
+    """Swap the groups' stand-ins in for their members' base layers and LoRA A matrices, and back after."""
+    swapped = []
+    for group in groups:
+        for index, member in enumerate(group.members):
+            original_a = member.lora_A[group.adapter]
+            member.base_layer = StackedBase(group, index)
+            member.lora_A[group.adapter] = StackedA(group, index, original_a)
+            swapped.append((member, group.originals[index], original_a, group.adapter))
+    try:
+        yield
+    finally:
+        for member, base, lora_a, adapter in swapped:
+            member.base_layer = base
+            member.lora_A[adapter] = lora_a
