@@ -51,20 +51,12 @@ def anatomy(kernels: list[list], layers: int) -> dict:
 def profile_kernels(tokens: int, work: Path) -> tuple[list[list], int]:
     """Decode on the 7B shape under the profiler; the GPU events in order, and the model's layer count."""
     import torch
-    from common import T4_GIB, build_checkpoint, cap_memory
-    from generation_compare import load_model
+    from generation_compare import one_prompt_model
     from torch.profiler import ProfilerActivity, profile
 
-    from htmlgen_utils.config import Config
-    from htmlgen_utils.data import load_splits
     from htmlgen_utils.levers.decoding import decode_one
-    from htmlgen_utils.packing import build_prompt
 
-    path = build_checkpoint(work / "llama2-7b-shaped")
-    cap_memory(T4_GIB)
-    model, tokenizer, _ = load_model(path, False)
-    description = load_splits(Config.from_preset("colab-t4"))[0]["test"]["label"][0]
-    ids = tokenizer([build_prompt(description)], return_tensors="pt").input_ids.cuda()
+    model, tokenizer, ids = one_prompt_model(work, smoke=False)
     with torch.no_grad():
         for _ in range(2):  # compiles and captures the step (the cache it builds fits the profiled run too)
             list(decode_one(model, tokenizer, ids, 64, stop_at_html_end=False))

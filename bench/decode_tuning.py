@@ -24,18 +24,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from common import (
-    REPO,
-    T4_GIB,
-    build_checkpoint,
-    cap_memory,
-    gpu_timeline,
-    peak_gib,
-    reset_peak,
-    sync,
-    versions,
-    write_report,
-)
+from common import REPO, gpu_timeline, peak_gib, reset_peak, sync, versions, write_report
 from stacked_decode import shared_input_groups, stacked_projections
 
 SUMMED_ATTENTION = "htmlgen_bench_one_query_summed"
@@ -74,24 +63,16 @@ def main() -> None:
                         help="which of before, tuned, candidate, stacked to build")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
-    from generation_compare import load_model
+    from generation_compare import one_prompt_model
     from torch.profiler import ProfilerActivity, profile
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    from htmlgen_utils.config import Config
-    from htmlgen_utils.data import load_splits
     from htmlgen_utils.levers import decoding
-    from htmlgen_utils.packing import build_prompt
 
     AttentionInterface.register(SUMMED_ATTENTION, one_query_attention_summed)
     AttentionMaskInterface.register(SUMMED_ATTENTION, sdpa_mask)
-    model_path = build_checkpoint(args.work / "llama2-7b-shaped", smoke=args.smoke)
-    cap_memory(None if args.smoke else T4_GIB)
-    description = load_splits(Config.from_preset("colab-t4"))[0]["test"]["label"][0]
-    model, tokenizer, _ = load_model(model_path, args.smoke)
-    device = next(model.parameters()).device
-    input_ids = tokenizer([build_prompt(description)], return_tensors="pt").input_ids.to(device)
+    model, tokenizer, input_ids = one_prompt_model(args.work, args.smoke)
     known = {"before": ("before: the package's step (matmul attention, default kernels)", None, False, False),
              "tuned": ("tuned: the package's step, tuned kernels", None, True, False),
              "candidate": ("candidate: multiply-and-sum attention, tuned kernels", SUMMED_ATTENTION, True, False),

@@ -42,6 +42,19 @@ def nf4_matvec(x: torch.Tensor, layer) -> torch.Tensor:
     return ((first * token[..., 0] + second * token[..., 1]) * scale).sum((1, 2))
 
 
+def random_layer_and_token(rows: int, cols: int, dtype: torch.dtype):
+    """A bitsandbytes NF4 layer (double-quantised, as the model loads them) of random weights on the GPU, a
+    random token for it, and their product by `nf4_matvec`."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(cols, rows, bias=False, compute_dtype=dtype, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(rows, cols, dtype=dtype) * 0.02, requires_grad=False,
+                                     quant_type="nf4", compress_statistics=True)
+    layer = layer.cuda()
+    x = torch.randn(1, 1, cols, dtype=dtype, device="cuda")
+    return layer, x, nf4_matvec(x, layer)
+
+
 def build_kernel():
     import triton
     import triton.language as tl
@@ -94,13 +107,8 @@ def main() -> None:
     step_ms: dict[str, float] = {}
     torch.manual_seed(0)
     for name, (rows, cols) in SHAPES.items():
-        layer = bnb.nn.Linear4bit(cols, rows, bias=False, compute_dtype=dtype, quant_type="nf4")
-        layer.weight = bnb.nn.Params4bit(torch.randn(rows, cols, dtype=dtype) * 0.02, requires_grad=False,
-                                         quant_type="nf4", compress_statistics=True)
-        layer = layer.cuda()
+        layer, x, reference = random_layer_and_token(rows, cols, dtype)
         state = layer.weight.quant_state
-        x = torch.randn(1, 1, cols, dtype=dtype, device="cuda")
-        reference = nf4_matvec(x, layer)
         dequantised = x.float().reshape(-1) @ bnb.functional.dequantize_4bit(layer.weight.data, state).float().T
         assert (reference - dequantised).abs().max() <= 2e-3 * dequantised.abs().max()  # its weights are fp16
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from common import REPO, versions, write_report
-from four_bit_matvec import nf4_matvec
+from four_bit_matvec import random_layer_and_token
 
 SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008),
           "gate+up stacked": (22016, 4096)}
@@ -84,7 +84,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    import bitsandbytes as bnb
     import triton
     from triton.testing import do_bench_cudagraph
 
@@ -95,13 +94,8 @@ def main() -> None:
     configs = list(itertools.product((4, 8, 16, 32), (2, 4, 8, 16), (4, 8), (1, 2, 4), (0, 2)))
     step = {}
     for name, (rows, cols) in SHAPES.items():
-        layer = bnb.nn.Linear4bit(cols, rows, bias=False, compute_dtype=dtype, quant_type="nf4")
-        layer.weight = bnb.nn.Params4bit(torch.randn(rows, cols, dtype=dtype) * 0.02, requires_grad=False,
-                                         quant_type="nf4", compress_statistics=True)
-        layer = layer.cuda()
+        layer, x, reference = random_layer_and_token(rows, cols, dtype)
         state = layer.weight.quant_state
-        x = torch.randn(1, 1, cols, dtype=dtype, device="cuda")
-        reference = nf4_matvec(x, layer)
         x_first, x_second = x.reshape(-1, 2)[:, 0].contiguous(), x.reshape(-1, 2)[:, 1].contiguous()
         words = layer.weight.data.view(-1).view(torch.int32)
         table16 = state.code.float().contiguous()

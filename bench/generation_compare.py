@@ -40,6 +40,21 @@ def load_model(model_path: Path, smoke: bool):
     return model, tokenizer, config
 
 
+def one_prompt_model(work: Path, smoke: bool):
+    """What the batch-1 decode benchmarks run: the model (7B shape under a T4's cap, or the tiny one with
+    `smoke`) as `load_model` loads it, its tokenizer, and the first test description's prompt as token ids."""
+    from htmlgen_utils.config import Config
+    from htmlgen_utils.data import load_splits
+    from htmlgen_utils.packing import build_prompt
+
+    model_path = build_checkpoint(work / "llama2-7b-shaped", smoke=smoke)
+    cap_memory(None if smoke else T4_GIB)
+    description = load_splits(Config.from_preset("colab-t4"))[0]["test"]["label"][0]
+    model, tokenizer, _ = load_model(model_path, smoke)
+    device = next(model.parameters()).device
+    return model, tokenizer, tokenizer([build_prompt(description)], return_tensors="pt").input_ids.to(device)
+
+
 def timed(model, tokenizer, prompts: list[str], batch: int, compile_decode: bool, warmup: bool,
           stop: bool = True) -> dict:
     from htmlgen_utils.generation import generate_pages

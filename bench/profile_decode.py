@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from common import (REPO, T4_GIB, CompilerLog, build_checkpoint, cap_memory, compiler_counters, gpu_timeline, peak_gib,
-                    reset_peak, sync, versions, write_report)
+from common import (REPO, CompilerLog, compiler_counters, gpu_timeline, peak_gib, reset_peak, sync, versions,
+                    write_report)
 
 
 def decode_one_as_before(model, tokenizer, input_ids, max_new_tokens: int, levers: bool) -> int:
@@ -82,19 +82,11 @@ def main() -> None:
     args = parser.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
-    from generation_compare import load_model
-    from htmlgen_utils.config import Config
-    from htmlgen_utils.data import load_splits
+    from generation_compare import one_prompt_model
     from htmlgen_utils.generation import _generation_kwargs
     from htmlgen_utils.levers.decoding import decode_one, generate_with_static_cache, static_cache
-    from htmlgen_utils.packing import build_prompt
 
-    model_path = build_checkpoint(args.work / "llama2-7b-shaped", smoke=args.smoke)
-    cap_memory(None if args.smoke else T4_GIB)
-    description = load_splits(Config.from_preset("colab-t4"))[0]["test"]["label"][0]
-    model, tokenizer, _ = load_model(model_path, args.smoke)
-    device = next(model.parameters()).device
-    input_ids = tokenizer([build_prompt(description)], return_tensors="pt").input_ids.to(device)
+    model, tokenizer, input_ids = one_prompt_model(args.work, args.smoke)
     compiler_log = CompilerLog()
 
     def plain_generate(tokens: int) -> int:
