@@ -89,3 +89,33 @@ def test_flex_attention_trains_what_the_block_mask_trains():
     for loss, grads in (flex_eager, flex_compiled):
         assert abs(loss - masked[0]) < 2e-3, (loss, masked[0])
         assert (grads - masked[1]).abs().max() <= 2e-2 * masked[1].abs().max()
+
+
+def test_stacked_projections_decode_as_the_eager_model():
+    """The bench's stacked q/k/v and gate/up candidate (`bench/stacked_decode.py`) inside `decode_one`'s compiled
+    CUDA-graph step: its greedy tokens are the eager model's choices, as for the package's own step."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from stacked_decode import shared_input_groups, stacked_projections
+
+    from htmlgen_utils.levers.decoding import decode_one
+    from htmlgen_utils.packing import build_prompt
+
+    config = Config.from_preset("tiny", precision="fp16", run_dir="/tmp/unused")
+    model, tokenizer = load_for_training(config)
+    torch.manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.02)
+    model.eval()
+    groups = shared_input_groups(model)
+    ids = tokenizer(build_prompt("A modern landing page for Acme in blue"), return_tensors="pt").input_ids.cuda()
+    with stacked_projections(groups):
+        tokens = torch.tensor([sum(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False), [])]).cuda()
+    with torch.no_grad():
+        eager = model(input_ids=torch.cat([ids, tokens], 1)).logits[0, ids.shape[1] - 1:-1].float()
+    shortfall = eager.max(-1).values - eager.gather(-1, tokens[0, :, None])[:, 0]
+    assert tokens.shape[1] == 120 and shortfall.max() < 0.1, shortfall.max()
+    assert (shortfall == 0).float().mean() > 0.9
