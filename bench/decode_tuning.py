@@ -10,7 +10,8 @@ Builds of `decode_one`'s step on the 7B shape (4-bit base, unmerged LoRA, one pr
 generated kernel, as gpt-fast does for decoding) and with the one-query attention written as two
 multiply-and-sums (generated kernels that fuse the scaling, mask and softmax, instead of two cuBLAS
 matrix-vector kernels); `tuned`, the package's step with the tuning only; `stacked`, the package's step with
-q/k/v and gate/up as one 4-bit product and one LoRA-A product each (`stacked_decode.py`; not yet measured).
+q/k/v and gate/up as one 4-bit product and one LoRA-A product each, and `stacked-lora` with their LoRA B
+products and adds fused as well (`stacked_decode.py`; both not yet measured).
 Each build is compiled and captured once (its warm-up), then timed `--repeats` times interleaved: tokens/s as
 median, min and max; then one profile each (GPU time and kernels per token). Each build's tokens are compared
 with the first build's (random weights: another summation order may move a near-tie).
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 from common import REPO, gpu_timeline, peak_gib, reset_peak, sync, versions, write_report
-from stacked_decode import shared_input_groups, stacked_projections
+from stacked_decode import shared_input_groups, stacked_layers, stacked_projections
 
 SUMMED_ATTENTION = "htmlgen_bench_one_query_summed"
 
@@ -60,7 +61,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--builds", default="before,candidate",
-                        help="which of before, tuned, candidate, stacked to build")
+                        help="which of before, tuned, candidate, stacked, stacked-lora to build")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     from generation_compare import one_prompt_model
@@ -76,7 +77,9 @@ def main() -> None:
     known = {"before": ("before: the package's step (matmul attention, default kernels)", None, False, False),
              "tuned": ("tuned: the package's step, tuned kernels", None, True, False),
              "candidate": ("candidate: multiply-and-sum attention, tuned kernels", SUMMED_ATTENTION, True, False),
-             "stacked": ("stacked: q/k/v and gate/up as one 4-bit and one LoRA-A product", None, False, True)}
+             "stacked": ("stacked: q/k/v and gate/up as one 4-bit and one LoRA-A product", None, False, "A"),
+             "stacked-lora": ("stacked-lora: q/k/v and gate/up as one 4-bit product and one LoRA product",
+                              None, False, "A and B")}
     builds = {known[key][0]: known[key][1:] for key in args.builds.split(",")}
     groups = shared_input_groups(model) if any(build[2] for build in builds.values()) else []
     stores = {name: ({}, {}) for name in builds}  # each build's own static caches and captured steps
@@ -90,7 +93,8 @@ def main() -> None:
         model.__dict__["_htmlgen_static_caches"], model.__dict__["_htmlgen_decode_steps"] = stores[name]
         tuning = torch._inductor.config.patch(coordinate_descent_tuning=True) if tune else nullcontext()
         try:
-            with tuning, stacked_projections(groups) if stacked else nullcontext():
+            stacking = {"A": stacked_projections, "A and B": stacked_layers}.get(stacked)
+            with tuning, stacking(groups) if stacking else nullcontext():
                 return [t for piece in decoding.decode_one(model, tokenizer, input_ids, tokens,
                                                            stop_at_html_end=False) for t in piece]
         finally:

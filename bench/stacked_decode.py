@@ -16,6 +16,11 @@ the group's products and every member returns its slice; anything longer (the pr
 members are called in order with the same input (Llama's attention and MLP do); an eager check says so.
 The copy costs memory (~2.2 GB for a 7B model besides the ~0.35 GB of unnested absmax): a lever would make the
 members' weights views into it.
+
+`stacked_layers` goes one step further (`decode_tuning.py --builds ...,stacked-lora`): the members' LoRA B
+products and the adds onto the 4-bit outputs are one multiply-and-sum a group as well (the three B products of
+q/k/v were 3.4 us each in `decode_anatomy.py`), the first member computing the group's whole output and every
+member returning its slice. Its LoRA B matrices and scalings are a snapshot taken when the groups are built.
 """
 from __future__ import annotations
 
@@ -58,8 +63,12 @@ class SharedInput:
         a_matrices = [member.lora_A[adapter].weight for member in members]
         self.ranks = [a.shape[0] for a in a_matrices]
         self.lora_a = torch.cat([a.detach() for a in a_matrices])
+        # a snapshot of the adapter, for decoding: each output row's LoRA B row and its member's scaling
+        self.lora_b = torch.cat([member.lora_B[adapter].weight.detach() for member in members])
+        self.scales = torch.cat([torch.full((rows,), float(member.scaling[adapter]), device=self.lora_b.device)
+                                 for member, rows in zip(members, self.rows)])
         self.adapter, self.members, self.originals = adapter, members, bases
-        self.input = self.base_out = self.lora_out = None
+        self.input = self.base_out = self.lora_out = self.out = None
 
     def base_product(self, x: torch.Tensor) -> torch.Tensor:
         """All members' 4-bit products of one token, one after the other along the last dimension."""
@@ -68,6 +77,15 @@ class SharedInput:
         if self.packed_for_cpu:
             return torch.cat([original(x) for original in self.originals], -1)
         return bnb.matmul_4bit(x.to(self.compute_dtype), self.weight, quant_state=self.state).to(x.dtype)
+
+
+    def lora_product(self, x: torch.Tensor) -> torch.Tensor:
+        """All members' LoRA outputs (B A x, scaled) of one token, in float32: one multiply-and-sum for the A
+        matrices, one for the B matrices (each output row meets its own member's part of `A x`)."""
+        low_rank = (x.to(self.lora_a.dtype).unsqueeze(-2) * self.lora_a).sum(-1)  # (..., sum of ranks)
+        spread = torch.cat([part.unsqueeze(-2).expand(*part.shape[:-1], rows, part.shape[-1])
+                            for part, rows in zip(low_rank.split(self.ranks, -1), self.rows)], -2)
+        return (spread * self.lora_b).sum(-1) * self.scales  # (..., sum of rows)
 
 
 def _slice(values: torch.Tensor, sizes: list[int], index: int) -> torch.Tensor:
@@ -113,6 +131,23 @@ class StackedA(torch.nn.Module):
         return _slice(self.group.lora_out, self.group.ranks, self.index)
 
 
+class StackedLora:
+    """Mixed into a member's own (peft) class while `stacked_layers` is active: for one token the first member
+    computes the whole group's output (4-bit products, LoRA products, the add) and every member returns its
+    slice, so the LoRA B products and adds of a group are one multiply-and-sum too."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        group, index = self._stacked_group
+        if x.shape[:-1].numel() != 1 or self.training or self.disable_adapters or self.merged or args or kwargs:
+            return super().forward(x, *args, **kwargs)
+        if index == 0:
+            base = group.base_product(x)
+            group.input, group.out = x, base + group.lora_product(x).to(base.dtype)
+        elif not torch.compiler.is_compiling() and group.input is not x:
+            raise RuntimeError("a stacked projection was called out of order or with another input")
+        return _slice(group.out, group.rows, index)
+
+
 def shared_input_groups(model) -> list[SharedInput]:
     """One group for each layer's q/k/v and one for its gate/up (LoRA layers over 4-bit layers only)."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -142,3 +177,26 @@ def stacked_projections(groups: list[SharedInput]) -> Iterator[None]:
         for member, base, lora_a, adapter in swapped:
             member.base_layer = base
             member.lora_A[adapter] = lora_a
+
+
+_STACKED_CLASSES: dict[type, type] = {}
+
+
+@contextmanager
+def stacked_layers(groups: list[SharedInput]) -> Iterator[None]:
+    """Make the groups' members compute as one (`StackedLora`) for one-token inputs, and themselves again after."""
+    swapped = []
+    for group in groups:
+        for index, member in enumerate(group.members):
+            own = type(member)
+            if own not in _STACKED_CLASSES:
+                _STACKED_CLASSES[own] = type(f"Stacked{own.__name__}", (StackedLora, own), {})
+            member.__class__ = _STACKED_CLASSES[own]
+            member._stacked_group = (group, index)
+            swapped.append((member, own))
+    try:
+        yield
+    finally:
+        for member, own in swapped:
+            member.__class__ = own
+            del member._stacked_group

@@ -91,14 +91,15 @@ def test_flex_attention_trains_what_the_block_mask_trains():
         assert (grads - masked[1]).abs().max() <= 2e-2 * masked[1].abs().max()
 
 
-def test_stacked_projections_decode_as_the_eager_model():
-    """The bench's stacked q/k/v and gate/up candidate (`bench/stacked_decode.py`) inside `decode_one`'s compiled
-    CUDA-graph step: its greedy tokens are the eager model's choices, as for the package's own step."""
+@pytest.mark.parametrize("stacking", ["stacked_projections", "stacked_layers"])
+def test_stacked_projections_decode_as_the_eager_model(stacking):
+    """The bench's stacked q/k/v and gate/up candidates (`bench/stacked_decode.py`) inside `decode_one`'s
+    compiled CUDA-graph step: their greedy tokens are the eager model's choices, as for the package's own step."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from stacked_decode import shared_input_groups, stacked_projections
+    import stacked_decode
 
     from htmlgen_utils.levers.decoding import decode_one
     from htmlgen_utils.packing import build_prompt
@@ -110,9 +111,9 @@ def test_stacked_projections_decode_as_the_eager_model():
         if "lora_B" in name:
             parameter.data.normal_(0, 0.02)
     model.eval()
-    groups = shared_input_groups(model)
+    groups = stacked_decode.shared_input_groups(model)
     ids = tokenizer(build_prompt("A modern landing page for Acme in blue"), return_tensors="pt").input_ids.cuda()
-    with stacked_projections(groups):
+    with getattr(stacked_decode, stacking)(groups):
         tokens = torch.tensor([sum(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False), [])]).cuda()
     with torch.no_grad():
         eager = model(input_ids=torch.cat([ids, tokens], 1)).logits[0, ids.shape[1] - 1:-1].float()
