@@ -32,29 +32,41 @@ def test_checkpoints_offloaded_on_a_side_stream_give_the_same_gradients():
     torch.testing.assert_close(results[0], results[1])
 
 
+def _adapted_tiny_model():
+    """The tiny base in fp16 with a LoRA that changes its pages (random B matrices), for generation."""
+    model, tokenizer = load_for_training(Config.from_preset("tiny", precision="fp16", run_dir="/tmp/unused"))
+    torch.manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.02)
+    return model.eval(), tokenizer
+
+
+def _decode_and_check_against_eager(model, tokenizer, description: str) -> None:
+    """120 greedy tokens from `decode_one`; at every position the token it picked is the eager model's argmax,
+    or within fp16 rounding of it (a wrong position or cache slot would pick tokens the eager model rates far
+    lower)."""
+    from htmlgen_utils.levers.decoding import decode_one
+    from htmlgen_utils.packing import build_prompt
+
+    ids = tokenizer(build_prompt(description), return_tensors="pt").input_ids.cuda()
+    tokens = torch.tensor([[t for piece in decode_one(model, tokenizer, ids, 120, stop_at_html_end=False)
+                            for t in piece]]).cuda()
+    with torch.no_grad():
+        eager = model(input_ids=torch.cat([ids, tokens], 1)).logits[0, ids.shape[1] - 1:-1].float()
+    shortfall = eager.max(-1).values - eager.gather(-1, tokens[0, :, None])[:, 0]
+    assert tokens.shape[1] == 120 and shortfall.max() < 0.1, shortfall.max()
+    assert (shortfall == 0).float().mean() > 0.9
+
+
 def test_batch1_decoding_replays_its_cuda_graph_and_follows_the_eager_model():
     """`decode_one` on CUDA: the step is captured once as a CUDA graph (one-query attention, one-token LoRA
     matrices) and replayed per token. Its greedy tokens are the eager model's choices: at every position the
     token it picked is the eager model's argmax, or within fp16 rounding of it (a wrong position or cache slot
     would pick tokens the eager model rates far lower); a second page replays the same graph."""
-    from htmlgen_utils.levers.decoding import decode_one
-    from htmlgen_utils.packing import build_prompt
-
-    config = Config.from_preset("tiny", precision="fp16", run_dir="/tmp/unused")
-    model, tokenizer = load_for_training(config)
-    torch.manual_seed(0)
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            parameter.data.normal_(0, 0.02)
-    model.eval()
+    model, tokenizer = _adapted_tiny_model()
     for description in ("A modern landing page for Acme in blue", "Build a retro 404 error page for Nova."):
-        ids = tokenizer(build_prompt(description), return_tensors="pt").input_ids.cuda()
-        tokens = torch.tensor([sum(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False), [])]).cuda()
-        with torch.no_grad():
-            eager = model(input_ids=torch.cat([ids, tokens], 1)).logits[0, ids.shape[1] - 1:-1].float()
-        shortfall = eager.max(-1).values - eager.gather(-1, tokens[0, :, None])[:, 0]
-        assert tokens.shape[1] == 120 and shortfall.max() < 0.1, shortfall.max()
-        assert (shortfall == 0).float().mean() > 0.9
+        _decode_and_check_against_eager(model, tokenizer, description)
     steps = list(model.__dict__["_htmlgen_decode_steps"].values())
     assert len(steps) == 1 and steps[0].graph is not None
 
@@ -101,22 +113,6 @@ def test_stacked_projections_decode_as_the_eager_model(stacking):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import stacked_decode
 
-    from htmlgen_utils.levers.decoding import decode_one
-    from htmlgen_utils.packing import build_prompt
-
-    config = Config.from_preset("tiny", precision="fp16", run_dir="/tmp/unused")
-    model, tokenizer = load_for_training(config)
-    torch.manual_seed(0)
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            parameter.data.normal_(0, 0.02)
-    model.eval()
-    groups = stacked_decode.shared_input_groups(model)
-    ids = tokenizer(build_prompt("A modern landing page for Acme in blue"), return_tensors="pt").input_ids.cuda()
-    with getattr(stacked_decode, stacking)(groups):
-        tokens = torch.tensor([sum(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False), [])]).cuda()
-    with torch.no_grad():
-        eager = model(input_ids=torch.cat([ids, tokens], 1)).logits[0, ids.shape[1] - 1:-1].float()
-    shortfall = eager.max(-1).values - eager.gather(-1, tokens[0, :, None])[:, 0]
-    assert tokens.shape[1] == 120 and shortfall.max() < 0.1, shortfall.max()
-    assert (shortfall == 0).float().mean() > 0.9
+    model, tokenizer = _adapted_tiny_model()
+    with getattr(stacked_decode, stacking)(stacked_decode.shared_input_groups(model)):
+        _decode_and_check_against_eager(model, tokenizer, "A modern landing page for Acme in blue")
