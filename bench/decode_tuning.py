@@ -74,12 +74,13 @@ def main() -> None:
     AttentionInterface.register(SUMMED_ATTENTION, one_query_attention_summed)
     AttentionMaskInterface.register(SUMMED_ATTENTION, sdpa_mask)
     model, tokenizer, input_ids = one_prompt_model(args.work, args.smoke)
-    known = {"before": ("before: the package's step (matmul attention, default kernels)", None, False, False),
-             "tuned": ("tuned: the package's step, tuned kernels", None, True, False),
-             "candidate": ("candidate: multiply-and-sum attention, tuned kernels", SUMMED_ATTENTION, True, False),
-             "stacked": ("stacked: q/k/v and gate/up as one 4-bit and one LoRA-A product", None, False, "A"),
+    known = {"before": ("before: the package's step (matmul attention, default kernels)", None, False, None),
+             "tuned": ("tuned: the package's step, tuned kernels", None, True, None),
+             "candidate": ("candidate: multiply-and-sum attention, tuned kernels", SUMMED_ATTENTION, True, None),
+             "stacked": ("stacked: q/k/v and gate/up as one 4-bit and one LoRA-A product", None, False,
+                         stacked_projections),
              "stacked-lora": ("stacked-lora: q/k/v and gate/up as one 4-bit product and one LoRA product",
-                              None, False, "A and B")}
+                              None, False, stacked_layers)}
     builds = {known[key][0]: known[key][1:] for key in args.builds.split(",")}
     groups = shared_input_groups(model) if any(build[2] for build in builds.values()) else []
     stores = {name: ({}, {}) for name in builds}  # each build's own static caches and captured steps
@@ -88,12 +89,11 @@ def main() -> None:
     def run(name: str, tokens: int) -> list[int]:
         """`decode_one` with this build's attention, caches and captured step (built, and compiled under its
         tuning setting, at its first call)."""
-        summed, tune, stacked = builds[name]
+        summed, tune, stacking = builds[name]
         decoding.ONE_QUERY_ATTENTION = summed or attention
         model.__dict__["_htmlgen_static_caches"], model.__dict__["_htmlgen_decode_steps"] = stores[name]
         tuning = torch._inductor.config.patch(coordinate_descent_tuning=True) if tune else nullcontext()
         try:
-            stacking = {"A": stacked_projections, "A and B": stacked_layers}.get(stacked)
             with tuning, stacking(groups) if stacking else nullcontext():
                 return [t for piece in decoding.decode_one(model, tokenizer, input_ids, tokens,
                                                            stop_at_html_end=False) for t in piece]

@@ -98,7 +98,6 @@ def main() -> None:
         state = layer.weight.quant_state
         x_first, x_second = x.reshape(-1, 2)[:, 0].contiguous(), x.reshape(-1, 2)[:, 1].contiguous()
         words = layer.weight.data.view(-1).view(torch.int32)
-        table16 = state.code.float().contiguous()
         codes = torch.arange(256, device="cuda")
         hi = state.code[codes >> 4].half().view(torch.int16).int() & 0xFFFF
         lo = state.code[codes & 15].half().view(torch.int16).int() & 0xFFFF
@@ -107,10 +106,9 @@ def main() -> None:
 
         def ours(config):
             block_n, blocks, warps, split, lookup = config
-            table = pair if lookup == 2 else table16
             split_words = triton.cdiv(cols // 8, split * blocks * 8) * blocks * 8
             arguments = (x_first, x_second, words, state.absmax, state.state2.code, state.state2.absmax,
-                         float(state.offset), table, out, rows, cols // 8, split_words)
+                         float(state.offset), pair, out, rows, cols // 8, split_words)  # lookup 0 reads no table
             grid = (triton.cdiv(rows, block_n), triton.cdiv(cols // 8, split_words))
             return lambda: kernel[grid](*arguments, OUTER_BLOCK=state.state2.blocksize, BLOCK_N=block_n,
                                         BLOCKS=blocks, LOOKUP=lookup, num_warps=warps)

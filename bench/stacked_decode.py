@@ -79,6 +79,12 @@ class SharedInput:
         return bnb.matmul_4bit(x.to(self.compute_dtype), self.weight, quant_state=self.state).to(x.dtype)
 
 
+    def check_follows_first(self, x: torch.Tensor) -> None:
+        """Refuse a later member whose input is not the one the first member computed the group's products from
+        (checked when eager; compiled, the step is traced in the order the eager checks saw)."""
+        if not torch.compiler.is_compiling() and self.input is not x:
+            raise RuntimeError("a stacked projection was called out of order or with another input")
+
     def lora_product(self, x: torch.Tensor) -> torch.Tensor:
         """All members' LoRA outputs (B A x, scaled) of one token, in float32: one multiply-and-sum for the A
         matrices, one for the B matrices (each output row meets its own member's part of `A x`)."""
@@ -106,8 +112,8 @@ class StackedBase(torch.nn.Module):
             return self.original[0](x)
         if self.index == 0:
             self.group.input, self.group.base_out = x, self.group.base_product(x)
-        elif not torch.compiler.is_compiling() and self.group.input is not x:
-            raise RuntimeError("a stacked projection was called out of order or with another input")
+        else:
+            self.group.check_follows_first(x)
         return _slice(self.group.base_out, self.group.rows, self.index)
 
 
@@ -143,8 +149,8 @@ class StackedLora:
         if index == 0:
             base = group.base_product(x)
             group.input, group.out = x, base + group.lora_product(x).to(base.dtype)
-        elif not torch.compiler.is_compiling() and group.input is not x:
-            raise RuntimeError("a stacked projection was called out of order or with another input")
+        else:
+            group.check_follows_first(x)
         return _slice(group.out, group.rows, index)
 
 
