@@ -1,17 +1,17 @@
-"""Batch-1 decoding's ~600 small generated kernels: would tuned block sizes, or attention as generated
-kernels instead of cuBLAS, make a decode step faster? (Measured: no; the package keeps its step.)
+"""Batch-1 decoding's small kernels: do tuned block sizes, attention as generated kernels instead of cuBLAS,
+or q/k/v and gate/up stacked into one layer each make a decode step faster? (Measured: only the stacking,
+which the package's step now does.)
 
     PYTHONPATH=$PWD python bench/decode_tuning.py --out $OUT             # one CUDA GPU, ~4 minutes
     PYTHONPATH=$PWD python bench/decode_tuning.py --smoke --out /tmp/b   # CPU, tiny model: checks the script
 
 Builds of `decode_one`'s step on the 7B shape (4-bit base, unmerged LoRA, one prompt, greedy, no stop):
-`before`, the package's step (one-query attention as two matmuls, the compiler's default kernels);
+`before`, the step without stacking (one-query attention as two matmuls, the compiler's default kernels);
 `candidate`, the same step compiled with inductor's coordinate-descent tuning (it times block sizes for each
 generated kernel, as gpt-fast does for decoding) and with the one-query attention written as two
 multiply-and-sums (generated kernels that fuse the scaling, mask and softmax, instead of two cuBLAS
-matrix-vector kernels); `tuned`, the package's step with the tuning only; `stacked`, the package's step with
-q/k/v and gate/up as one 4-bit product and one LoRA-A product each, and `stacked-lora` with their LoRA B
-products and adds fused as well (`stacked_decode.py`; both not yet measured).
+matrix-vector kernels); `tuned`, the step with the tuning only; `stacked`, the package's step: `before` with
+each layer's q/k/v and gate/up as one layer (`levers/stacking.py`).
 Each build is compiled and captured once (its warm-up), then timed `--repeats` times interleaved: tokens/s as
 median, min and max; then one profile each (GPU time and kernels per token). Each build's tokens are compared
 with the first build's (random weights: another summation order may move a near-tie).
@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 from common import REPO, gpu_timeline, peak_gib, reset_peak, sync, versions, write_report
-from stacked_decode import shared_input_groups, stacked_layers, stacked_projections
 
 SUMMED_ATTENTION = "htmlgen_bench_one_query_summed"
 
@@ -61,7 +60,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--builds", default="before,candidate",
-                        help="which of before, tuned, candidate, stacked, stacked-lora to build")
+                        help="which of before, tuned, candidate, stacked to build")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     from generation_compare import one_prompt_model
@@ -74,29 +73,25 @@ def main() -> None:
     AttentionInterface.register(SUMMED_ATTENTION, one_query_attention_summed)
     AttentionMaskInterface.register(SUMMED_ATTENTION, sdpa_mask)
     model, tokenizer, input_ids = one_prompt_model(args.work, args.smoke)
-    known = {"before": ("before: the package's step (matmul attention, default kernels)", None, False, None),
-             "tuned": ("tuned: the package's step, tuned kernels", None, True, None),
-             "candidate": ("candidate: multiply-and-sum attention, tuned kernels", SUMMED_ATTENTION, True, None),
-             "stacked": ("stacked: q/k/v and gate/up as one 4-bit and one LoRA-A product", None, False,
-                         stacked_projections),
-             "stacked-lora": ("stacked-lora: q/k/v and gate/up as one 4-bit product and one LoRA product",
-                              None, False, stacked_layers)}
+    known = {"before": ("before: not stacked (matmul attention, default kernels)", None, False, False),
+             "tuned": ("tuned: not stacked, tuned kernels", None, True, False),
+             "candidate": ("candidate: multiply-and-sum attention, tuned kernels", SUMMED_ATTENTION, True, False),
+             "stacked": ("stacked: the package's step, q/k/v and gate/up as one layer each", None, False, True)}
     builds = {known[key][0]: known[key][1:] for key in args.builds.split(",")}
-    groups = shared_input_groups(model) if any(build[2] for build in builds.values()) else []
     stores = {name: ({}, {}) for name in builds}  # each build's own static caches and captured steps
     attention = decoding.ONE_QUERY_ATTENTION
 
     def run(name: str, tokens: int) -> list[int]:
-        """`decode_one` with this build's attention, caches and captured step (built, and compiled under its
-        tuning setting, at its first call)."""
-        summed, tune, stacking = builds[name]
+        """`decode_one` with this build's attention, stacking, caches and captured step (built, and compiled
+        under its tuning setting, at its first call)."""
+        summed, tune, stack = builds[name]
         decoding.ONE_QUERY_ATTENTION = summed or attention
         model.__dict__["_htmlgen_static_caches"], model.__dict__["_htmlgen_decode_steps"] = stores[name]
         tuning = torch._inductor.config.patch(coordinate_descent_tuning=True) if tune else nullcontext()
         try:
-            with tuning, stacking(groups) if stacking else nullcontext():
-                return [t for piece in decoding.decode_one(model, tokenizer, input_ids, tokens,
-                                                           stop_at_html_end=False) for t in piece]
+            with tuning:
+                return [t for piece in decoding.decode_one(model, tokenizer, input_ids, tokens, stop_at_html_end=False,
+                                                           stack_projections=stack) for t in piece]
         finally:
             decoding.ONE_QUERY_ATTENTION = attention
 

@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -94,11 +92,11 @@ def test_four_bit_matvec_reference_reads_the_nf4_layout(monkeypatch):
 
 def test_decode_tuning_runs(tmp_path):
     """`decode_tuning.py`'s builds decode the same greedy tokens on CPU (where every build runs eagerly): its
-    candidate attention computes the package's, and its stacked builds the layers' own products."""
+    candidate attention computes the package's, and the stacked step the layers' own products."""
     report = run_bench("decode_tuning.py", "--tokens", "16", "--repeats", "1", "--builds",
-                       "before,candidate,stacked,stacked-lora", "--work", str(tmp_path / "work"), out=tmp_path)
+                       "before,candidate,stacked", "--work", str(tmp_path / "work"), out=tmp_path)
     rows = report["rows"]
-    assert len(rows) == 4 and all(row["tokens_per_s"] > 0 for row in rows.values())
+    assert len(rows) == 3 and all(row["tokens_per_s"] > 0 for row in rows.values())
     assert all(row["tokens_equal_to_first_until"] == 16 for row in rows.values())
 
 
@@ -122,54 +120,3 @@ def test_decode_anatomy_cuts_tokens_and_layers(monkeypatch):
     assert report["token_span_us"] == report["token_busy_us"] + 0.5 * (len(token) - 1)  # its gaps inside
     assert report["layer"]["kernels"] == 9 and report["layer"]["four_bit_us"] == 70
     assert report["layer"]["other_kernels"] == 2 and report["layer"]["other_us"] == 3
-
-
-@pytest.mark.parametrize("stacking", ["stacked_projections", "stacked_layers"])
-def test_stacked_projections_compute_what_the_layers_compute(monkeypatch, stacking):
-    """`stacked_decode.py`'s candidates (q/k/v and gate/up as one 4-bit and one LoRA-A product for one token;
-    with `stacked_layers` their LoRA B products and adds too) give the model's own next-token logits, with the
-    adapter mattering; the stacked weights are what ran (doubling their absmax, or the stacked LoRA B, changes
-    the logits); prompts run the original layers; a member called out of order is refused; afterwards the
-    model's modules are its own again."""
-    import torch
-
-    from htmlgen_utils.config import Config
-    from htmlgen_utils.model import load_for_training
-
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import stacked_decode
-
-    stacked = getattr(stacked_decode, stacking)
-    model, tokenizer = load_for_training(Config.from_preset("tiny"))
-    torch.manual_seed(0)
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            parameter.data.normal_(0, 0.02)
-    groups = stacked_decode.shared_input_groups(model)
-    assert len(groups) == 2 * model.config.num_hidden_layers and [len(g.members) for g in groups[:2]] == [3, 2]
-    modules_before = {name: type(module) for name, module in model.named_modules()}
-    model.eval()
-    ids = tokenizer("Below is an instruction that describes a task.", return_tensors="pt").input_ids
-
-    def next_logits(stacked_now: bool) -> torch.Tensor:
-        prompt = model(input_ids=ids[:, :-1], use_cache=True)
-        with stacked(groups) if stacked_now else torch.no_grad():
-            return model(input_ids=ids[:, -1:], cache=prompt.past_key_values).logits
-
-    with torch.no_grad():
-        plain = next_logits(False)
-        with model.disable_adapter():
-            assert (next_logits(False) - plain).abs().max() > 1e-3  # the adapter matters
-        torch.testing.assert_close(next_logits(True), plain, rtol=1e-5, atol=1e-5)
-        whole_prompt = model(input_ids=ids).logits
-        with stacked(groups):  # a prompt runs the originals
-            torch.testing.assert_close(model(input_ids=ids).logits, whole_prompt)
-        for tensor in ([groups[0].state.absmax] + ([groups[0].lora_b] if stacking == "stacked_layers" else [])):
-            tensor *= 2
-            assert (next_logits(True) - plain).abs().max() > 1e-3
-            tensor /= 2
-        member = groups[0].members[1]
-        with stacked(groups), pytest.raises(RuntimeError, match="out of order"):
-            call = member if stacking == "stacked_layers" else member.base_layer
-            call(torch.randn(1, 1, model.config.hidden_size))
-    assert {name: type(module) for name, module in model.named_modules()} == modules_before

@@ -42,7 +42,7 @@ def _adapted_tiny_model():
     return model.eval(), tokenizer
 
 
-def _decode_and_check_against_eager(model, tokenizer, description: str) -> None:
+def _decode_and_check_against_eager(model, tokenizer, description: str, stack_projections: bool) -> None:
     """120 greedy tokens from `decode_one`; at every position the token it picked is the eager model's argmax,
     or within fp16 rounding of it (a wrong position or cache slot would pick tokens the eager model rates far
     lower)."""
@@ -50,7 +50,8 @@ def _decode_and_check_against_eager(model, tokenizer, description: str) -> None:
     from htmlgen_utils.packing import build_prompt
 
     ids = tokenizer(build_prompt(description), return_tensors="pt").input_ids.cuda()
-    tokens = torch.tensor([[t for piece in decode_one(model, tokenizer, ids, 120, stop_at_html_end=False)
+    tokens = torch.tensor([[t for piece in decode_one(model, tokenizer, ids, 120, stop_at_html_end=False,
+                                                           stack_projections=stack_projections)
                             for t in piece]]).cuda()
     with torch.no_grad():
         eager = model(input_ids=torch.cat([ids, tokens], 1)).logits[0, ids.shape[1] - 1:-1].float()
@@ -59,16 +60,19 @@ def _decode_and_check_against_eager(model, tokenizer, description: str) -> None:
     assert (shortfall == 0).float().mean() > 0.9
 
 
-def test_batch1_decoding_replays_its_cuda_graph_and_follows_the_eager_model():
+@pytest.mark.parametrize("stack_projections", [True, False])
+def test_batch1_decoding_replays_its_cuda_graph_and_follows_the_eager_model(stack_projections):
     """`decode_one` on CUDA: the step is captured once as a CUDA graph (one-query attention, one-token LoRA
-    matrices) and replayed per token. Its greedy tokens are the eager model's choices: at every position the
-    token it picked is the eager model's argmax, or within fp16 rounding of it (a wrong position or cache slot
-    would pick tokens the eager model rates far lower); a second page replays the same graph."""
+    matrices, q/k/v and gate/up stacked or not) and replayed per token. Its greedy tokens are the eager model's
+    choices: at every position the token it picked is the eager model's argmax, or within fp16 rounding of it
+    (a wrong position or cache slot would pick tokens the eager model rates far lower); a second page replays
+    the same graph."""
     model, tokenizer = _adapted_tiny_model()
     for description in ("A modern landing page for Acme in blue", "Build a retro 404 error page for Nova."):
-        _decode_and_check_against_eager(model, tokenizer, description)
+        _decode_and_check_against_eager(model, tokenizer, description, stack_projections)
     steps = list(model.__dict__["_htmlgen_decode_steps"].values())
     assert len(steps) == 1 and steps[0].graph is not None
+    assert len(steps[0].groups) == (2 * model.config.num_hidden_layers if stack_projections else 0)
 
 
 def test_flex_attention_trains_what_the_block_mask_trains():
@@ -101,18 +105,3 @@ def test_flex_attention_trains_what_the_block_mask_trains():
     for loss, grads in (flex_eager, flex_compiled):
         assert abs(loss - masked[0]) < 2e-3, (loss, masked[0])
         assert (grads - masked[1]).abs().max() <= 2e-2 * masked[1].abs().max()
-
-
-@pytest.mark.parametrize("stacking", ["stacked_projections", "stacked_layers"])
-def test_stacked_projections_decode_as_the_eager_model(stacking):
-    """The bench's stacked q/k/v and gate/up candidates (`bench/stacked_decode.py`) inside `decode_one`'s
-    compiled CUDA-graph step: their greedy tokens are the eager model's choices, as for the package's own step."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import stacked_decode
-
-    model, tokenizer = _adapted_tiny_model()
-    with getattr(stacked_decode, stacking)(stacked_decode.shared_input_groups(model)):
-        _decode_and_check_against_eager(model, tokenizer, "A modern landing page for Acme in blue")

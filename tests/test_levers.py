@@ -409,7 +409,62 @@ def test_own_decode_loop_with_a_trained_adapter_writes_what_generate_writes():
     assert plain.pages != base_pages  # the adapter matters
     ours = generate_pages(model, tokenizer, descriptions, max_new_tokens=150, batch_size=1, compile_decode=True)
     assert ours.pages == plain.pages and ours.new_tokens == plain.new_tokens
-    assert len(model.__dict__["_htmlgen_decode_steps"]) == 1  # both pages ran on one cache and its one step
+    steps = list(model.__dict__["_htmlgen_decode_steps"].values())
+    assert len(steps) == 1  # both pages ran on one cache and its one step ...
+    assert len(steps[0].groups) == 2 * model.config.num_hidden_layers  # ... with q/k/v and gate/up stacked
+    for name, parameter in model.named_parameters():  # the adapter changes (back to its start): pages see it
+        if "lora_B" in name:
+            parameter.data.zero_()
+    ours = generate_pages(model, tokenizer, descriptions, max_new_tokens=150, batch_size=1, compile_decode=True)
+    assert ours.pages == base_pages
+
+
+def test_stacked_layers_compute_what_the_layers_compute():
+    """q/k/v and gate/up stacked (one 4-bit product and one LoRA product a group for one token) give the
+    model's own next-token logits, with the adapter mattering; the members' 4-bit weights are views into the
+    stacked one (no second copy), and the stacked absmax and LoRA B are what ran (doubling either changes the
+    logits); prompts run the layers themselves; a member called out of order is refused; afterwards the
+    model's modules are their own again."""
+    from htmlgen_utils.levers.stacking import shared_input_groups, stacked_layers
+
+    model, tokenizer = load_for_training(Config.from_preset("tiny"))
+    torch.manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.02)
+    groups = shared_input_groups(model)
+    assert len(groups) == 2 * model.config.num_hidden_layers and [len(g.members) for g in groups[:2]] == [3, 2]
+    assert shared_input_groups(model) is groups  # built once, kept on the model
+    stacked = groups[0].weight
+    for member in groups[0].members:
+        weight = member.get_base_layer().weight
+        assert weight.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
+    modules_before = {name: type(module) for name, module in model.named_modules()}
+    model.eval()
+    ids = tokenizer("Below is an instruction that describes a task.", return_tensors="pt").input_ids
+
+    def next_logits(stacked_now: bool) -> torch.Tensor:
+        prompt = model(input_ids=ids[:, :-1], use_cache=True)
+        with stacked_layers(groups) if stacked_now else torch.no_grad():
+            return model(input_ids=ids[:, -1:], cache=prompt.past_key_values).logits
+
+    with torch.no_grad():
+        plain = next_logits(False)
+        with model.disable_adapter():
+            assert (next_logits(False) - plain).abs().max() > 1e-3  # the adapter matters
+            torch.testing.assert_close(next_logits(True), next_logits(False))  # ... and is off when disabled
+        torch.testing.assert_close(next_logits(True), plain, rtol=1e-5, atol=1e-5)
+        whole_prompt = model(input_ids=ids).logits
+        with stacked_layers(groups):  # a prompt runs the layers themselves
+            torch.testing.assert_close(model(input_ids=ids).logits, whole_prompt)
+        for tensor in (groups[0].state.absmax, groups[0].lora_b):
+            tensor *= 2
+            assert (next_logits(True) - plain).abs().max() > 1e-3
+            tensor /= 2
+        member = groups[0].members[1]
+        with stacked_layers(groups), pytest.raises(RuntimeError, match="out of order"):
+            member(torch.randn(1, 1, model.config.hidden_size))
+    assert {name: type(module) for name, module in model.named_modules()} == modules_before
 
 
 def test_compiled_decoding_lifts_the_training_hook_for_the_call():

@@ -6,8 +6,9 @@ One prompt at a time (the playground and the query API) skips `generate`: its pe
 every-token stop check (a host sync) cost more than the compiled step itself, so `decode_one` is a plain loop
 that looks at its tokens only every `STOP_CHECK_TOKENS`. Its step is built for one token: attention of one
 query as plain matmuls (`one_query_attention`), the LoRA matrices as multiply-and-sums the compiler fuses
-(`OneTokenLinear`), and its own CUDA graph (`DecodeStep`); on the 7B shape that took it from 118 to 171
-tokens/s (bench/README.md), and what remains is mostly bitsandbytes' 4-bit matrix-vector kernel.
+(`OneTokenLinear`), q/k/v and gate/up as one layer each (`stacking.stacked_layers`), and its own CUDA graph
+(`DecodeStep`); on the 7B shape that took it from 118 to ~184 tokens/s (bench/README.md), and what remains is
+mostly bitsandbytes' 4-bit matrix-vector kernel.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 
 from ..packing import STOP_STRING
 from .attention import FLEX_ATTENTION, PACKED_ATTENTION
+from .stacking import SharedInput, shared_input_groups, stacked_layers
 
 
 ONE_QUERY_ATTENTION = "htmlgen_one_query"
@@ -197,11 +199,11 @@ class DecodeStep:
     position from two fixed buffers, so a token costs two small copies and one replay. Build it before the
     prompt is in the cache: warming up and capturing run the step on the cache (its own write counter moves
     too), so the cache is reset afterwards. On CPU there is no graph: the same step runs eagerly from the same
-    buffers."""
+    buffers. `groups` (`stacking.shared_input_groups`) run as one layer each inside the step."""
 
-    def __init__(self, model, cache, cache_name: str, device: torch.device):
+    def __init__(self, model, cache, cache_name: str, device: torch.device, groups: list[SharedInput]):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.model, self.cache, self.cache_name = model, cache, cache_name
+        self.model, self.cache, self.cache_name, self.groups = model, cache, cache_name, groups
         self.token = torch.zeros((1, 1), dtype=torch.long, device=device)
         self.position = torch.zeros((1,), dtype=torch.long, device=device)
         self.forward = torch.compile(base, dynamic=False) if device.type == "cuda" else base
@@ -220,8 +222,9 @@ class DecodeStep:
             cache.reset()
 
     def _run(self) -> torch.Tensor:
-        return self.forward(input_ids=self.token, **{self.cache_name: self.cache}, cache_position=self.position,
-                            position_ids=self.position[None], use_cache=True).logits[:, -1]
+        with stacked_layers(self.groups):
+            return self.forward(input_ids=self.token, **{self.cache_name: self.cache}, cache_position=self.position,
+                                position_ids=self.position[None], use_cache=True).logits[:, -1]
 
     def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """The next token's logits after `token` at `position` (both on the device). On CUDA the result is the
@@ -235,22 +238,25 @@ class DecodeStep:
         return self.logits
 
 
-def decode_step(model, cache, cache_name: str, device: torch.device) -> DecodeStep:
-    """The `DecodeStep` of this static cache, built at its first use (before the prompt goes in: building it
-    resets the cache) and kept with it, as a graph is bound to its cache's tensors."""
+def decode_step(model, cache, cache_name: str, device: torch.device, groups: list[SharedInput]) -> DecodeStep:
+    """The `DecodeStep` of this static cache (and stacking), built at its first use (before the prompt goes in:
+    building it resets the cache) and kept with it, as a graph is bound to its cache's tensors."""
     steps = model.__dict__.setdefault("_htmlgen_decode_steps", {})
-    if id(cache) not in steps:
-        steps[id(cache)] = DecodeStep(model, cache, cache_name, device)
-    return steps[id(cache)]
+    key = (id(cache), bool(groups))
+    if key not in steps:
+        steps[key] = DecodeStep(model, cache, cache_name, device, groups)
+    return steps[key]
 
 
 @torch.no_grad()
 def decode_one(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
-               temperature: float = 0.7, top_p: float = 0.95, stop_at_html_end: bool = True) -> Iterator[list[int]]:
+               temperature: float = 0.7, top_p: float = 0.95, stop_at_html_end: bool = True,
+               stack_projections: bool = True) -> Iterator[list[int]]:
     """One prompt's new tokens (its EOS included), yielded in pieces as they are read back.
 
     Prefill the static cache with the prompt, then one `DecodeStep` a token (on CUDA a CUDA-graph replay; on
-    CPU the same loop runs eagerly). The tokens stay on the GPU and are read back every `STOP_CHECK_TOKENS`,
+    CPU the same loop runs eagerly), with q/k/v and gate/up stacked unless `stack_projections` is False.
+    The tokens stay on the GPU and are read back every `STOP_CHECK_TOKENS`,
     so the host launches steps ahead of the GPU instead of waiting for each; a page that ends mid-piece is cut
     where it ended (up to `STOP_CHECK_TOKENS` tokens were computed for nothing)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -262,7 +268,10 @@ def decode_one(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, d
     cache_name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     positions = torch.arange(length + max_new_tokens, device=input_ids.device)
     new = torch.empty((1, max_new_tokens), dtype=torch.long, device=input_ids.device)
-    step = decode_step(model, cache, cache_name, input_ids.device)
+    # built at the first call either way: the members' weights then move into the stacked buffers, which must
+    # happen before any step is captured (a CUDA graph keeps reading the addresses it was captured with)
+    groups = shared_input_groups(model)
+    step = decode_step(model, cache, cache_name, input_ids.device, groups if stack_projections else [])
     logits = base(input_ids=input_ids, **{cache_name: cache}, cache_position=positions[:length], use_cache=True,
                   logits_to_keep=1).logits[:, -1]
     tokens: list[int] = []
