@@ -10,6 +10,7 @@ generation asks for compiled decoding per call (`generate_pages(..., compile_dec
     recompute  layers left un-checkpointed where memory allows                 (`memory_budget_gib`)
     compile    regional torch.compile of the decoder layers                    (`compile_training`)
     decoding   static KV cache, compiled decode step, our own batch-1 loop     (`compile_generation`)
+    stacking   q/k/v and gate/up as one layer each in the batch-1 step       (part of `decoding`)
 
 The chunked loss (`loss_chunk_tokens`) and the half-precision frozen embeddings (`embeddings_in_compute_dtype`)
 live where they act, in `loss.next_token_loss` and `model.prepare_4bit_for_training`.

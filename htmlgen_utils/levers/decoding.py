@@ -7,7 +7,7 @@ every-token stop check (a host sync) cost more than the compiled step itself, so
 that looks at its tokens only every `STOP_CHECK_TOKENS`. Its step is built for one token: attention of one
 query as plain matmuls (`one_query_attention`), the LoRA matrices as multiply-and-sums the compiler fuses
 (`OneTokenLinear`), q/k/v and gate/up as one layer each (`stacking.stacked_layers`), and its own CUDA graph
-(`DecodeStep`); on the 7B shape that took it from 118 to ~184 tokens/s (bench/README.md), and what remains is
+(`DecodeStep`); on the 7B shape that took it from 118 to ~176-184 tokens/s (bench/README.md), and what remains is
 mostly bitsandbytes' 4-bit matrix-vector kernel.
 """
 from __future__ import annotations

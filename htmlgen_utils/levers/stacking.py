@@ -4,7 +4,7 @@ Part of the compiled batch-1 decode step (`decoding.DecodeStep`): q/k/v read the
 so for one token each group runs one 4-bit matrix-vector product, one LoRA-A and one LoRA-B multiply-and-sum
 and one add, instead of one of each per member. bitsandbytes' kernel reads a larger matrix faster (q, k and v
 as one 12288 x 4096 product took 24.75 us against 3 x 10.25 on an H200) and every kernel of a one-token step
-costs latency: on the 7B shape the step went from 169 to 184 tokens/s (bench/README.md, `decode_tuning.py`).
+costs latency: on the 7B shape the step became ~1.09x as fast (bench/README.md, `decode_tuning.py`).
 
 How: a `SharedInput` group lays its members' packed 4-bit weights one after the other in one buffer (a
 matrix's rows are contiguous bytes, so stacking is concatenation) and makes each member's weight a view into
@@ -80,7 +80,7 @@ class SharedInput:
         `A x`. The LoRA part runs as multiply-and-sums, in the LoRA weights' dtype, as `OneTokenLinear` does."""
         import bitsandbytes as bnb
 
-        base = bnb.matmul_4bit(x.to(self.compute_dtype), self.weight, quant_state=self.state).to(x.dtype)
+        base = bnb.matmul_4bit(x.to(self.compute_dtype or x.dtype), self.weight, quant_state=self.state).to(x.dtype)
         low_rank = (x.to(self.lora_a.dtype).unsqueeze(-2) * self.lora_a).sum(-1)  # (..., sum of ranks)
         spread = torch.cat([part.unsqueeze(-2).expand(*part.shape[:-1], rows, part.shape[-1])
                             for part, rows in zip(low_rank.split(self.ranks, -1), self.rows)], -2)
@@ -118,7 +118,16 @@ def _stackable(member) -> bool:
     state = getattr(member.get_base_layer().weight, "quant_state", None)
     adapter = member.active_adapters[0]
     return (state is not None and not getattr(state, "packing_format_for_cpu", False)
+            and state.shape.numel() % state.blocksize == 0  # whole blocks: the absmax stack as the weights do
             and adapter in member.lora_A and adapter not in getattr(member, "lora_variant", {}))
+
+
+def _one_layout(members: list) -> bool:
+    """Members whose weights can be read as one matrix: one adapter, one 4-bit format, the same input size."""
+    states = [member.get_base_layer().weight.quant_state for member in members]
+    return (len({member.active_adapters[0] for member in members}) == 1
+            and len({(s.quant_type, s.blocksize, s.dtype, s.shape[1]) for s in states}) == 1
+            and all(torch.equal(s.code, states[0].code) for s in states))
 
 
 def shared_input_groups(model) -> list[SharedInput]:
@@ -131,8 +140,7 @@ def shared_input_groups(model) -> list[SharedInput]:
         for layer in causal_lm.model.layers:
             for block, names in GROUPS:
                 members = [getattr(getattr(layer, block), name) for name in names]
-                if all(_stackable(member) for member in members) and len(
-                        {member.active_adapters[0] for member in members}) == 1:
+                if all(_stackable(member) for member in members) and _one_layout(members):
                     groups.append(SharedInput(members))
         model.__dict__["_htmlgen_shared_inputs"] = groups
     else:
