@@ -152,7 +152,11 @@ def static_cache(model, batch_size: int, tokens: int):
 
 
 def generate_with_static_cache(model, cache, **kwargs):
-    """`generate` with our static cache (passed as `past_key_values`, the name every transformers 4.56-5.x takes)."""
+    """`generate` with our static cache (passed as `past_key_values`, the name every transformers 4.56-5.x takes).
+
+    The stacked groups of `decode_one` are built first if they are not yet: building them moves the members'
+    4-bit weights into the stacked buffers, which must not happen after a compiled step recorded their addresses."""
+    shared_input_groups(model)
     with compiled_decoding(model), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
         return model.generate(**kwargs, past_key_values=cache)
