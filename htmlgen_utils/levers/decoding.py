@@ -259,10 +259,10 @@ def decode_one(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, d
     """One prompt's new tokens (its EOS included), yielded in pieces as they are read back.
 
     Prefill the static cache with the prompt, then one `DecodeStep` a token (on CUDA a CUDA-graph replay; on
-    CPU the same loop runs eagerly), with q/k/v and gate/up stacked unless `stack_projections` is False.
-    The tokens stay on the GPU and are read back every `STOP_CHECK_TOKENS`,
-    so the host launches steps ahead of the GPU instead of waiting for each; a page that ends mid-piece is cut
-    where it ended (up to `STOP_CHECK_TOKENS` tokens were computed for nothing)."""
+    CPU the same loop runs eagerly), with q/k/v and gate/up stacked unless `stack_projections` is False. The
+    tokens stay on the GPU and are read back every `STOP_CHECK_TOKENS`, so the host launches steps ahead of the
+    GPU instead of waiting for each; a page that ends mid-piece is cut where it ended (up to
+    `STOP_CHECK_TOKENS` tokens were computed for nothing)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     use_one_token_lora(model)
     length = input_ids.shape[1]

@@ -158,9 +158,9 @@ def stacked_layers(groups: list[SharedInput]) -> Iterator[None]:
     swapped = []
     for group in groups:
         for index, member in enumerate(group.members):
-            own = type(member)
             if isinstance(member, StackedLora):  # already stacked by an enclosing call
                 continue
+            own = type(member)
             if own not in _STACKED_CLASSES:
                 _STACKED_CLASSES[own] = type(f"Stacked{own.__name__}", (StackedLora, own), {})
             member.__class__ = _STACKED_CLASSES[own]
