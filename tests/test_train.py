@@ -217,7 +217,7 @@ def test_a_compiled_run_says_what_compiling_cost(tiny_config, small_splits, monk
 
     import htmlgen_utils.levers as levers
 
-    def slow_first_call(model):
+    def slow_first_call(model, **_):
         def compile_once(module, args):
             time.sleep(1.5)
             handle.remove()

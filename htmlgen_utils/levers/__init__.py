@@ -7,7 +7,8 @@ generation asks for compiled decoding per call (`generate_pages(..., compile_dec
     attention  per-example attention for packed blocks, no block x block mask   (`packed_attention`)
                block-sparse FlexAttention for packed blocks                    (`flex_attention`)
     offload    layer checkpoints parked in CPU memory during the forward       (`offload_activations`)
-    recompute  layers left un-checkpointed where memory allows                 (`memory_budget_gib`)
+    recompute  less checkpoint recompute where memory allows: un-checkpointed   (`memory_budget_gib`)
+               layers, the compiler's activation budget
     compile    regional torch.compile of the decoder layers                    (`compile_training`)
     decoding   static KV cache, compiled decode step, our own batch-1 loop     (`compile_generation`)
     stacking   q/k/v and gate/up as one layer each in the batch-1 step       (part of `decoding`)
@@ -50,15 +51,17 @@ def apply_training_levers(model, config: Config, device: torch.device, total_ste
         wanted.append("packed_attention")
     if config.long_block_lever("offload_activations") and device.type == "cuda":
         wanted.append("offload_activations")  # CPU memory is what it would save
-    plan = plan_recompute(model, config, device, checkpoints_offloaded="offload_activations" in wanted + applied)
+    compiling = config.compile_training and ("compile_training" in applied or total_steps is None
+                                             or total_steps >= COMPILE_MIN_STEPS)
+    if config.compile_training and not compiling:
+        print(f"compile_training: not compiling for {total_steps} step(s) (compiling pays from "
+              f"{COMPILE_MIN_STEPS}); the layers run eagerly")
+    plan = plan_recompute(model, config, device, checkpoints_offloaded="offload_activations" in wanted + applied,
+                          compiled=compiling)
     if plan.unchecked:
         wanted.append("unchecked_layers")
-    if config.compile_training:
-        if total_steps is not None and total_steps < COMPILE_MIN_STEPS and "compile_training" not in applied:
-            print(f"compile_training: not compiling for {total_steps} step(s) (compiling pays from "
-                  f"{COMPILE_MIN_STEPS}); the layers run eagerly")
-        else:
-            wanted.append("compile_training")
+    if compiling:
+        wanted.append("compile_training")
     for name in wanted:
         if name in applied:
             continue
@@ -72,6 +75,6 @@ def apply_training_levers(model, config: Config, device: torch.device, total_ste
             leave_layers_unchecked(model, plan.unchecked)
             print(f"memory plan: {plan}")
         else:
-            compile_decoder_layers(model)
+            compile_decoder_layers(model, activation_budget=plan.activation_budget)
         applied.append(name)
     return list(applied)

@@ -1,16 +1,32 @@
 """Regional `torch.compile` of the decoder layers for training (a speed lever)."""
 from __future__ import annotations
 
+import torch
 
-def compile_decoder_layers(model) -> None:
+
+def compile_decoder_layers(model, activation_budget: float | None = None) -> None:
     """`torch.compile` each decoder layer on its own ("regional" compilation).
 
     The layers are alike, so they share one compiled graph: it compiles once (seconds to a minute), not 32 times,
     and the embeddings, head, loss and checkpointing around them stay plain PyTorch. Inside a layer the
     compiler fuses the RMSNorms, rotary embedding, SwiGLU and LoRA's scale-and-add into a few kernels and
     launches them without Python in between; the 4-bit matmuls stay bitsandbytes' own kernels. Parameter
-    names do not change (`Module.compile` wraps the call, not the module), so adapters save as before.
-    `dynamic=False`: a run's packed blocks all have one shape, and a graph specialised to it is the fastest."""
+    names do not change (the module's call is wrapped, as `Module.compile` does), so adapters save as before.
+    `dynamic=False`: a run's packed blocks all have one shape, and a graph specialised to it is the fastest.
+
+    `activation_budget` (0-1, see `recompute.py`): the share of what the layer's backward needs that the compiled
+    forward keeps; the compiler recomputes the rest in the backward, cheapest first. It is read when the graph
+    compiles (at the first call), so each call runs under it."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     for layer in causal_lm.model.layers:
-        layer.compile(dynamic=False)
+        compiled = torch.compile(layer._call_impl, dynamic=False)
+        layer._compiled_call_impl = compiled if activation_budget is None else _under_budget(compiled,
+                                                                                             activation_budget)
+
+
+def _under_budget(compiled, activation_budget: float):
+    def call(*args, **kwargs):
+        with torch._functorch.config.patch(activation_memory_budget=activation_budget):
+            return compiled(*args, **kwargs)
+
+    return call

@@ -1,15 +1,21 @@
-"""Spare GPU memory spent on speed: layers whose activations fit are not checkpointed (a speed lever).
+"""Spare GPU memory spent on speed: less checkpoint recompute where the activations fit (a speed lever).
 
 Gradient checkpointing keeps only each decoder layer's input and runs the layer's forward again during the
-backward pass: forward 1 + recompute 1 + backward 2, so a quarter of a step's matmul work is recompute. A T4 is
-bound by exactly that work. A layer left un-checkpointed keeps what its backward needs (when compiled, the
-compiler keeps the matmul outputs and recomputes only the cheap element-wise ops) and skips the recompute.
+backward pass. With frozen 4-bit weights the backward needs one matmul per forward matmul, so the recompute is
+about a third of a step's matmul time (measured: 8.24 -> 5.37 ms a 7B layer at 4,096 tokens). A T4 is bound by
+exactly that work. Two ways to spend memory on it:
+
+- leave a layer un-checkpointed: it keeps everything its backward needs (~29 hidden-size vectors a token);
+- with compiled layers, give the compiler an activation memory budget (`torch._functorch.config.
+  activation_memory_budget`): it keeps the outputs that are expensive to redo (the matmuls') and recomputes the
+  cheap rest inside the layer's backward. At 0.2 a layer keeps ~6 vectors and skips half its matmul recompute.
 
 `plan_recompute` is the memory model: from the block, the micro-batch and what is already on the GPU it estimates
-the step's peak with every layer checkpointed, then how many layers' activations fit in the rest of
-`Config.memory_budget_gib`. Its per-token figures were measured on the Llama-2-7B shape (bench/README.md) and are
-expressed in hidden-size vectors, so they scale with the model. `memory_budget_gib = 0` (the `colab-t4-low-memory`
-preset) checkpoints every layer: the smallest memory, for long blocks and small GPUs.
+the step's peak for each way and picks the one that removes the most recompute under `Config.memory_budget_gib`.
+Its per-token figures were measured on the Llama-2-7B shape (bench/README.md: `recompute_calibration.py`,
+`layer_recompute.py`) and are expressed in hidden-size vectors, so they scale with the model.
+`memory_budget_gib = 0` (the `colab-t4-low-memory` preset) checkpoints every layer: the least memory, for long
+blocks and small GPUs.
 """
 from __future__ import annotations
 
@@ -21,33 +27,60 @@ import torch
 from ..config import Config
 
 GIB = 2**30
-# Measured on the 7B shape with compiled layers (bench/results/2026-11-29_recompute_calibration_h200.json), per token
-# of a micro-batch, in hidden-size vectors of the compute dtype (8 KiB each for Llama-2-7B in fp16), at 2,048 and
-# 4,096 tokens (the larger of the two):
-STEP_VECTORS = 77  # the step's own peak above the weights, every layer checkpointed (besides the checkpoints)
-LAYER_VECTORS = 29  # what one un-checkpointed layer keeps until its backward (28.7 and 25.3 measured)
+RECOMPUTE_SHARE = 0.35  # of a step's matmul time, with every layer checkpointed (measured, see above)
+# Per token of a micro-batch, in hidden-size vectors of the compute dtype (8 KiB each for Llama-2-7B in fp16), the
+# larger of 2,048 and 4,096 tokens (bench/results/2026-11-29_recompute_calibration_h200.json and
+# 2026-11-29_layer_recompute_{2048,4096}_h200.json):
+STEP_OTHER_VECTORS = 30  # the step's peak above the weights besides the layers (loss chunk, head, allocator)
 MARGIN_GIB = 0.5  # allocator fragmentation and what the estimate leaves out
+
+
+@dataclass(frozen=True)
+class LayerRecompute:
+    """One way to run an un-checkpointed layer: what it keeps until its backward, the peak of its backward, and
+    the share of its checkpoint recompute's matmul time it removes."""
+
+    activation_budget: float | None  # the compiler's; None = it keeps what it likes (or the layer is eager)
+    kept_vectors: float
+    backward_peak_vectors: float
+    recompute_removed: float
+
+
+UNCHECKPOINTED = LayerRecompute(None, 29.3, 47.7, 1.0)
+# With compiled layers (7B layer at 4,096: kept vectors; matmul ms 8.24 checkpointed, 5.37 un-checkpointed):
+BUDGETED = [LayerRecompute(0.8, 20.2, 44.0, 0.97),  # 5.45 ms
+            LayerRecompute(0.2, 5.8, 42.7, 0.48),  # 6.85 ms
+            LayerRecompute(0.1, 2.8, 42.7, 0.28)]  # 7.44 ms
+CHECKPOINTED_BACKWARD_PEAK = 47.4  # a checkpointed layer's backward: its recompute's activations and gradients
 
 
 @dataclass
 class RecomputePlan:
-    """How many decoder layers run without checkpointing, and the estimate behind it."""
+    """How many decoder layers run without checkpointing, how, and the estimate behind it."""
 
     layers: int
     unchecked: int
     budget_gib: float
     estimate_gib: float  # the planned step's estimated peak
     per_layer_gib: float  # what each un-checkpointed layer adds
+    way: LayerRecompute = UNCHECKPOINTED
+
+    @property
+    def activation_budget(self) -> float | None:
+        """The compiler's activation memory budget for the layers, or None for its default."""
+        return self.way.activation_budget if self.unchecked else None
 
     @property
     def recompute_saved(self) -> float:
-        """The share of the step's matmul work no longer done (a checkpointed layer's recompute is a quarter)."""
-        return 0.25 * self.unchecked / max(1, self.layers)
+        """The share of the step's matmul time no longer spent on recompute."""
+        return RECOMPUTE_SHARE * self.way.recompute_removed * self.unchecked / max(1, self.layers)
 
     def __str__(self) -> str:
-        return (f"{self.unchecked} of {self.layers} layers un-checkpointed ({self.per_layer_gib:.2f} GiB each; "
-                f"estimated peak {self.estimate_gib:.1f} of a {self.budget_gib:g} GiB budget): "
-                f"{self.recompute_saved:.0%} less matmul work a step")
+        how = (f", the compiler recomputing their cheap parts (activation budget {self.activation_budget:g})"
+               if self.activation_budget is not None else "")
+        return (f"{self.unchecked} of {self.layers} layers un-checkpointed{how} ({self.per_layer_gib:.2f} GiB "
+                f"each; estimated peak {self.estimate_gib:.1f} of a {self.budget_gib:g} GiB budget): "
+                f"~{self.recompute_saved:.0%} less matmul time a step")
 
 
 def _decoder_layers(model) -> torch.nn.ModuleList:
@@ -55,9 +88,12 @@ def _decoder_layers(model) -> torch.nn.ModuleList:
     return causal_lm.model.layers
 
 
-def plan_recompute(model, config: Config, device: torch.device, checkpoints_offloaded: bool) -> RecomputePlan:
-    """The number of layers to leave un-checkpointed under `config.memory_budget_gib` (0 on CPU, without
-    checkpointing, with a zero budget, or when the checkpoints are offloaded: that is for memory that is short)."""
+def plan_recompute(model, config: Config, device: torch.device, checkpoints_offloaded: bool,
+                   compiled: bool | None = None) -> RecomputePlan:
+    """The layers to leave un-checkpointed under `config.memory_budget_gib`, and how (0 on CPU, without
+    checkpointing, with a zero budget, or when the checkpoints are offloaded: that is for memory that is short).
+    `compiled` (default: `config.compile_training`) says whether the layers will be compiled, which allows the
+    compiler's activation budgets."""
     layers = len(_decoder_layers(model))
     budget = float(config.memory_budget_gib)
     if (budget <= 0 or not config.gradient_checkpointing or device.type != "cuda" or checkpoints_offloaded):
@@ -69,17 +105,26 @@ def plan_recompute(model, config: Config, device: torch.device, checkpoints_offl
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     budget = min(budget, torch.cuda.get_device_properties(device).total_memory / GIB - 1.0)
     static = torch.cuda.memory_allocated(device) + trainable * (4 + 2)  # + fp32 gradients + 8-bit Adam's 2 moments
-    step = tokens * vector * (STEP_VECTORS + layers)  # + the layer checkpoints, kept on the GPU
-    per_layer = tokens * vector * LAYER_VECTORS
+    step = tokens * vector * (STEP_OTHER_VECTORS + layers)  # + every layer's input (the checkpoints)
     room = budget * GIB - static - step - MARGIN_GIB * GIB
-    unchecked = max(0, min(layers, int(room // per_layer)))
-    estimate = (static + step + unchecked * per_layer) / GIB + MARGIN_GIB
+    ways = [UNCHECKPOINTED] + (BUDGETED if (config.compile_training if compiled is None else compiled) else [])
+    best = (0.0, 0, UNCHECKPOINTED)
+    for way in ways:
+        backward_peak = tokens * vector * way.backward_peak_vectors
+        fits = int((room - backward_peak) // (tokens * vector * way.kept_vectors))
+        unchecked = max(0, min(layers, fits))
+        if unchecked * way.recompute_removed > best[0]:
+            best = (unchecked * way.recompute_removed, unchecked, way)
+    _, unchecked, way = best
+    per_layer = tokens * vector * way.kept_vectors
+    peak = tokens * vector * (way.backward_peak_vectors if unchecked else CHECKPOINTED_BACKWARD_PEAK)
+    estimate = (static + step + peak + unchecked * per_layer) / GIB + MARGIN_GIB
     if estimate > budget:
         warnings.warn(f"A micro-batch of {config.micro_batch_size} x {config.block_size} tokens needs about "
                       f"{estimate:.1f} GiB with every layer checkpointed, over memory_budget_gib={budget:g}: lower "
                       f"micro_batch_size (raise gradient_accumulation_steps to keep the step) or use the "
                       f"colab-t4-low-memory preset", stacklevel=2)
-    return RecomputePlan(layers, unchecked, round(budget, 2), round(estimate, 2), round(per_layer / GIB, 3))
+    return RecomputePlan(layers, unchecked, round(budget, 2), round(estimate, 2), round(per_layer / GIB, 3), way)
 
 
 def leave_layers_unchecked(model, count: int) -> None:
