@@ -1,13 +1,14 @@
 """What one compiled 7B decoder layer keeps for its backward, and what its forward + backward costs, per way of
 recomputing it: the measurements behind choosing what a layer recomputes.
 
-    PYTHONPATH=$PWD python bench/layer_recompute.py --out $OUT          # one CUDA GPU, ~6 minutes
+    PYTHONPATH=$PWD python bench/layer_recompute.py --out $OUT [--block 4096]   # one CUDA GPU, ~6 minutes
     PYTHONPATH=$PWD python bench/layer_recompute.py --smoke --out /tmp/bench   # CPU, tiny model
 
 One decoder layer of the Llama-2-7B shape in 4-bit with LoRA r16 (dropout 0.05) on its seven linear layers, loaded
 the way training loads it, compiled, fp16 autocast, one block of `--block` tokens. Each way runs in its own process
 (compiler settings are global): after two warm-up passes, the memory the forward leaves behind for the backward
-(in hidden-size vectors per token: 8 KiB each for the 7B shape in fp16), the backward's peak above that, the
+(in hidden-size vectors per token: 8 KiB each for the 7B shape in fp16; `kept_vectors` from the allocator,
+`saved_vectors` from the tensors saved for backward, also on CPU), the backward's peak above that, the
 forward + backward time (median and min-max of `--repeats`), and the GPU time by kind from one profiled pass.
 """
 from __future__ import annotations
@@ -92,7 +93,17 @@ def worker(args: argparse.Namespace) -> None:
         one_pass()
     synchronize()
     vector_bytes = args.block * hidden * 2
-    row = {"way": args.way}
+    saved = [0]
+
+    def count(tensor):
+        saved[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+        forward().backward(grad)  # what the forward hands its backward, counted on any device
+    x.grad = None
+    model.zero_grad(set_to_none=True)
+    row = {"way": args.way, "saved_vectors": round(saved[0] / vector_bytes, 2)}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -141,6 +152,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--ways", default=",".join(WAYS))
+    parser.add_argument("--name", help="the report's file name (default layer_recompute.json)")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--way", help=argparse.SUPPRESS)
@@ -160,7 +172,7 @@ def main() -> None:
         found = [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")]
         rows += found or [{"way": way, "error": done.stderr[-3000:]}]
         print(f"{way}: {time.perf_counter() - started:.0f} s", json.dumps(rows[-1]), flush=True)
-    write_report({**versions(), "block": block, "rows": rows}, args.out, f"layer_recompute_{block}.json")
+    write_report({**versions(), "block": block, "rows": rows}, args.out, args.name or "layer_recompute.json")
 
 
 if __name__ == "__main__":

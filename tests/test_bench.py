@@ -9,12 +9,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_bench(script: str, *args: str, out: Path) -> dict:
+def run_bench(script: str, *args: str, out: Path, name: str = "") -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, str(REPO / "bench" / script), "--smoke", "--out", str(out), *args],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((out / script.replace(".py", ".json")).read_text())
+    report = json.loads((out / (name or script.replace(".py", ".json"))).read_text())
     printed = "\n" + done.stdout
     assert json.loads(printed[printed.rindex("\n{\n") + 1:]) == report  # the JSON table is printed last
     return report
@@ -47,6 +47,18 @@ def test_generation_comparison_runs(tmp_path):
     assert 0 < seed["new_tokens"] <= 256 and seed["prompts"] == 1  # the original's way: no `</html>` stop, EOS only
     assert all(row["examples_per_s"] > 0 for row in rows.values())
     assert set(report["speedups"]) == set(rows)
+
+
+def test_layer_recompute_runs(tmp_path):
+    """One compiled layer three ways: checkpointed it saves (almost) nothing for the backward, and under the
+    compiler's activation budget it saves less than the compiler's default."""
+    report = run_bench("layer_recompute.py", "--ways", "checkpointed,unchecked,budget-0.2", "--work",
+                       str(tmp_path / "work"), out=tmp_path)
+    rows = {row["way"]: row for row in report["rows"]}
+    assert set(rows) == {"checkpointed", "unchecked", "budget-0.2"}, report
+    assert all(row["ms_median"] > 0 for row in rows.values())
+    assert rows["checkpointed"]["saved_vectors"] < rows["budget-0.2"]["saved_vectors"] < 0.5 * rows["unchecked"][
+        "saved_vectors"]
 
 
 def test_step_profile_runs(tmp_path):

@@ -76,8 +76,9 @@ def test_batch1_decoding_replays_its_cuda_graph_and_follows_the_eager_model(stac
 
 
 def test_flex_attention_trains_what_the_block_mask_trains():
-    """Block-sparse FlexAttention on CUDA (compiled), eager layers and compiled ones: the loss and LoRA gradients
-    of SDPA with the block mask, within fp16 rounding (the CPU test can check only the forward)."""
+    """Block-sparse FlexAttention on CUDA (compiled), eager layers and compiled ones (also under the compiler's
+    activation budget): the loss and LoRA gradients of SDPA with the block mask, within fp16 rounding (the CPU test
+    can check only the forward)."""
     from htmlgen_utils.levers import FLEX_ATTENTION, compile_decoder_layers, use_flex_attention
 
     config = Config.from_preset("tiny", precision="fp16", lora_dropout=0.0, run_dir="/tmp/unused")
@@ -102,6 +103,10 @@ def test_flex_attention_trains_what_the_block_mask_trains():
     flex_eager = loss_and_grads()
     compile_decoder_layers(model)
     flex_compiled = loss_and_grads()
-    for loss, grads in (flex_eager, flex_compiled):
+    torch._dynamo.reset()  # the same shapes again, compiled under the activation budget the memory plan may pick
+    compile_decoder_layers(model, activation_budget=0.2)
+    flex_budgeted = loss_and_grads()
+    torch._dynamo.reset()
+    for loss, grads in (flex_eager, flex_compiled, flex_budgeted):
         assert abs(loss - masked[0]) < 2e-3, (loss, masked[0])
         assert (grads - masked[1]).abs().max() <= 2e-2 * masked[1].abs().max()

@@ -16,7 +16,8 @@ def compile_decoder_layers(model, activation_budget: float | None = None) -> Non
 
     `activation_budget` (0-1, see `recompute.py`): the share of what the layer's backward needs that the compiled
     forward keeps; the compiler recomputes the rest in the backward, cheapest first. It is read when the graph
-    compiles (at the first call), so each call runs under it."""
+    compiles (at the first call), so each call runs under it. A process keeps the graph it compiled for a shape:
+    layers compiled again for the same shape with another budget reuse it until `torch._dynamo.reset()`."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     for layer in causal_lm.model.layers:
         compiled = torch.compile(layer._call_impl, dynamic=False)
