@@ -54,7 +54,9 @@ def worker(args: argparse.Namespace) -> None:
     from htmlgen_utils.model import load_for_training
 
     if args.way.startswith("budget-"):  # the compiler picks what to keep under this share of what it would keep
-        torch._functorch.config.activation_memory_budget = float(args.way.split("-")[1])
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = float(args.way.split("-")[1])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = Config.from_preset("tiny" if args.smoke else "colab-t4", model_id=args.model, precision="fp16" if
                                 device.type == "cuda" else "fp32", gradient_checkpointing=True, wandb_mode="disabled")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch._functorch.config as functorch_config
 
 
 def compile_decoder_layers(model, activation_budget: float | None = None) -> None:
@@ -27,7 +28,7 @@ def compile_decoder_layers(model, activation_budget: float | None = None) -> Non
 
 def _under_budget(compiled, activation_budget: float):
     def call(*args, **kwargs):
-        with torch._functorch.config.patch(activation_memory_budget=activation_budget):
+        with functorch_config.patch(activation_memory_budget=activation_budget):
             return compiled(*args, **kwargs)
 
     return call

@@ -23,6 +23,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch._functorch.config as functorch_config
 
 from ..config import Config
 
@@ -107,7 +108,9 @@ def plan_recompute(model, config: Config, device: torch.device, checkpoints_offl
     static = torch.cuda.memory_allocated(device) + trainable * (4 + 2)  # + fp32 gradients + 8-bit Adam's 2 moments
     step = tokens * vector * (STEP_OTHER_VECTORS + layers)  # + every layer's input (the checkpoints)
     room = budget * GIB - static - step - MARGIN_GIB * GIB
-    ways = [UNCHECKPOINTED] + (BUDGETED if (config.compile_training if compiled is None else compiled) else [])
+    budgets = hasattr(functorch_config, "activation_memory_budget")  # torch >= 2.4
+    compiling = config.compile_training if compiled is None else compiled
+    ways = [UNCHECKPOINTED] + (BUDGETED if compiling and budgets else [])
     best = (0.0, 0, UNCHECKPOINTED)
     for way in ways:
         backward_peak = tokens * vector * way.backward_peak_vectors
