@@ -24,9 +24,11 @@ LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, nu
 T4_GIB = 15.0
 
 
-def build_checkpoint(path: Path, smoke: bool = False, max_position_embeddings: int | None = None) -> Path:
+def build_checkpoint(path: Path, smoke: bool = False, max_position_embeddings: int | None = None,
+                     layers: int | None = None) -> Path:
     """A random-weight Llama-2-7B-shaped checkpoint in fp16 (or, with `smoke`, the tiny base itself); its context
-    is 32,768 unless `max_position_embeddings` says otherwise (Llama-2's own is 4,096)."""
+    is 32,768 unless `max_position_embeddings` says otherwise (Llama-2's own is 4,096), its decoder layers 32
+    unless `layers` says otherwise."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from htmlgen_utils.config import TINY_BASE_DIR
@@ -36,7 +38,8 @@ def build_checkpoint(path: Path, smoke: bool = False, max_position_embeddings: i
     if (path / "config.json").exists():
         return path
     tokenizer = AutoTokenizer.from_pretrained(TINY_BASE_DIR)
-    shape = {**LLAMA2_7B, **({"max_position_embeddings": max_position_embeddings} if max_position_embeddings else {})}
+    shape = {**LLAMA2_7B, **({"max_position_embeddings": max_position_embeddings} if max_position_embeddings else {}),
+             **({"num_hidden_layers": layers} if layers else {})}
     config = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -115,12 +118,17 @@ KERNEL_KINDS = [  # (kind, pattern on the kernel's name), first match wins
 ]
 
 
+def kernel_kind(name: str, other: str = "other kernels") -> str:
+    """The kind of a kernel, from its name (`KERNEL_KINDS`)."""
+    import re
+
+    return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, name)), other)
+
+
 def gpu_timeline(profiler, trace_path: Path, steps: int) -> dict:
     """What the GPU did during a profile, from its trace: the time any kernel or copy ran (overlaps counted
     once, so it can be set against the wall time: the rest is the GPU waiting for the host), kernels and
     copies per step, and the time by kind of kernel."""
-    import re
-
     profiler.export_chrome_trace(str(trace_path))
     events = [e for e in json.loads(trace_path.read_text())["traceEvents"]
               if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
@@ -137,8 +145,7 @@ def gpu_timeline(profiler, trace_path: Path, steps: int) -> dict:
             totals = by_name.setdefault(event["name"][:120], [0, 0.0])
             totals[0] += 1
             totals[1] += event.get("dur", 0)
-        kind = "copies" if event["cat"] != "kernel" else next(
-            (k for k, pattern in KERNEL_KINDS if re.search(pattern, event["name"])), "other kernels")
+        kind = "copies" if event["cat"] != "kernel" else kernel_kind(event["name"])
         kinds[kind] = kinds.get(kind, 0.0) + event.get("dur", 0)
     trace_path.unlink()
     return {"gpu_busy_s": round(busy / 1e6, 3),

@@ -23,40 +23,17 @@ from pathlib import Path
 
 import torch
 
-from common import KERNEL_KINDS, LLAMA2_7B, REPO, versions, write_report
+from common import REPO, build_checkpoint, kernel_kind, sync, versions, write_report
 
 WAYS = ["checkpointed", "unchecked", "budget-0.1", "budget-0.2", "budget-0.3", "budget-0.4", "budget-0.5",
         "budget-0.6", "budget-0.7", "budget-0.8"]
 
 
-def build_layer_checkpoint(path: Path, smoke: bool) -> Path:
-    """A random-weight checkpoint of one decoder layer of the 7B shape (the tiny base itself with `smoke`)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from htmlgen_utils.config import TINY_BASE_DIR
-
-    if smoke:
-        return TINY_BASE_DIR
-    if (path / "config.json").exists():
-        return path
-    tokenizer = AutoTokenizer.from_pretrained(TINY_BASE_DIR)
-    config = LlamaConfig(**{**LLAMA2_7B, "num_hidden_layers": 1}, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).half()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def worker(args: argparse.Namespace) -> None:
     from htmlgen_utils.config import Config
+    from htmlgen_utils.levers import compile_decoder_layers
     from htmlgen_utils.model import load_for_training
 
-    if args.way.startswith("budget-"):  # the compiler picks what to keep under this share of what it would keep
-        import torch._functorch.config as functorch_config
-
-        functorch_config.activation_memory_budget = float(args.way.split("-")[1])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = Config.from_preset("tiny" if args.smoke else "colab-t4", model_id=args.model, precision="fp16" if
                                 device.type == "cuda" else "fp32", gradient_checkpointing=True, wandb_mode="disabled")
@@ -65,7 +42,8 @@ def worker(args: argparse.Namespace) -> None:
     decoder = model.get_base_model().model
     layer = decoder.layers[0]
     layer.gradient_checkpointing = args.way == "checkpointed"
-    layer.compile(dynamic=False)
+    # budget-b: the compiler keeps what is expensive to redo within this share of what it would keep
+    compile_decoder_layers(model, float(args.way.split("-")[1]) if args.way.startswith("budget-") else None)
 
     hidden = model.config.hidden_size
     torch.manual_seed(0)
@@ -76,10 +54,6 @@ def worker(args: argparse.Namespace) -> None:
     grad = torch.randn_like(x)
     autocast = torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
     cuda = device.type == "cuda"
-
-    def synchronize():
-        if cuda:
-            torch.cuda.synchronize()
 
     def forward():
         with autocast:
@@ -93,7 +67,7 @@ def worker(args: argparse.Namespace) -> None:
 
     for _ in range(2):  # the first compiles
         one_pass()
-    synchronize()
+    sync()
     vector_bytes = args.block * hidden * 2
     saved = [0]
 
@@ -102,20 +76,18 @@ def worker(args: argparse.Namespace) -> None:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
-        forward().backward(grad)  # what the forward hands its backward, counted on any device
-    x.grad = None
-    model.zero_grad(set_to_none=True)
+        one_pass()  # what the forward hands its backward, counted on any device
     row = {"way": args.way, "saved_vectors": round(saved[0] / vector_bytes, 2)}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         out = forward()
-        synchronize()
+        sync()
         kept = torch.cuda.memory_allocated() - before - out.numel() * out.element_size()
         forward_peak = torch.cuda.max_memory_allocated() - before
         torch.cuda.reset_peak_memory_stats()
         out.backward(grad)
-        synchronize()
+        sync()
         backward_peak = torch.cuda.max_memory_allocated() - before
         del out
         x.grad = None
@@ -124,24 +96,22 @@ def worker(args: argparse.Namespace) -> None:
                    backward_peak_vectors=round(backward_peak / vector_bytes, 2))
     times = []
     for _ in range(args.repeats):
-        synchronize()
+        sync()
         started = time.perf_counter()
         one_pass()
-        synchronize()
+        sync()
         times.append((time.perf_counter() - started) * 1e3)
     row.update(ms_median=round(statistics.median(times), 2), ms_min=round(min(times), 2), ms_max=round(max(times), 2))
     if cuda:
-        import re
-
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
             one_pass()
-            synchronize()
+            sync()
         by_kind: dict[str, float] = {}
         for event in profiler.key_averages():
             microseconds = getattr(event, "self_device_time_total", 0) or 0
             if microseconds <= 0:
                 continue
-            kind = next((k for k, pattern in KERNEL_KINDS if re.search(pattern, event.key)), "other")
+            kind = kernel_kind(event.key, other="other")
             by_kind[kind] = by_kind.get(kind, 0.0) + microseconds / 1e3
         row["gpu_ms_by_kind"] = {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}
     print("ROW " + json.dumps(row), flush=True)
@@ -163,7 +133,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
     block = 256 if args.smoke else args.block
-    model_path = build_layer_checkpoint(args.work / "llama2-7b-one-layer", smoke=args.smoke)
+    model_path = build_checkpoint(args.work / "llama2-7b-one-layer", smoke=args.smoke, layers=1)
     rows = []
     for way in args.ways.split(","):
         started = time.perf_counter()

@@ -22,11 +22,14 @@ def compile_decoder_layers(model, activation_budget: float | None = None) -> Non
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     for layer in causal_lm.model.layers:
         compiled = torch.compile(layer._call_impl, dynamic=False)
-        layer._compiled_call_impl = compiled if activation_budget is None else _under_budget(compiled,
-                                                                                             activation_budget)
+        if activation_budget is not None:
+            compiled = _under_budget(compiled, activation_budget)
+        layer._compiled_call_impl = compiled
 
 
 def _under_budget(compiled, activation_budget: float):
+    """`compiled`, called with the compiler's activation memory budget set (for the call that compiles)."""
+
     def call(*args, **kwargs):
         with functorch_config.patch(activation_memory_budget=activation_budget):
             return compiled(*args, **kwargs)

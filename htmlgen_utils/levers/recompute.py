@@ -108,17 +108,12 @@ def plan_recompute(model, config: Config, device: torch.device, checkpoints_offl
     static = torch.cuda.memory_allocated(device) + trainable * (4 + 2)  # + fp32 gradients + 8-bit Adam's 2 moments
     step = tokens * vector * (STEP_OTHER_VECTORS + layers)  # + every layer's input (the checkpoints)
     room = budget * GIB - static - step - MARGIN_GIB * GIB
-    budgets = hasattr(functorch_config, "activation_memory_budget")  # torch >= 2.4
     compiling = config.compile_training if compiled is None else compiled
-    ways = [UNCHECKPOINTED] + (BUDGETED if compiling and budgets else [])
-    best = (0.0, 0, UNCHECKPOINTED)
-    for way in ways:
-        backward_peak = tokens * vector * way.backward_peak_vectors
-        fits = int((room - backward_peak) // (tokens * vector * way.kept_vectors))
-        unchecked = max(0, min(layers, fits))
-        if unchecked * way.recompute_removed > best[0]:
-            best = (unchecked * way.recompute_removed, unchecked, way)
-    _, unchecked, way = best
+    has_budget = hasattr(functorch_config, "activation_memory_budget")  # torch >= 2.4
+    ways = [UNCHECKPOINTED] + (BUDGETED if compiling and has_budget else [])
+    fitting = [(way, max(0, min(layers, int((room - tokens * vector * way.backward_peak_vectors)
+                                            // (tokens * vector * way.kept_vectors))))) for way in ways]
+    way, unchecked = max(fitting, key=lambda fit: fit[1] * fit[0].recompute_removed)  # the most recompute gone
     per_layer = tokens * vector * way.kept_vectors
     peak = tokens * vector * (way.backward_peak_vectors if unchecked else CHECKPOINTED_BACKWARD_PEAK)
     estimate = (static + step + peak + unchecked * per_layer) / GIB + MARGIN_GIB
