@@ -132,3 +132,13 @@ def test_decode_anatomy_cuts_tokens_and_layers(monkeypatch):
     assert report["token_span_us"] == report["token_busy_us"] + 0.5 * (len(token) - 1)  # its gaps inside
     assert report["layer"]["kernels"] == 9 and report["layer"]["four_bit_us"] == 70
     assert report["layer"]["other_kernels"] == 2 and report["layer"]["other_us"] == 3
+
+
+def test_lookahead_decode_runs(tmp_path):
+    """The lookahead's timing script, with its page oracle: the lookahead way follows the page (so its drafts
+    are checked and some kept: fewer steps than tokens)."""
+    report = run_bench("lookahead_decode.py", "--tokens", "64", "--pages", "2", "--repeats", "1", "--work",
+                       str(tmp_path / "work"), out=tmp_path)
+    assert list(report["rows"]) == ["one-token loop", "lookahead 4"]
+    assert all(row["tokens_per_s"] > 0 for row in report["rows"].values())
+    assert report["lookahead"]["checks"] > 0 and report["lookahead"]["tokens_per_step"] > 1.0

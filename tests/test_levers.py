@@ -10,6 +10,7 @@ from htmlgen_utils.generation import clean_page, generate_pages, stream_page
 from htmlgen_utils.levers import (COMPILE_MIN_STEPS, PACKED_ATTENTION, CheckpointsOnCPU, apply_training_levers,
                                   compile_decoder_layers, example_spans, leave_layers_unchecked, packed_attention,
                                   plan_recompute)
+from htmlgen_utils.levers.lookahead import LOOKAHEAD_TOKENS, PromptLookup
 from htmlgen_utils.loss import next_token_loss
 from htmlgen_utils.model import keep_frozen_embeddings_in, load_base_model, load_for_training, load_tokenizer
 from htmlgen_utils.packing import build_prompt, make_dataloader, pack_splits
@@ -407,6 +408,11 @@ def test_one_query_attention_equals_sdpa_and_hands_prompts_to_it():
         torch.testing.assert_close(ours, sdpa)
         key[1, :, 7:] = 1e4  # what a hidden slot holds must not matter
         torch.testing.assert_close(one_query_attention(module, query, key, value, mask, scaling=0.25)[0], sdpa)
+        queries = torch.randn(2, heads, 3, 16)  # a lookahead check: three queries, each seeing one more slot
+        filled = torch.tensor([24, 6])[:, None, None, None] + torch.arange(3)[None, None, :, None]
+        check_mask = torch.arange(40)[None, None, None, :] <= filled
+        torch.testing.assert_close(one_query_attention(module, queries, key, value, check_mask, scaling=0.25)[0],
+                                   sdpa_attention_forward(module, queries, key, value, check_mask, scaling=0.25)[0])
     prompt = torch.randn(1, 4, 5, 16)
     module = SimpleNamespace(num_key_value_groups=1, is_causal=True)
     torch.testing.assert_close(one_query_attention(module, prompt, prompt, prompt, None, scaling=0.25)[0],
@@ -452,7 +458,7 @@ def test_own_decode_loop_with_a_trained_adapter_writes_what_generate_writes():
     assert ours.pages == plain.pages and ours.new_tokens == plain.new_tokens
     steps = list(model.__dict__["_htmlgen_decode_steps"].values())
     assert len(steps) == 1  # both pages ran on one cache and its one step ...
-    assert len(steps[0].groups) == 2 * model.config.num_hidden_layers  # ... with q/k/v and gate/up stacked
+    assert len(steps[0].groups) == 4 * model.config.num_hidden_layers  # ... with q/k/v, o, gate/up, down grouped
     for name, parameter in model.named_parameters():  # the adapter changes (back to its start): pages see it
         if "lora_B" in name:
             parameter.data.zero_()
@@ -461,11 +467,12 @@ def test_own_decode_loop_with_a_trained_adapter_writes_what_generate_writes():
 
 
 def test_stacked_layers_compute_what_the_layers_compute():
-    """q/k/v and gate/up stacked (one 4-bit product and one LoRA product a group for one token) give the
-    model's own next-token logits, with the adapter mattering; the members' 4-bit weights are views into the
-    stacked one (no second copy), and the stacked absmax and LoRA B are what ran (doubling either changes the
-    logits); prompts run the layers themselves; a member called out of order is refused; afterwards the
-    model's modules are their own again."""
+    """q/k/v and gate/up stacked, o and down as groups of one (one 4-bit product and one LoRA product a group
+    for one token or a few) give the model's own logits, with the adapter mattering; the members' 4-bit
+    weights are views into the stacked one (no second copy), and the stacked absmax and LoRA B are what ran
+    (doubling either changes the logits); prompts of more than FEW_TOKENS run the layers themselves; a member
+    called out of order is refused; afterwards the model's modules are their own again."""
+    from htmlgen_utils.levers.few_tokens import FEW_TOKENS
     from htmlgen_utils.levers.stacking import shared_input_groups, stacked_layers
 
     model, tokenizer = load_for_training(Config.from_preset("tiny"))
@@ -474,7 +481,8 @@ def test_stacked_layers_compute_what_the_layers_compute():
         if "lora_B" in name:
             parameter.data.normal_(0, 0.02)
     groups = shared_input_groups(model)
-    assert len(groups) == 2 * model.config.num_hidden_layers and [len(g.members) for g in groups[:2]] == [3, 2]
+    assert len(groups) == 4 * model.config.num_hidden_layers and [len(g.members) for g in groups[:4]] == [3, 1, 2, 1]
+    assert groups[1].weight.data_ptr() == groups[1].members[0].get_base_layer().weight.data_ptr()  # no copy
     assert shared_input_groups(model) is groups  # built once, kept on the model
     stacked = groups[0].weight
     for member in groups[0].members:
@@ -484,10 +492,10 @@ def test_stacked_layers_compute_what_the_layers_compute():
     model.eval()
     ids = tokenizer("Below is an instruction that describes a task.", return_tensors="pt").input_ids
 
-    def next_logits(stacked_now: bool) -> torch.Tensor:
-        prompt = model(input_ids=ids[:, :-1], use_cache=True)
+    def next_logits(stacked_now: bool, tokens: int = 1) -> torch.Tensor:
+        prompt = model(input_ids=ids[:, :-tokens], use_cache=True)
         with stacked_layers(groups) if stacked_now else torch.no_grad():
-            return model(input_ids=ids[:, -1:], cache=prompt.past_key_values).logits
+            return model(input_ids=ids[:, -tokens:], cache=prompt.past_key_values).logits
 
     with torch.no_grad():
         plain = next_logits(False)
@@ -495,9 +503,11 @@ def test_stacked_layers_compute_what_the_layers_compute():
             assert (next_logits(False) - plain).abs().max() > 1e-3  # the adapter matters
             torch.testing.assert_close(next_logits(True), next_logits(False))  # ... and is off when disabled
         torch.testing.assert_close(next_logits(True), plain, rtol=1e-5, atol=1e-5)
-        whole_prompt = model(input_ids=ids).logits
+        torch.testing.assert_close(next_logits(True, 5), next_logits(False, 5), rtol=1e-5, atol=1e-5)  # a check
+        long_prompt = ids.repeat(1, 1 + FEW_TOKENS // ids.shape[1])
+        whole_prompt = model(input_ids=long_prompt).logits
         with stacked_layers(groups):  # a prompt runs the layers themselves
-            torch.testing.assert_close(model(input_ids=ids).logits, whole_prompt)
+            torch.testing.assert_close(model(input_ids=long_prompt).logits, whole_prompt)
         for tensor in (groups[0].state.absmax, groups[0].lora_b):
             tensor *= 2
             assert (next_logits(True) - plain).abs().max() > 1e-3
@@ -527,3 +537,86 @@ def test_compiled_decoding_lifts_the_training_hook_for_the_call():
     ours = generate_pages(model, tokenizer, ["A login page for Orbit"], max_new_tokens=24, batch_size=1,
                           compile_decode=True)
     assert ours.pages == plain.pages and hook_names() == ["make_inputs_require_grads"]
+
+
+def test_prompt_lookup_drafts_what_followed_the_latest_earlier_occurrence():
+    """The longest run of last tokens (up to three) that occurred before decides; its latest occurrence wins;
+    a last token never seen before gives no draft; the draft grows as tokens are appended."""
+    lookup = PromptLookup([5, 6, 7, 8, 9, 6, 7, 1, 2, 5, 6])
+    assert lookup.draft(3) == [7, 8, 9]  # "5 6" occurred at the start; "6" alone, more lately, loses to it
+    lookup.extend([7])
+    assert lookup.draft(4) == [8, 9, 6, 7]  # "5 6 7" -> 8 at the start, not "6 7" -> 1 later: the longest
+    lookup.extend([1])
+    assert lookup.draft(2) == [2, 5]  # "6 7 1" occurred once; the "7 1" and "1" after it are the same run
+    lookup.extend([3])
+    assert lookup.draft(2) == []
+    assert PromptLookup([4, 4]).draft(3) == [4]  # the run ends where the text ends
+
+
+def test_lookahead_decoding_writes_the_one_token_loops_pages():
+    """Greedy `decode_one` with its lookahead check writes the pages of the one-token loop, with the adapter
+    mattering (random LoRA B): drafts were checked and some of their tokens kept (fewer steps than tokens), and
+    a check that kept fewer tokens than it ran left the cache where the next step overwrites the rest. The
+    pieces are read back as the one-token loop reads them."""
+    from htmlgen_utils.levers.decoding import STOP_CHECK_TOKENS, decode_one
+
+    model, tokenizer = load_for_training(Config.from_preset("tiny"))
+    torch.manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.02)
+    model.eval()
+    for description in ("A modern landing page for Acme in blue", "A pricing table for Orbit with three plans"):
+        ids = tokenizer(build_prompt(description), return_tensors="pt").input_ids
+        plain = list(decode_one(model, tokenizer, ids, 200, stop_at_html_end=False, lookahead=0))
+        counts: dict = {}
+        ours = list(decode_one(model, tokenizer, ids, 200, stop_at_html_end=False, lookahead=LOOKAHEAD_TOKENS,
+                               counts=counts))
+        assert ours == plain and [len(p) for p in ours] == [STOP_CHECK_TOKENS] * 12 + [8]
+        assert counts["checks"] > 10 and counts["steps"] < 0.9 * (counts["tokens"] - 1), counts
+    ended = list(decode_one(model, tokenizer, ids, 900, lookahead=LOOKAHEAD_TOKENS))  # stops where the plain
+    assert ended == list(decode_one(model, tokenizer, ids, 900))  # loop stops: at </html> or EOS
+    steps = model.__dict__["_htmlgen_decode_steps"].values()
+    assert {step.token.shape[1] for step in steps} == {1, 1 + LOOKAHEAD_TOKENS}  # steps and checks, one per cache
+
+
+def test_few_token_kernel_computes_the_four_bit_product(tmp_path):
+    """The Triton kernel for a few tokens (run by Triton's CPU interpreter here) gives the product with
+    bitsandbytes' dequantised weights, for the absmax double-quantised (as loaded) and as float32 (as stacked),
+    with rows and columns that leave partial tiles and uneven shares of the columns."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import os
+        os.environ["TRITON_INTERPRET"] = "1"
+        import bitsandbytes as bnb
+        import torch
+        from htmlgen_utils.levers.few_tokens import _kernel
+        from htmlgen_utils.levers.stacking import unnested_absmax
+
+        torch.manual_seed(0)
+        rows, cols, tokens = 80, 320, 3  # 2.5 tiles of 32 rows; 5 blocks of 64 columns in 2 shares
+        for nested in (True, False):
+            weight = bnb.nn.Params4bit(torch.randn(rows, cols) * 0.02, requires_grad=False, quant_type="nf4",
+                                       compress_statistics=True)
+            weight._quantize("cpu")
+            state = weight.quant_state
+            x = torch.randn(tokens, cols, dtype=torch.float16)
+            expected = x.float() @ bnb.functional.dequantize_4bit(weight.data, state).float().T
+            absmax = state.absmax if nested else unnested_absmax(state)
+            code2, absmax2 = (state.state2.code, state.state2.absmax) if nested else (absmax, absmax)
+            offset = state.offset.reshape(1).float() if nested else absmax
+            out = torch.zeros(tokens, rows)
+            _kernel().fn[(3, 2)](x, weight.data.view(-1), absmax, code2, absmax2, offset, state.code, out, rows,
+                                 cols, TOKENS=tokens, NESTED=nested, OUTER_BLOCK=256, BLOCK_N=32, BLOCKS=2,
+                                 SPLIT_K=2)
+            error = ((out - expected).abs().max() / expected.abs().max()).item()
+            print(nested, error)
+            assert error < 1e-5, error
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", done.stdout.split()[1], "False", done.stdout.split()[3]]

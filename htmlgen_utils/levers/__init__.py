@@ -12,6 +12,8 @@ generation asks for compiled decoding per call (`generate_pages(..., compile_dec
     compile    regional torch.compile of the decoder layers                    (`compile_training`)
     decoding   static KV cache, compiled decode step, our own batch-1 loop     (`compile_generation`)
     stacking   q/k/v and gate/up as one layer each in the batch-1 step       (part of `decoding`)
+    lookahead  greedy batch-1 decoding checks drafted tokens in one step      (`decode_one(lookahead=)`)
+    few_tokens a 4-bit kernel that reads each weight once for a few tokens    (the lookahead's check)
 
 The chunked loss (`loss_chunk_tokens`) and the half-precision frozen embeddings (`embeddings_in_compute_dtype`)
 live where they act, in `loss.next_token_loss` and `model.prepare_4bit_for_training`.

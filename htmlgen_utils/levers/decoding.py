@@ -8,7 +8,8 @@ that looks at its tokens only every `STOP_CHECK_TOKENS`. Its step is built for o
 query as plain matmuls (`one_query_attention`), the LoRA matrices as multiply-and-sums the compiler fuses
 (`OneTokenLinear`), q/k/v and gate/up as one layer each (`stacking.stacked_layers`), and its own CUDA graph
 (`DecodeStep`); on the 7B shape that took it from 118 to ~176-184 tokens/s (bench/README.md), and what remains is
-mostly bitsandbytes' 4-bit matrix-vector kernel.
+mostly bitsandbytes' 4-bit matrix-vector kernel. Greedy decoding can also look ahead (`lookahead.py`): a step
+that checks a continuation drafted from the text so far, several tokens in one pass over the weights.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import torch
 
 from ..packing import STOP_STRING
 from .attention import FLEX_ATTENTION, PACKED_ATTENTION
+from .few_tokens import FEW_TOKENS
+from .lookahead import PromptLookup
 from .stacking import SharedInput, shared_input_groups, stacked_layers
 
 
@@ -28,16 +31,18 @@ ONE_QUERY_ATTENTION = "htmlgen_one_query"
 
 
 def one_query_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """Attention for a decode step: one new token against the whole KV cache, as two small matmuls and a softmax.
+    """Attention for a decode step: one new token (or the few of a lookahead check) against the whole KV cache,
+    as two small matmuls and a softmax.
 
     SDPA's kernels are built for many queries. A static cache needs a mask (its unfilled slots), which rules out
     FlashAttention, and SDPA's memory-efficient kernel then gives one query a whole tile of work: on the 7B
     shape it took 54 us a layer, 1.7 ms of a 7.5 ms decode step. The plain form (what transformers' `eager`
     attention computes) is two batched matrix-vector products and a softmax that the compiler fuses with the
-    mask. Anything with more than one query (a prompt) goes to transformers' SDPA unchanged."""
+    mask. Anything with more than `FEW_TOKENS` queries (a prompt), or several queries and no mask (SDPA would
+    make them causal), goes to transformers' SDPA unchanged."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-    if query.shape[2] != 1:
+    if query.shape[2] > FEW_TOKENS or (query.shape[2] > 1 and attention_mask is None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
@@ -203,13 +208,15 @@ class DecodeStep:
     position from two fixed buffers, so a token costs two small copies and one replay. Build it before the
     prompt is in the cache: warming up and capturing run the step on the cache (its own write counter moves
     too), so the cache is reset afterwards. On CPU there is no graph: the same step runs eagerly from the same
-    buffers. `groups` (`stacking.shared_input_groups`) run as one layer each inside the step."""
+    buffers. `groups` (`stacking.shared_input_groups`) run as one layer each inside the step. With `tokens` > 1
+    it is a lookahead check: that many tokens at consecutive positions, returning the greedy pick after each."""
 
-    def __init__(self, model, cache, cache_name: str, device: torch.device, groups: list[SharedInput]):
+    def __init__(self, model, cache, cache_name: str, device: torch.device, groups: list[SharedInput],
+                 tokens: int = 1):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.model, self.cache, self.cache_name, self.groups = model, cache, cache_name, groups
-        self.token = torch.zeros((1, 1), dtype=torch.long, device=device)
-        self.position = torch.zeros((1,), dtype=torch.long, device=device)
+        self.token = torch.zeros((1, tokens), dtype=torch.long, device=device)
+        self.position = torch.arange(tokens, device=device)
         self.forward = torch.compile(base, dynamic=False) if device.type == "cuda" else base
         self.graph = None
         if device.type == "cuda":
@@ -227,12 +234,28 @@ class DecodeStep:
 
     def _run(self) -> torch.Tensor:
         with stacked_layers(self.groups):
-            return self.forward(input_ids=self.token, **{self.cache_name: self.cache}, cache_position=self.position,
-                                position_ids=self.position[None], use_cache=True).logits[:, -1]
+            logits = self.forward(input_ids=self.token, **{self.cache_name: self.cache}, cache_position=self.position,
+                                  position_ids=self.position[None], use_cache=True).logits
+        if self.token.shape[1] == 1:
+            return logits[:, -1]
+        picks = logits[0].argmax(-1)
+        self._keep_agreed(picks)
+        return picks
+
+    def _keep_agreed(self, picks: torch.Tensor) -> None:
+        """After a check, move the cache's write position to just after the draft tokens the model agreed with
+        and its own pick: transformers' static cache (5.2x on) writes each layer at its own counter, not at
+        `cache_position`, and the next step must overwrite what the check wrote for the rejected tokens. On the
+        device, inside the graph: no host work. (Caches that write at `cache_position` have no counter.)"""
+        agreed = (self.token[0, 1:] == picks[:-1]).long().cumprod(0).sum()
+        for layer in getattr(self.cache, "layers", ()):
+            counter = getattr(layer, "cumulative_length", None)
+            if torch.is_tensor(counter):
+                counter.copy_(self.position[0] + agreed + 1)
 
     def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """The next token's logits after `token` at `position` (both on the device). On CUDA the result is the
-        graph's own output buffer: read it before the next call."""
+        """The next token's logits after `token` at `position` (for a check: the greedy pick after each of its
+        tokens). On CUDA the result is the graph's own output buffer: read it before the next call."""
         self.token.copy_(token)
         self.position.copy_(position)
         if self.graph is None:
@@ -242,42 +265,53 @@ class DecodeStep:
         return self.logits
 
 
-def decode_step(model, cache, cache_name: str, device: torch.device, groups: list[SharedInput]) -> DecodeStep:
-    """The `DecodeStep` of this static cache (and stacking), built at its first use (before the prompt goes in:
-    building it resets the cache) and kept with it, as a graph is bound to its cache's tensors."""
+def decode_step(model, cache, cache_name: str, device: torch.device, groups: list[SharedInput],
+                tokens: int = 1) -> DecodeStep:
+    """The `DecodeStep` of this static cache (and stacking, and token count), built at its first use (before the
+    prompt goes in: building it resets the cache) and kept with it, as a graph is bound to its cache's tensors."""
     steps = model.__dict__.setdefault("_htmlgen_decode_steps", {})
-    key = (id(cache), bool(groups))
+    key = (id(cache), bool(groups), tokens)
     if key not in steps:
-        steps[key] = DecodeStep(model, cache, cache_name, device, groups)
+        steps[key] = DecodeStep(model, cache, cache_name, device, groups, tokens)
     return steps[key]
 
 
 @torch.no_grad()
 def decode_one(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
                temperature: float = 0.7, top_p: float = 0.95, stop_at_html_end: bool = True,
-               stack_projections: bool = True) -> Iterator[list[int]]:
+               stack_projections: bool = True, lookahead: int = 0,
+               counts: dict | None = None) -> Iterator[list[int]]:
     """One prompt's new tokens (its EOS included), yielded in pieces as they are read back.
 
     Prefill the static cache with the prompt, then one `DecodeStep` a token (on CUDA a CUDA-graph replay; on
     CPU the same loop runs eagerly), with q/k/v and gate/up stacked unless `stack_projections` is False. The
     tokens stay on the GPU and are read back every `STOP_CHECK_TOKENS`, so the host launches steps ahead of the
     GPU instead of waiting for each; a page that ends mid-piece is cut where it ended (up to
-    `STOP_CHECK_TOKENS` tokens were computed for nothing)."""
+    `STOP_CHECK_TOKENS` tokens were computed for nothing). With `lookahead` > 0 (e.g. `LOOKAHEAD_TOKENS`),
+    greedy decoding with stacking checks drafts of that many tokens (`_decode_looking_ahead`); off by default
+    until its speed on a GPU is measured (bench/lookahead_decode.py). `counts`, if given, receives its steps."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     use_one_token_lora(model)
     length = input_ids.shape[1]
-    cache = static_cache(model, 1, length + max_new_tokens)
+    looking_ahead = lookahead > 0 and not do_sample and stack_projections
+    room = length + max_new_tokens + (lookahead if looking_ahead else 0)  # a last check may reach past the end
+    cache = static_cache(model, 1, room)
     pick = _token_picker(do_sample, temperature, top_p)
     # the KV cache argument is `cache` from transformers 5.2x on, `past_key_values` before
     cache_name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    positions = torch.arange(length + max_new_tokens, device=input_ids.device)
-    new = torch.empty((1, max_new_tokens), dtype=torch.long, device=input_ids.device)
+    positions = torch.arange(room, device=input_ids.device)
     # built at the first call either way: the members' weights then move into the stacked buffers, which must
     # happen before any step is captured (a CUDA graph keeps reading the addresses it was captured with)
     groups = shared_input_groups(model)
     step = decode_step(model, cache, cache_name, input_ids.device, groups if stack_projections else [])
+    check = decode_step(model, cache, cache_name, input_ids.device, groups, lookahead + 1) if looking_ahead else None
     logits = base(input_ids=input_ids, **{cache_name: cache}, cache_position=positions[:length], use_cache=True,
                   logits_to_keep=1).logits[:, -1]
+    if check is not None:
+        yield from _decode_looking_ahead(step, check, tokenizer, input_ids, logits, positions, max_new_tokens,
+                                         stop_at_html_end, counts)
+        return
+    new = torch.empty((1, max_new_tokens), dtype=torch.long, device=input_ids.device)
     tokens: list[int] = []
     for start in range(0, max_new_tokens, STOP_CHECK_TOKENS):
         stop = min(start + STOP_CHECK_TOKENS, max_new_tokens)
@@ -292,3 +326,56 @@ def decode_one(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, d
         yield tokens[checked:end]
         if end is not None:
             return
+
+
+def _decode_looking_ahead(step: DecodeStep, check: DecodeStep, tokenizer, input_ids: torch.Tensor,
+                          logits: torch.Tensor, positions: torch.Tensor, max_new_tokens: int,
+                          stop_at_html_end: bool, counts: dict | None) -> Iterator[list[int]]:
+    """Greedy decoding that checks drafted continuations (prompt lookup, `lookahead.PromptLookup`).
+
+    Where the text so far has an earlier occurrence of its last tokens, the tokens that followed it are the
+    draft: one `check` step runs the last token and the draft through the model at once and returns its greedy
+    pick after each; the draft's tokens are kept up to the first the model would not have picked, plus the
+    model's own pick there. Every kept token is one the model picks greedily after the tokens before it, so
+    the page is the one-token loop's page (up to floating-point ties between the two steps' arithmetic). With
+    no draft, one ordinary step. The host reads each step's picks back before drafting the next, so the GPU
+    waits for it between steps (~0.1 ms)."""
+    lookahead = check.token.shape[1] - 1
+    length = input_ids.shape[1]
+    token = int(logits.argmax(-1))  # the first new token: it goes into the cache at `position`
+    tokens, position, checked = [token], length, 0
+    lookup = PromptLookup(input_ids[0].tolist() + tokens)
+    steps = checks = 0
+    try:
+        while True:
+            while len(tokens) - checked < STOP_CHECK_TOKENS and len(tokens) < max_new_tokens:
+                draft = lookup.draft(lookahead)
+                if draft:
+                    guess = draft + draft[-1:] * (lookahead - len(draft))  # a check has a fixed size: pad it
+                    picks = check(torch.tensor([[token] + guess]),
+                                  positions[position:position + lookahead + 1]).tolist()
+                    agreed = next((i for i in range(lookahead) if guess[i] != picks[i]), lookahead)
+                    new = guess[:agreed] + [picks[agreed]]
+                    checks += 1
+                else:
+                    new = [int(step(torch.tensor([[token]]), positions[position:position + 1]).argmax(-1))]
+                steps += 1
+                position += len(new)
+                token = new[-1]
+                tokens += new
+                lookup.extend(new)
+            del tokens[max_new_tokens:]
+            # read back in pieces of STOP_CHECK_TOKENS, as the one-token loop does, and the rest at the limit
+            at_limit = len(tokens) == max_new_tokens
+            while len(tokens) - checked >= STOP_CHECK_TOKENS or (at_limit and checked < len(tokens)):
+                piece_end = min(checked + STOP_CHECK_TOKENS, len(tokens))
+                end = _stop_index(tokenizer, tokens[:piece_end], checked, stop_at_html_end)
+                yield tokens[checked:piece_end if end is None else end]
+                if end is not None:
+                    return
+                checked = piece_end
+            if at_limit:
+                return
+    finally:
+        if counts is not None:
+            counts.update(steps=steps, checks=checks, tokens=len(tokens))

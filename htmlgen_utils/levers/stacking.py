@@ -1,10 +1,12 @@
-"""Stacked projections for one-token decoding: a layer's q, k and v (and its gate and up) as one layer.
+"""Stacked projections for batch-1 decoding: a layer's q, k and v (and its gate and up) as one layer.
 
 Part of the compiled batch-1 decode step (`decoding.DecodeStep`): q/k/v read the same input, as do gate/up,
-so for one token each group runs one 4-bit matrix-vector product, one LoRA-A and one LoRA-B multiply-and-sum
-and one add, instead of one of each per member. bitsandbytes' kernel reads a larger matrix faster (q, k and v
-as one 12288 x 4096 product took 24.75 us against 3 x 10.25 on an H200) and every kernel of a one-token step
-costs latency: on the 7B shape the step became ~1.09x as fast (bench/README.md, `decode_tuning.py`).
+so for one token (or the few of a lookahead check) each group runs one 4-bit product, one LoRA-A and one LoRA-B
+multiply-and-sum and one add, instead of one of each per member. bitsandbytes' kernel reads a larger matrix
+faster (q, k and v as one 12288 x 4096 product took 24.75 us against 3 x 10.25 on an H200) and every kernel of
+a one-token step costs latency: on the 7B shape the step became ~1.09x as fast (bench/README.md,
+`decode_tuning.py`). o and down are groups of one, so that every 4-bit product of a lookahead check goes
+through `few_tokens.few_token_product`.
 
 How: a `SharedInput` group lays its members' packed 4-bit weights one after the other in one buffer (a
 matrix's rows are contiguous bytes, so stacking is concatenation) and makes each member's weight a view into
@@ -13,7 +15,8 @@ the float32 values bitsandbytes dequantises with, unnested (~0.28 GB for a 7B mo
 The LoRA matrices and scalings are copied into stacked buffers, refreshed in place before each decode
 (`refresh`), so a captured CUDA graph reads the adapter as it is now. While `stacked_layers` is active, the
 first member of a group computes the whole group's output for a one-token input and every member returns its
-slice; anything else (a prompt, training, another adapter) runs the member's own forward.
+slice; anything else (a prompt, training, another adapter) runs the member's own forward. A group of one keeps
+its weight and quant state as loaded (nothing is copied but its LoRA matrices).
 """
 from __future__ import annotations
 
@@ -22,7 +25,10 @@ from contextlib import contextmanager
 
 import torch
 
-GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+from .few_tokens import FEW_TOKENS, few_token_product
+
+GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
+          ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
 
 
 def unnested_absmax(state) -> torch.Tensor:
@@ -38,7 +44,6 @@ class SharedInput:
     """Members (peft LoRA layers over bitsandbytes 4-bit layers, one adapter) that read the same input."""
 
     def __init__(self, members: list) -> None:
-        from bitsandbytes.functional import QuantState
 
         bases = [member.get_base_layer() for member in members]
         states = [base.weight.quant_state for base in bases]
@@ -46,6 +51,22 @@ class SharedInput:
         self.members, self.adapter = members, members[0].active_adapters[0]
         self.rows = [state.shape[0] for state in states]
         self.compute_dtype = bases[0].compute_dtype
+        if len(members) == 1:  # a group of one reads its weight as loaded
+            self.weight, self.state = bases[0].weight.data, first
+        else:
+            self._stack(bases, states)
+        self.ranks = [member.lora_A[self.adapter].weight.shape[0] for member in members]
+        like_a, like_b = members[0].lora_A[self.adapter].weight, members[0].lora_B[self.adapter].weight
+        self.lora_a = like_a.new_empty((sum(self.ranks), like_a.shape[1]))
+        self.lora_b = like_b.new_empty((sum(self.rows), like_b.shape[1]))
+        self.scales = like_b.new_empty(sum(self.rows))
+        self.input = self.out = None
+        self.refresh()
+
+    def _stack(self, bases: list, states: list) -> None:
+        from bitsandbytes.functional import QuantState
+
+        first = states[0]
         self.weight = torch.cat([base.weight.data.reshape(-1) for base in bases]).view(-1, 1)
         start = 0
         for base in bases:  # each member's weight becomes its part of the stacked one: no second copy
@@ -55,13 +76,6 @@ class SharedInput:
         self.state = QuantState(absmax=torch.cat([unnested_absmax(state) for state in states]),
                                 shape=torch.Size([sum(self.rows), first.shape[1]]), code=first.code,
                                 blocksize=first.blocksize, quant_type=first.quant_type, dtype=first.dtype)
-        self.ranks = [member.lora_A[self.adapter].weight.shape[0] for member in members]
-        like_a, like_b = members[0].lora_A[self.adapter].weight, members[0].lora_B[self.adapter].weight
-        self.lora_a = like_a.new_empty((sum(self.ranks), like_a.shape[1]))
-        self.lora_b = like_b.new_empty((sum(self.rows), like_b.shape[1]))
-        self.scales = like_b.new_empty(sum(self.rows))
-        self.input = self.out = None
-        self.refresh()
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -75,12 +89,10 @@ class SharedInput:
             part.fill_(float(member.scaling[self.adapter]))
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
-        """All members' outputs for one token, one after the other along the last dimension: the 4-bit
-        product plus the LoRA product (B A x, scaled), where each output row meets its own member's part of
-        `A x`. The LoRA part runs as multiply-and-sums, in the LoRA weights' dtype, as `OneTokenLinear` does."""
-        import bitsandbytes as bnb
-
-        base = bnb.matmul_4bit(x.to(self.compute_dtype or x.dtype), self.weight, quant_state=self.state).to(x.dtype)
+        """All members' outputs for one token (or a few), one after the other along the last dimension: the
+        4-bit product plus the LoRA product (B A x, scaled), where each output row meets its own member's part
+        of `A x`. The LoRA part runs as multiply-and-sums, in the LoRA weights' dtype, as `OneTokenLinear` does."""
+        base = few_token_product(x.to(self.compute_dtype or x.dtype), self.weight, self.state).to(x.dtype)
         low_rank = (x.to(self.lora_a.dtype).unsqueeze(-2) * self.lora_a).sum(-1)  # (..., sum of ranks)
         spread = torch.cat([part.unsqueeze(-2).expand(*part.shape[:-1], rows, part.shape[-1])
                             for part, rows in zip(low_rank.split(self.ranks, -1), self.rows)], -2)
@@ -94,12 +106,12 @@ class SharedInput:
 
 
 class StackedLora:
-    """Mixed into a member's own (peft) class while `stacked_layers` is active: for one token the first member
-    computes the whole group's output and every member returns its slice."""
+    """Mixed into a member's own (peft) class while `stacked_layers` is active: for up to `FEW_TOKENS` tokens the
+    first member computes the whole group's output and every member returns its slice."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         group, index = self._stacked_group
-        if (x.shape[:-1].numel() != 1 or self.training or self.disable_adapters or self.merged or args or kwargs
+        if (x.shape[:-1].numel() > FEW_TOKENS or self.training or self.disable_adapters or self.merged or args or kwargs
                 or list(self.active_adapters) != [group.adapter]):
             return super().forward(x, *args, **kwargs)
         if index == 0:
@@ -131,7 +143,7 @@ def _one_layout(members: list) -> bool:
 
 
 def shared_input_groups(model) -> list[SharedInput]:
-    """Each layer's q/k/v group and gate/up group, built at the first call and kept on the model; their LoRA
+    """Each layer's q/k/v, o, gate/up and down groups, built at the first call and kept on the model; their LoRA
     buffers are refreshed at every call. Layers whose members are not all stackable are left out."""
     groups = model.__dict__.get("_htmlgen_shared_inputs")
     if groups is None:

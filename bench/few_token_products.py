@@ -1,0 +1,95 @@
+"""What a 4-bit product costs for a few tokens at once: the price of checking a draft in one decode step.
+
+    PYTHONPATH=$PWD python bench/few_token_products.py --out $OUT      # one CUDA GPU, ~1 minute
+
+Batch-1 decoding reads every 4-bit weight once a token (bench/README.md: 3.7 ms of a ~5.3 ms 7B step). A step
+that checks a drafted continuation runs the same weights over a few tokens; bitsandbytes (>= 0.50) multiplies up
+to a few tokens with its fused 4-bit kernel, reading the weights once. This times `bnb.matmul_4bit` on a 7B
+layer's products (q/k/v and gate/up stacked with unnested absmax, as `levers/stacking.py` lays them; o and down
+as loaded, double-quantised) for 1 to 8 tokens, in CUDA graphs, `--repeats` rounds interleaved; the per-step
+figure is 32 layers of all four. `ours` is `levers/few_tokens.py`'s kernel (2 tokens and up), which reads each
+weight once for all the tokens, timed in the same rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+from pathlib import Path
+
+import torch
+
+from common import REPO, versions, write_report
+
+# name: (rows, columns, unnested absmax as the stacked groups keep it)
+PRODUCTS = {"q/k/v stacked": (12288, 4096, True), "o": (4096, 4096, False),
+            "gate/up stacked": (22016, 4096, True), "down": (4096, 11008, False)}
+
+
+def four_bit_weight(rows: int, cols: int, unnested: bool):
+    """Random NF4 weights (double-quantised, as the model loads them) and the quant state a product uses."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import QuantState
+
+    from htmlgen_utils.levers.stacking import unnested_absmax
+
+    weight = bnb.nn.Params4bit(torch.randn(rows, cols, dtype=torch.float16) * 0.02, requires_grad=False,
+                               quant_type="nf4", compress_statistics=True).cuda()
+    state = weight.quant_state
+    if unnested:
+        state = QuantState(absmax=unnested_absmax(state), shape=state.shape, code=state.code,
+                           blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype)
+    return weight.data.view(-1, 1), state
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tokens", default="1,2,3,4,5,6,8")
+    args = parser.parse_args()
+    import bitsandbytes as bnb
+    from triton.testing import do_bench_cudagraph
+
+    from htmlgen_utils.levers.few_tokens import few_token_product
+
+    counts = [int(n) for n in args.tokens.split(",")]
+    report = {**versions(), "repeats": args.repeats, "device": torch.cuda.get_device_name(), "products": {}}
+    ways = {"bitsandbytes": lambda x, w, s: bnb.matmul_4bit(x, w, s), "ours": few_token_product}
+    rows_of = [(way, n) for n in counts for way in ways if way == "bitsandbytes" or n > 1]
+    step_us = {key: [0.0] * args.repeats for key in rows_of}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, (rows, cols, unnested) in PRODUCTS.items():
+            weight, state = four_bit_weight(rows, cols, unnested)
+            inputs = {n: torch.randn(1, n, cols, dtype=torch.float16, device="cuda") for n in counts}
+            errors = {}
+            for way, n in rows_of:  # each few-token product equals the one-token products
+                x = inputs[n]
+                one_by_one = torch.cat([bnb.matmul_4bit(x[:, i:i + 1], weight, state) for i in range(n)], 1)
+                difference = (ways[way](x, weight, state) - one_by_one).abs().max().item()
+                errors[f"{way} {n}"] = round(difference / one_by_one.abs().max().item(), 6)
+                assert difference <= 2e-2 * one_by_one.abs().max().item(), (name, way, n, difference)
+            times: dict[tuple, list[float]] = {key: [] for key in rows_of}
+            for round_ in range(args.repeats):  # interleaved
+                for way, n in rows_of:
+                    run = functools.partial(ways[way], inputs[n], weight, state)
+                    us = do_bench_cudagraph(run, rep=50) * 1e3
+                    times[(way, n)].append(us)
+                    step_us[(way, n)][round_] += 32 * us
+            report["products"][name] = {f"{way} {n}": {"us": round(statistics.median(t), 2),
+                                                       "us_min": round(min(t), 2), "us_max": round(max(t), 2)}
+                                        for (way, n), t in times.items()}
+            report["products"][name]["relative_difference"] = errors
+            print(name, report["products"][name], flush=True)
+    one = statistics.median(step_us[("bitsandbytes", counts[0])])
+    report["ms_per_7b_step"] = {f"{way} {n}": {"ms": round(statistics.median(t) / 1e3, 3),
+                                               "ms_min": round(min(t) / 1e3, 3), "ms_max": round(max(t) / 1e3, 3),
+                                               "vs_bitsandbytes_one_token": round(statistics.median(t) / one, 3)}
+                                for (way, n), t in step_us.items()}
+    print(report["ms_per_7b_step"], flush=True)
+    write_report(report, args.out, "few_token_products.json")
+
+
+if __name__ == "__main__":
+    main()
