@@ -439,16 +439,21 @@ def test_one_token_lora_matrices_compute_what_linear_computes():
                if ".lora_A." in name or ".lora_B." in name)
 
 
-def test_own_decode_loop_with_a_trained_adapter_writes_what_generate_writes():
-    """With LoRA adapters that change the pages (random B matrices), `decode_one` (one-query attention, one-token
-    LoRA matrices, its `DecodeStep` from fixed token and position buffers) writes `generate`'s pages; a second
-    page reuses the step its cache was built with."""
+def _adapted_tiny_model():
+    """The tiny base with a LoRA that changes its pages (random B matrices), in eval mode, for generation."""
     model, tokenizer = load_for_training(Config.from_preset("tiny"))
     torch.manual_seed(0)
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
             parameter.data.normal_(0, 0.02)
-    model.eval()
+    return model.eval(), tokenizer
+
+
+def test_own_decode_loop_with_a_trained_adapter_writes_what_generate_writes():
+    """With LoRA adapters that change the pages (random B matrices), `decode_one` (one-query attention, one-token
+    LoRA matrices, its `DecodeStep` from fixed token and position buffers) writes `generate`'s pages; a second
+    page reuses the step its cache was built with."""
+    model, tokenizer = _adapted_tiny_model()
     descriptions = ["A modern landing page for Acme in blue", "Build a retro 404 error page for Nova."]
     with model.disable_adapter():
         base_pages = generate_pages(model, tokenizer, descriptions, max_new_tokens=150).pages
@@ -560,12 +565,7 @@ def test_lookahead_decoding_writes_the_one_token_loops_pages():
     pieces are read back as the one-token loop reads them."""
     from htmlgen_utils.levers.decoding import STOP_CHECK_TOKENS, decode_one
 
-    model, tokenizer = load_for_training(Config.from_preset("tiny"))
-    torch.manual_seed(0)
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            parameter.data.normal_(0, 0.02)
-    model.eval()
+    model, tokenizer = _adapted_tiny_model()
     for description in ("A modern landing page for Acme in blue", "A pricing table for Orbit with three plans"):
         ids = tokenizer(build_prompt(description), return_tensors="pt").input_ids
         plain = list(decode_one(model, tokenizer, ids, 200, stop_at_html_end=False, lookahead=0))
