@@ -580,10 +580,12 @@ def test_lookahead_decoding_writes_the_one_token_loops_pages():
     assert {step.token.shape[1] for step in steps} == {1, 1 + LOOKAHEAD_TOKENS}  # steps and checks, one per cache
 
 
-def test_few_token_kernel_computes_the_four_bit_product(tmp_path):
+@pytest.mark.parametrize("form", ["tensor-cores", "registers"])
+def test_few_token_kernel_computes_the_four_bit_product(tmp_path, form):
     """The Triton kernel for a few tokens (run by Triton's CPU interpreter here) gives the product with
-    bitsandbytes' dequantised weights, for the absmax double-quantised (as loaded) and as float32 (as stacked),
-    with rows and columns that leave partial tiles and uneven shares of the columns."""
+    bitsandbytes' dequantised weights (rounded to fp16 where the tensor cores take them), for the absmax
+    double-quantised (as loaded) and as float32 (as stacked), with rows and columns that leave partial tiles
+    and uneven shares of the columns."""
     pytest.importorskip("triton")
     import subprocess
     import sys
@@ -605,18 +607,22 @@ def test_few_token_kernel_computes_the_four_bit_product(tmp_path):
             weight._quantize("cpu")
             state = weight.quant_state
             x = torch.randn(tokens, cols, dtype=torch.float16)
-            expected = x.float() @ bnb.functional.dequantize_4bit(weight.data, state).float().T
+            weights = bnb.functional.dequantize_4bit(weight.data, state).float()
+            if FORM == "tensor-cores":
+                weights = weights.half().float()
+            expected = x.float() @ weights.T
             absmax = state.absmax if nested else unnested_absmax(state)
             code2, absmax2 = (state.state2.code, state.state2.absmax) if nested else (absmax, absmax)
             offset = state.offset.reshape(1).float() if nested else absmax
             out = torch.zeros(tokens, rows)
-            _kernel().fn[(3, 2)](x, weight.data.view(-1), absmax, code2, absmax2, offset, state.code, out, rows,
+            _kernel(FORM).fn[(3, 2)](x, weight.data.view(-1), absmax, code2, absmax2, offset, state.code, out, rows,
                                  cols, TOKENS=tokens, NESTED=nested, OUTER_BLOCK=256, BLOCK_N=32, BLOCKS=2,
                                  SPLIT_K=2)
             error = ((out - expected).abs().max() / expected.abs().max()).item()
             print(nested, error)
             assert error < 1e-5, error
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    done = subprocess.run([sys.executable, "-c", f"FORM = {form!r}\n" + script], capture_output=True, text=True,
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["True", done.stdout.split()[1], "False", done.stdout.split()[3]]

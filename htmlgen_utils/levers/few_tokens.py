@@ -21,26 +21,79 @@ FEW_TOKENS = 16  # the most tokens the kernel multiplies at once (one tensor-cor
 
 
 @functools.cache
-def _kernel():
+def _kernel(form: str = "tensor-cores"):
     import triton
     import triton.language as tl
 
-    configs = [triton.Config({"BLOCK_N": n, "BLOCKS": b, "SPLIT_K": k}, num_warps=w)
-               for n, b, k, w in [(32, 2, 4, 4), (16, 2, 4, 4), (32, 2, 8, 4), (16, 4, 4, 4), (64, 1, 4, 4),
-                                  (32, 1, 8, 4), (16, 2, 8, 2), (32, 4, 2, 8)]]
+    if form == "registers":
+        configs = [triton.Config({"BLOCK_N": n, "BLOCKS": b, "SPLIT_K": k}, num_warps=w)
+                   for n, b, k, w in [(32, 2, 4, 4), (16, 2, 4, 4), (32, 2, 8, 4), (16, 4, 4, 4), (64, 1, 4, 4),
+                                      (32, 1, 8, 4), (16, 2, 8, 2), (32, 4, 2, 8)]]
 
-    @triton.autotune(configs=configs, key=["rows", "cols", "TOKENS"], reset_to_zero=["out_ptr"])
+        @triton.autotune(configs=configs, key=["rows", "cols", "TOKENS"], reset_to_zero=["out_ptr"])
+        @triton.jit
+        def nf4_few_tokens(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, out_ptr,
+                           rows, cols, TOKENS: tl.constexpr, NESTED: tl.constexpr, OUTER_BLOCK: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, SPLIT_K: tl.constexpr):
+            # a program: BLOCK_N weight rows over its share (1 / SPLIT_K) of the columns, BLOCKS absmax blocks (64
+            # weights, 32 bytes each) at a time; each tile of weights is unpacked once and used for every token
+            row = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            token = tl.arange(0, 16)
+            block_in_step = tl.arange(0, BLOCKS)
+            byte_in_block = tl.arange(0, 32)
+            row_ok = row < rows
+            blocks_per_row = cols // 64
+            share = tl.cdiv(blocks_per_row, SPLIT_K)
+            first, last = tl.program_id(1) * share, tl.minimum((tl.program_id(1) + 1) * share, blocks_per_row)
+            total = tl.zeros((16, BLOCK_N), tl.float32)
+            for start in range(first, last, BLOCKS):
+                block = start + block_in_step  # (BLOCKS,)
+                ok = row_ok[:, None] & (block < last)[None, :]  # (BLOCK_N, BLOCKS)
+                byte = tl.load(packed_ptr + (row.to(tl.int64)[:, None, None] * (cols // 2)
+                                             + block[None, :, None] * 32 + byte_in_block[None, None, :]),
+                               mask=ok[:, :, None], other=0).to(tl.int32)
+                flat = row.to(tl.int64)[:, None] * blocks_per_row + block[None, :]
+                if NESTED:  # an 8-bit code with a float32 scale per OUTER_BLOCK blocks, plus an offset
+                    code = tl.load(absmax_ptr + flat, mask=ok, other=0).to(tl.int32)
+                    scale = (tl.load(code2_ptr + code) * tl.load(absmax2_ptr + flat // OUTER_BLOCK, mask=ok, other=0.0)
+                             + tl.load(offset_ptr))
+                else:
+                    scale = tl.load(absmax_ptr + flat, mask=ok, other=0.0)
+                scale = tl.where(ok, scale, 0.0)[:, :, None]  # weights outside this share or the matrix: zeros
+                high = tl.load(table_ptr + (byte >> 4)) * scale  # weights 0, 2, 4, ... of each block
+                low = tl.load(table_ptr + (byte & 15)) * scale   # weights 1, 3, 5, ...
+                column = block[:, None] * 64 + 2 * byte_in_block[None, :]  # (BLOCKS, 32): the even columns
+                x_ok = (block < last)[:, None]
+                for t in tl.static_range(TOKENS):
+                    x_even = tl.load(x_ptr + t * cols + column, mask=x_ok, other=0.0).to(tl.float32)
+                    x_odd = tl.load(x_ptr + t * cols + column + 1, mask=x_ok, other=0.0).to(tl.float32)
+                    product = tl.sum(tl.sum(high * x_even[None, :, :] + low * x_odd[None, :, :], 2), 1)
+                    total += tl.where(token[:, None] == t, product[None, :], 0.0)
+            out = out_ptr + token[:, None] * rows + row[None, :]
+            tl.atomic_add(out, total, mask=(token < TOKENS)[:, None] & row_ok[None, :], sem="relaxed")
+
+        return nf4_few_tokens
+
+    configs = [triton.Config({"BLOCK_N": n, "BLOCKS": b, "SPLIT_K": k}, num_warps=w, num_stages=s)
+               for n, b, k, w, s in [(64, 2, 4, 4, 3), (32, 2, 4, 4, 3), (64, 4, 2, 4, 3), (128, 2, 2, 4, 3),
+                                     (64, 2, 8, 4, 2), (32, 4, 4, 4, 3), (64, 1, 8, 4, 4), (128, 1, 4, 8, 3),
+                                     (32, 2, 8, 2, 3), (64, 4, 4, 8, 2), (16, 4, 4, 2, 3), (128, 4, 1, 8, 2)]]
+
+    @triton.autotune(configs=configs, key=["rows", "cols"], reset_to_zero=["out_ptr"])
     @triton.jit
-    def nf4_few_tokens(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, out_ptr,
-                       rows, cols, TOKENS: tl.constexpr, NESTED: tl.constexpr, OUTER_BLOCK: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, SPLIT_K: tl.constexpr):
-        # a program: BLOCK_N weight rows over its share (1 / SPLIT_K) of the columns, BLOCKS absmax blocks (64
-        # weights, 32 bytes each) at a time; each tile of weights is unpacked once and used for every token
+    def nf4_few_tokens_dot(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, out_ptr,
+                           rows, cols, TOKENS: tl.constexpr, NESTED: tl.constexpr, OUTER_BLOCK: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, SPLIT_K: tl.constexpr):
+        # a program: BLOCK_N weight rows over its share (1 / SPLIT_K) of the columns, BLOCKS absmax blocks at a
+        # time. A byte holds an even column (high nibble) and the next odd one: a sum over columns may take them
+        # in any order, so the even weights meet the tokens' even columns in one tensor-core product and the odd
+        # in another, and no nibbles are interleaved. The tokens fill a 16-row tile (the rest are zeros).
         row = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         token = tl.arange(0, 16)
         block_in_step = tl.arange(0, BLOCKS)
         byte_in_block = tl.arange(0, 32)
         row_ok = row < rows
+        token_ok = token < TOKENS
         blocks_per_row = cols // 64
         share = tl.cdiv(blocks_per_row, SPLIT_K)
         first, last = tl.program_id(1) * share, tl.minimum((tl.program_id(1) + 1) * share, blocks_per_row)
@@ -51,26 +104,25 @@ def _kernel():
             byte = tl.load(packed_ptr + (row.to(tl.int64)[:, None, None] * (cols // 2) + block[None, :, None] * 32
                                          + byte_in_block[None, None, :]), mask=ok[:, :, None], other=0).to(tl.int32)
             flat = row.to(tl.int64)[:, None] * blocks_per_row + block[None, :]
-            if NESTED:  # the absmax is an 8-bit code with a float32 scale per OUTER_BLOCK blocks, plus an offset
+            if NESTED:  # an 8-bit code with a float32 scale per OUTER_BLOCK blocks, plus an offset
                 code = tl.load(absmax_ptr + flat, mask=ok, other=0).to(tl.int32)
                 scale = (tl.load(code2_ptr + code) * tl.load(absmax2_ptr + flat // OUTER_BLOCK, mask=ok, other=0.0)
                          + tl.load(offset_ptr))
             else:
                 scale = tl.load(absmax_ptr + flat, mask=ok, other=0.0)
-            scale = tl.where(ok, scale, 0.0)[:, :, None]  # weights outside this share or the matrix count as zeros
-            high = tl.load(table_ptr + (byte >> 4)) * scale  # weights 0, 2, 4, ... of each block
-            low = tl.load(table_ptr + (byte & 15)) * scale   # weights 1, 3, 5, ...
-            column = block[:, None] * 64 + 2 * byte_in_block[None, :]  # (BLOCKS, 32): the even columns
-            x_ok = (block < last)[:, None]
-            for t in tl.static_range(TOKENS):
-                x_even = tl.load(x_ptr + t * cols + column, mask=x_ok, other=0.0).to(tl.float32)
-                x_odd = tl.load(x_ptr + t * cols + column + 1, mask=x_ok, other=0.0).to(tl.float32)
-                product = tl.sum(tl.sum(high * x_even[None, :, :] + low * x_odd[None, :, :], 2), 1)  # (BLOCK_N,)
-                total += tl.where(token[:, None] == t, product[None, :], 0.0)
+            scale = tl.where(ok, scale, 0.0)[:, :, None]  # weights outside this share or the matrix: zeros
+            high = tl.reshape((tl.load(table_ptr + (byte >> 4)) * scale).to(tl.float16), (BLOCK_N, BLOCKS * 32))
+            low = tl.reshape((tl.load(table_ptr + (byte & 15)) * scale).to(tl.float16), (BLOCK_N, BLOCKS * 32))
+            column = start * 64 + tl.arange(0, BLOCKS * 64)  # the tokens' columns, read whole, split in registers
+            x = tl.load(x_ptr + token[:, None] * cols + column[None, :],
+                        mask=token_ok[:, None] & (column < last * 64)[None, :], other=0.0)
+            x_even, x_odd = tl.split(tl.reshape(x, (16, BLOCKS * 32, 2)))
+            total = tl.dot(x_even, tl.trans(high), total)
+            total = tl.dot(x_odd, tl.trans(low), total)
         out = out_ptr + token[:, None] * rows + row[None, :]
-        tl.atomic_add(out, total, mask=(token < TOKENS)[:, None] & row_ok[None, :], sem="relaxed")
+        tl.atomic_add(out, total, mask=token_ok[:, None] & row_ok[None, :], sem="relaxed")
 
-    return nf4_few_tokens
+    return nf4_few_tokens_dot
 
 
 def kernel_fits(x: torch.Tensor, state) -> bool:
@@ -85,10 +137,10 @@ def kernel_fits(x: torch.Tensor, state) -> bool:
 @torch.library.custom_op("htmlgen::nf4_few_tokens", mutates_args=())
 def _nf4_few_tokens(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code2: torch.Tensor,
                     absmax2: torch.Tensor, offset: torch.Tensor, table: torch.Tensor, rows: int,
-                    nested: bool) -> torch.Tensor:
+                    nested: bool, form: str) -> torch.Tensor:
     tokens, cols = x.shape[:-1].numel(), x.shape[-1]
     out = torch.zeros((tokens, rows), dtype=torch.float32, device=x.device)
-    kernel = _kernel()
+    kernel = _kernel(form)
     grid = lambda meta: (-(-rows // meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     with torch.cuda.device(x.device):
         kernel[grid](x.reshape(tokens, cols).contiguous(), packed, absmax, code2, absmax2, offset, table, out,
@@ -97,11 +149,11 @@ def _nf4_few_tokens(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
 
 
 @_nf4_few_tokens.register_fake
-def _(x, packed, absmax, code2, absmax2, offset, table, rows, nested):
+def _(x, packed, absmax, code2, absmax2, offset, table, rows, nested, form):
     return x.new_empty((*x.shape[:-1], rows))
 
 
-def few_token_product(x: torch.Tensor, weight: torch.Tensor, state) -> torch.Tensor:
+def few_token_product(x: torch.Tensor, weight: torch.Tensor, state, form: str = "tensor-cores") -> torch.Tensor:
     """`x` (a few tokens) times a bitsandbytes 4-bit weight: our kernel where it fits, else `bnb.matmul_4bit`."""
     if not kernel_fits(x, state):
         import bitsandbytes as bnb
@@ -112,4 +164,5 @@ def few_token_product(x: torch.Tensor, weight: torch.Tensor, state) -> torch.Ten
     code2 = state.state2.code if nested else absmax
     absmax2 = state.state2.absmax if nested else absmax
     offset = state.offset.reshape(1) if nested else absmax  # a float32 tensor on the device already
-    return _nf4_few_tokens(x, weight.view(-1), absmax, code2, absmax2, offset, state.code, state.shape[0], nested)
+    return _nf4_few_tokens(x, weight.view(-1), absmax, code2, absmax2, offset, state.code, state.shape[0], nested,
+                           form)
