@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", default="1,2,3,4,5,6,8")
+    parser.add_argument("--ways", default="bitsandbytes,ours,ours in registers")
     args = parser.parse_args()
     import bitsandbytes as bnb
     from triton.testing import do_bench_cudagraph
@@ -59,6 +60,7 @@ def main() -> None:
     ways = {"bitsandbytes": lambda x, w, s: bnb.matmul_4bit(x, w, s),
             "ours": functools.partial(few_token_product, form="tensor-cores"),
             "ours in registers": functools.partial(few_token_product, form="registers")}
+    ways = {way: ways[way] for way in args.ways.split(",")}
     rows_of = [(way, n) for n in counts for way in ways if way == "bitsandbytes" or n > 1]
     step_us = {key: [0.0] * args.repeats for key in rows_of}
     torch.manual_seed(0)
