@@ -115,23 +115,26 @@ T4_SUSTAINED_TFLOPS = 20.0
 
 
 def estimate_training_time(config: Config, train_blocks: int, base_parameters: int,
-                           tflops: float = T4_SUSTAINED_TFLOPS) -> dict:
+                           tflops: float = T4_SUSTAINED_TFLOPS, recompute_saved: float = 0.0) -> dict:
     """An estimate, with its arithmetic printed: FLOPs per token x tokens per step / a stated GPU throughput.
 
     Per token, training a frozen base with LoRA costs about 6 x N FLOPs for N base parameters: the forward pass
     (2N), its recomputation under gradient checkpointing (2N), and the backward pass through the frozen weights
-    (2N; no weight gradients, LoRA's are tiny). Attention, a few percent more at 2,048 tokens, is left out."""
+    (2N; no weight gradients, LoRA's are tiny). `recompute_saved` is the share of those FLOPs the memory plan
+    removes (`levers.memory_plan(model).recompute_saved`: layers that skip their recompute in whole or part).
+    Attention, a few percent more at 2,048 tokens, is left out."""
     from .train import plan_steps
 
     accumulation, steps_per_epoch, total_steps = plan_steps(train_blocks, config)
     tokens_per_step = accumulation * config.micro_batch_size * config.block_size
-    flops_per_token = 6 * base_parameters
+    flops_per_token = 6 * base_parameters * (1 - recompute_saved)
     seconds_per_step = tokens_per_step * flops_per_token / (tflops * 1e12)
     estimate = {"tokens_per_step": tokens_per_step, "flops_per_token": flops_per_token,
                 "assumed_tflops": tflops, "seconds_per_step": seconds_per_step,
                 "steps_per_epoch": steps_per_epoch, "minutes_per_epoch": seconds_per_step * steps_per_epoch / 60,
                 "planned_steps": total_steps, "minutes_planned": seconds_per_step * total_steps / 60}
-    print(f"estimate: 6 x {base_parameters:,} parameters = {flops_per_token:.2e} FLOPs a token; a step is "
+    saved = f" x (1 - {recompute_saved:.0%} recompute the memory plan removes)" if recompute_saved else ""
+    print(f"estimate: 6 x {base_parameters:,} parameters{saved} = {flops_per_token:.2e} FLOPs a token; a step is "
           f"{accumulation} x {config.micro_batch_size} x {config.block_size} = {tokens_per_step:,} tokens -> "
           f"{tokens_per_step * flops_per_token:.2e} FLOPs; at an assumed {tflops:g} TFLOP/s (a T4 sustains about a "
           f"third of its 65 TFLOP/s fp16 peak) that is ~{seconds_per_step:.0f} s a step, ~"

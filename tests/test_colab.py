@@ -233,6 +233,9 @@ def test_training_time_estimate_shows_its_arithmetic(capsys):
     assert estimate["seconds_per_step"] == pytest.approx(8192 * 6 * 6_738_415_616 / 20e12)
     printed = capsys.readouterr().out
     assert "estimate" in printed and "assumed 20 TFLOP/s" in printed and "~17 s a step" in printed
+    planned = estimate_training_time(config, train_blocks=268, base_parameters=6_738_415_616, recompute_saved=0.25)
+    assert planned["seconds_per_step"] == pytest.approx(0.75 * estimate["seconds_per_step"])
+    assert "(1 - 25% recompute the memory plan removes)" in capsys.readouterr().out
 
 
 def test_quick_evaluation_is_the_default_on_a_t4():

@@ -9,7 +9,8 @@ from htmlgen_utils.config import TINY_BASE_DIR, Config
 from htmlgen_utils.generation import clean_page, generate_pages, stream_page
 from htmlgen_utils.levers import (COMPILE_MIN_STEPS, PACKED_ATTENTION, CheckpointsOnCPU, apply_training_levers,
                                   compile_decoder_layers, example_spans, leave_layers_unchecked, packed_attention,
-                                  plan_recompute)
+                                  memory_plan, plan_recompute)
+from htmlgen_utils.levers.recompute import RecomputePlan
 from htmlgen_utils.levers.lookahead import LOOKAHEAD_TOKENS, PromptLookup
 from htmlgen_utils.loss import next_token_loss
 from htmlgen_utils.model import keep_frozen_embeddings_in, load_base_model, load_for_training, load_tokenizer
@@ -248,6 +249,19 @@ def test_training_levers_apply_once_and_as_configured(tiny_config):
     assert apply_training_levers(model, config, torch.device("cpu")) == ["packed_attention", "compile_training"]
     plain, _ = load_for_training(tiny_config.replace(model_id=BASE))
     assert apply_training_levers(plain, tiny_config, torch.device("cpu")) == []  # offload is for GPUs only
+    assert memory_plan(plain) is None  # every layer checkpointed
+
+
+def test_the_memory_plan_the_layers_follow_is_kept_for_the_estimate(tiny_config, monkeypatch):
+    from htmlgen_utils import levers
+
+    config = tiny_config.replace(model_id=BASE, gradient_checkpointing=True)
+    model, _ = load_for_training(config)
+    plan = RecomputePlan(layers=2, unchecked=1, budget_gib=13.0, estimate_gib=12.0, per_layer_gib=0.5)
+    monkeypatch.setattr(levers, "plan_recompute", lambda *args, **kwargs: plan)
+    assert apply_training_levers(model, config, torch.device("cpu")) == ["unchecked_layers"]
+    assert memory_plan(model) is plan and plan.recompute_saved > 0
+    assert sum(not layer.gradient_checkpointing for layer in model.get_base_model().model.layers) == 1
 
 
 def test_flex_attention_switches_on_where_measured(tiny_config, monkeypatch):

@@ -32,7 +32,7 @@ from .recompute import RecomputePlan, leave_layers_unchecked, plan_recompute
 
 __all__ = ["COMPILE_MIN_STEPS", "FLEX_ATTENTION", "PACKED_ATTENTION", "CheckpointsOnCPU", "RecomputePlan",
            "apply_training_levers", "compile_decoder_layers", "compiled_decoding", "decode_one", "example_spans",
-           "leave_layers_unchecked", "offload_checkpoints", "packed_attention", "plan_recompute", "static_cache",
+           "leave_layers_unchecked", "memory_plan", "offload_checkpoints", "packed_attention", "plan_recompute", "static_cache",
            "use_flex_attention", "use_packed_attention", "wants_compiled_decode", "wants_flex_attention"]
 
 # Compiling the layers takes ~15-20 s on an H200 and about a minute on a T4, once a process; compiled steps are
@@ -75,8 +75,15 @@ def apply_training_levers(model, config: Config, device: torch.device, total_ste
             offload_checkpoints(model)
         elif name == "unchecked_layers":
             leave_layers_unchecked(model, plan.unchecked)
+            model.__dict__["_htmlgen_memory_plan"] = plan
             print(f"memory plan: {plan}")
         else:
             compile_decoder_layers(model, activation_budget=plan.activation_budget)
         applied.append(name)
     return list(applied)
+
+
+def memory_plan(model) -> RecomputePlan | None:
+    """The memory plan `apply_training_levers` left `model`'s layers un-checkpointed by (None where it left every
+    layer checkpointed): what the training-time estimate needs to know of the recompute it removed."""
+    return model.__dict__.get("_htmlgen_memory_plan")
