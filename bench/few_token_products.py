@@ -8,8 +8,7 @@ to a few tokens with its fused 4-bit kernel, reading the weights once. This time
 layer's products (q/k/v and gate/up stacked with unnested absmax, as `levers/stacking.py` lays them; o and down
 as loaded, double-quantised) for 1 to 8 tokens, in CUDA graphs, `--repeats` rounds interleaved; the per-step
 figure is 32 layers of all four. `ours` is `levers/few_tokens.py`'s kernel (2 tokens and up), which reads each
-weight once for all the tokens and multiplies on the tensor cores; `ours in registers` its first form, which
-multiplies each unpacked tile by each token in registers; both timed in the same rounds.
+weight once for all the tokens and multiplies them on the tensor cores, timed in the same rounds.
 """
 from __future__ import annotations
 
@@ -48,7 +47,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", default="1,2,3,4,5,6,8")
-    parser.add_argument("--ways", default="bitsandbytes,ours,ours in registers")
+    parser.add_argument("--ways", default="bitsandbytes,ours")
     args = parser.parse_args()
     import bitsandbytes as bnb
     from triton.testing import do_bench_cudagraph
@@ -57,9 +56,7 @@ def main() -> None:
 
     counts = [int(n) for n in args.tokens.split(",")]
     report = {**versions(), "repeats": args.repeats, "device": torch.cuda.get_device_name(), "products": {}}
-    ways = {"bitsandbytes": lambda x, w, s: bnb.matmul_4bit(x, w, s),
-            "ours": functools.partial(few_token_product, form="tensor-cores"),
-            "ours in registers": functools.partial(few_token_product, form="registers")}
+    ways = {"bitsandbytes": lambda x, w, s: bnb.matmul_4bit(x, w, s), "ours": few_token_product}
     ways = {way: ways[way] for way in args.ways.split(",")}
     rows_of = [(way, n) for n in counts for way in ways if way == "bitsandbytes" or n > 1]
     step_us = {key: [0.0] * args.repeats for key in rows_of}

@@ -595,7 +595,7 @@ def test_lookahead_decoding_writes_the_one_token_loops_pages():
 
 
 def test_few_token_kernel_compiles_to_plain_cached_table_lookups():
-    """The tensor-core form compiled for an H100 (sm_90; Triton's own ptxas, no GPU needed) with its tuned
+    """The kernel compiled for an H100 (sm_90; Triton's own ptxas, no GPU needed) with its tuned
     configurations: no asynchronous copies, which software pipelining makes of the table lookups feeding the
     products (one 4-byte copy per weight, 13x slower than bitsandbytes), and tensor-core products in the code."""
     pytest.importorskip("triton")
@@ -604,7 +604,7 @@ def test_few_token_kernel_compiles_to_plain_cached_table_lookups():
 
     from htmlgen_utils.levers.few_tokens import _kernel
 
-    tuner = _kernel("tensor-cores")
+    tuner = _kernel()
     pointers = {"x_ptr": "*fp16", "packed_ptr": "*u8", "absmax_ptr": "*u8", "code2_ptr": "*fp32",
                 "absmax2_ptr": "*fp32", "offset_ptr": "*fp32", "table_ptr": "*fp32", "out_ptr": "*fp32",
                 "rows": "i32", "cols": "i32"}
@@ -619,10 +619,9 @@ def test_few_token_kernel_compiles_to_plain_cached_table_lookups():
         assert "mma.sync" in compiled.asm["ptx"], config
 
 
-@pytest.mark.parametrize("form", ["tensor-cores", "registers"])
-def test_few_token_kernel_computes_the_four_bit_product(tmp_path, form):
+def test_few_token_kernel_computes_the_four_bit_product(tmp_path):
     """The Triton kernel for a few tokens (run by Triton's CPU interpreter here) gives the product with
-    bitsandbytes' dequantised weights (rounded to fp16 where the tensor cores take them), for the absmax
+    bitsandbytes' dequantised weights (rounded to fp16, as the tensor cores take them), for the absmax
     double-quantised (as loaded) and as float32 (as stacked), with rows and columns that leave partial tiles
     and uneven shares of the columns."""
     pytest.importorskip("triton")
@@ -646,22 +645,19 @@ def test_few_token_kernel_computes_the_four_bit_product(tmp_path, form):
             weight._quantize("cpu")
             state = weight.quant_state
             x = torch.randn(tokens, cols, dtype=torch.float16)
-            weights = bnb.functional.dequantize_4bit(weight.data, state).float()
-            if FORM == "tensor-cores":
-                weights = weights.half().float()
+            weights = bnb.functional.dequantize_4bit(weight.data, state).half().float()
             expected = x.float() @ weights.T
             absmax = state.absmax if nested else unnested_absmax(state)
             code2, absmax2 = (state.state2.code, state.state2.absmax) if nested else (absmax, absmax)
             offset = state.offset.reshape(1).float() if nested else absmax
             out = torch.zeros(tokens, rows)
-            _kernel(FORM).fn[(3, 2)](x, weight.data.view(-1), absmax, code2, absmax2, offset, state.code, out, rows,
+            _kernel().fn[(3, 2)](x, weight.data.view(-1), absmax, code2, absmax2, offset, state.code, out, rows,
                                  cols, TOKENS=tokens, NESTED=nested, OUTER_BLOCK=256, BLOCK_N=32, BLOCKS=2,
                                  SPLIT_K=2)
             error = ((out - expected).abs().max() / expected.abs().max()).item()
             print(nested, error)
             assert error < 1e-5, error
     """)
-    done = subprocess.run([sys.executable, "-c", f"FORM = {form!r}\n" + script], capture_output=True, text=True,
-                          cwd=tmp_path)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["True", done.stdout.split()[1], "False", done.stdout.split()[3]]

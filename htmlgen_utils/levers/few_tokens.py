@@ -6,7 +6,9 @@ once for all of them, the step costs about what a one-token step costs. bitsandb
 do that at these sizes: on an H200 two tokens cost 1.56x one, four 2.47x (bench/README.md,
 `few_token_products.py`). This Triton kernel reads bitsandbytes' NF4 layout as stored (two 4-bit codes a
 byte, the first in the high nibble; one absmax per 64 weights, as float32 or double-quantised as the model
-loads it), unpacks a tile of weights once and multiplies it by each of up to 16 tokens in registers.
+loads it), unpacks a tile of weights once and multiplies it by all the tokens (up to 16, one tensor-core tile
+of rows) on the tensor cores. An earlier form that multiplied each unpacked tile by each token in registers
+cost what bitsandbytes costs (2.60x one token for five on an H100): every token paid its own sums across threads.
 
 `few_token_product` uses it on CUDA for 2 to `FEW_TOKENS` tokens of an NF4 weight and leaves everything else
 to `bnb.matmul_4bit` (one token, CPU, other formats): the same product either way, to fp16 rounding.
@@ -21,58 +23,9 @@ FEW_TOKENS = 16  # the most tokens the kernel multiplies at once (one tensor-cor
 
 
 @functools.cache
-def _kernel(form: str = "tensor-cores"):
+def _kernel():
     import triton
     import triton.language as tl
-
-    if form == "registers":
-        configs = [triton.Config({"BLOCK_N": n, "BLOCKS": b, "SPLIT_K": k}, num_warps=w)
-                   for n, b, k, w in [(32, 2, 4, 4), (16, 2, 4, 4), (32, 2, 8, 4), (16, 4, 4, 4), (64, 1, 4, 4),
-                                      (32, 1, 8, 4), (16, 2, 8, 2), (32, 4, 2, 8)]]
-
-        @triton.autotune(configs=configs, key=["rows", "cols", "TOKENS"], reset_to_zero=["out_ptr"])
-        @triton.jit
-        def nf4_few_tokens(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, out_ptr,
-                           rows, cols, TOKENS: tl.constexpr, NESTED: tl.constexpr, OUTER_BLOCK: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, SPLIT_K: tl.constexpr):
-            # a program: BLOCK_N weight rows over its share (1 / SPLIT_K) of the columns, BLOCKS absmax blocks (64
-            # weights, 32 bytes each) at a time; each tile of weights is unpacked once and used for every token
-            row = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-            token = tl.arange(0, 16)
-            block_in_step = tl.arange(0, BLOCKS)
-            byte_in_block = tl.arange(0, 32)
-            row_ok = row < rows
-            blocks_per_row = cols // 64
-            share = tl.cdiv(blocks_per_row, SPLIT_K)
-            first, last = tl.program_id(1) * share, tl.minimum((tl.program_id(1) + 1) * share, blocks_per_row)
-            total = tl.zeros((16, BLOCK_N), tl.float32)
-            for start in range(first, last, BLOCKS):
-                block = start + block_in_step  # (BLOCKS,)
-                ok = row_ok[:, None] & (block < last)[None, :]  # (BLOCK_N, BLOCKS)
-                byte = tl.load(packed_ptr + (row.to(tl.int64)[:, None, None] * (cols // 2)
-                                             + block[None, :, None] * 32 + byte_in_block[None, None, :]),
-                               mask=ok[:, :, None], other=0).to(tl.int32)
-                flat = row.to(tl.int64)[:, None] * blocks_per_row + block[None, :]
-                if NESTED:  # an 8-bit code with a float32 scale per OUTER_BLOCK blocks, plus an offset
-                    code = tl.load(absmax_ptr + flat, mask=ok, other=0).to(tl.int32)
-                    scale = (tl.load(code2_ptr + code) * tl.load(absmax2_ptr + flat // OUTER_BLOCK, mask=ok, other=0.0)
-                             + tl.load(offset_ptr))
-                else:
-                    scale = tl.load(absmax_ptr + flat, mask=ok, other=0.0)
-                scale = tl.where(ok, scale, 0.0)[:, :, None]  # weights outside this share or the matrix: zeros
-                high = tl.load(table_ptr + (byte >> 4)) * scale  # weights 0, 2, 4, ... of each block
-                low = tl.load(table_ptr + (byte & 15)) * scale   # weights 1, 3, 5, ...
-                column = block[:, None] * 64 + 2 * byte_in_block[None, :]  # (BLOCKS, 32): the even columns
-                x_ok = (block < last)[:, None]
-                for t in tl.static_range(TOKENS):
-                    x_even = tl.load(x_ptr + t * cols + column, mask=x_ok, other=0.0).to(tl.float32)
-                    x_odd = tl.load(x_ptr + t * cols + column + 1, mask=x_ok, other=0.0).to(tl.float32)
-                    product = tl.sum(tl.sum(high * x_even[None, :, :] + low * x_odd[None, :, :], 2), 1)
-                    total += tl.where(token[:, None] == t, product[None, :], 0.0)
-            out = out_ptr + token[:, None] * rows + row[None, :]
-            tl.atomic_add(out, total, mask=(token < TOKENS)[:, None] & row_ok[None, :], sem="relaxed")
-
-        return nf4_few_tokens
 
     # num_stages=1: software pipelining would turn the table lookups that feed the products into one 4-byte
     # asynchronous copy per weight (13x slower than bitsandbytes on an H100); the plain loads hit the L1 cache
@@ -83,7 +36,7 @@ def _kernel(form: str = "tensor-cores"):
 
     @triton.autotune(configs=configs, key=["rows", "cols"], reset_to_zero=["out_ptr"])
     @triton.jit
-    def nf4_few_tokens_dot(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, out_ptr,
+    def nf4_few_tokens(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, out_ptr,
                            rows, cols, TOKENS: tl.constexpr, NESTED: tl.constexpr, OUTER_BLOCK: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, SPLIT_K: tl.constexpr):
         # a program: BLOCK_N weight rows over its share (1 / SPLIT_K) of the columns, BLOCKS absmax blocks at a
@@ -124,7 +77,7 @@ def _kernel(form: str = "tensor-cores"):
         out = out_ptr + token[:, None] * rows + row[None, :]
         tl.atomic_add(out, total, mask=token_ok[:, None] & row_ok[None, :], sem="relaxed")
 
-    return nf4_few_tokens_dot
+    return nf4_few_tokens
 
 
 def kernel_fits(x: torch.Tensor, state) -> bool:
@@ -139,10 +92,10 @@ def kernel_fits(x: torch.Tensor, state) -> bool:
 @torch.library.custom_op("htmlgen::nf4_few_tokens", mutates_args=())
 def _nf4_few_tokens(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code2: torch.Tensor,
                     absmax2: torch.Tensor, offset: torch.Tensor, table: torch.Tensor, rows: int,
-                    nested: bool, form: str) -> torch.Tensor:
+                    nested: bool) -> torch.Tensor:
     tokens, cols = x.shape[:-1].numel(), x.shape[-1]
     out = torch.zeros((tokens, rows), dtype=torch.float32, device=x.device)
-    kernel = _kernel(form)
+    kernel = _kernel()
     grid = lambda meta: (-(-rows // meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     with torch.cuda.device(x.device):
         kernel[grid](x.reshape(tokens, cols).contiguous(), packed, absmax, code2, absmax2, offset, table, out,
@@ -151,11 +104,11 @@ def _nf4_few_tokens(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
 
 
 @_nf4_few_tokens.register_fake
-def _(x, packed, absmax, code2, absmax2, offset, table, rows, nested, form):
+def _(x, packed, absmax, code2, absmax2, offset, table, rows, nested):
     return x.new_empty((*x.shape[:-1], rows))
 
 
-def few_token_product(x: torch.Tensor, weight: torch.Tensor, state, form: str = "tensor-cores") -> torch.Tensor:
+def few_token_product(x: torch.Tensor, weight: torch.Tensor, state) -> torch.Tensor:
     """`x` (a few tokens) times a bitsandbytes 4-bit weight: our kernel where it fits, else `bnb.matmul_4bit`."""
     if not kernel_fits(x, state):
         import bitsandbytes as bnb
@@ -166,5 +119,4 @@ def few_token_product(x: torch.Tensor, weight: torch.Tensor, state, form: str = 
     code2 = state.state2.code if nested else absmax
     absmax2 = state.state2.absmax if nested else absmax
     offset = state.offset.reshape(1) if nested else absmax  # a float32 tensor on the device already
-    return _nf4_few_tokens(x, weight.view(-1), absmax, code2, absmax2, offset, state.code, state.shape[0], nested,
-                           form)
+    return _nf4_few_tokens(x, weight.view(-1), absmax, code2, absmax2, offset, state.code, state.shape[0], nested)
