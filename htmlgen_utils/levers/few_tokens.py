@@ -81,10 +81,13 @@ def _kernel():
 
 
 def kernel_fits(x: torch.Tensor, state) -> bool:
-    """Whether `few_token_product` runs our kernel: CUDA, fp16, 2 to FEW_TOKENS tokens, NF4 in blocks of 64
-    (bitsandbytes' default), whole blocks in a row."""
+    """Whether `few_token_product` runs our kernel: CUDA with tensor-core products in Triton (compute capability
+    8.0 and up: for a T4's 7.5 Triton writes the products as 16 rows of scalar multiply-adds, ~1,000 a thread
+    an iteration, for any number of tokens), fp16, 2 to FEW_TOKENS tokens, NF4 in blocks of 64 (bitsandbytes'
+    default), whole blocks in a row."""
     tokens = x.shape[:-1].numel()
-    return (x.is_cuda and x.dtype == torch.float16 and 2 <= tokens <= FEW_TOKENS and state.quant_type == "nf4"
+    return (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 0) and x.dtype == torch.float16
+            and 2 <= tokens <= FEW_TOKENS and state.quant_type == "nf4"
             and state.blocksize == 64 and state.shape[1] % 64 == 0 and x.shape[-1] == state.shape[1]
             and (not state.nested or state.state2.blocksize == 256))
 
