@@ -66,7 +66,9 @@ def main() -> None:
     from htmlgen_utils.levers.lookahead import LOOKAHEAD_TOKENS
     from htmlgen_utils.packing import build_prompt
 
+    began = time.perf_counter()
     model, tokenizer, _ = one_prompt_model(args.work, args.smoke)
+    print(f"model ready in {time.perf_counter() - began:.0f} s", flush=True)  # where a cut-off run spent its time
     device = next(model.parameters()).device
     test = load_splits(Config.from_preset("colab-t4"))[0]["test"]
     pages = []
@@ -91,6 +93,7 @@ def main() -> None:
             started = time.perf_counter()
             run(lookahead, *pages[0], {})
             report["rows"][name] = {"warmup_s": round(time.perf_counter() - started, 1)}
+            print(f"{name}: compiled and captured in {report['rows'][name]['warmup_s']} s", flush=True)
         rates: dict[str, list[float]] = {name: [] for name in ways}
         totals = {"steps": 0, "checks": 0, "tokens": 0}
         for _ in range(args.repeats):  # interleaved
