@@ -594,31 +594,6 @@ def test_lookahead_decoding_writes_the_one_token_loops_pages():
     assert {step.token.shape[1] for step in steps} == {1, 1 + LOOKAHEAD_TOKENS}  # steps and checks, one per cache
 
 
-def test_few_token_kernel_compiles_to_plain_cached_table_lookups():
-    """The kernel compiled for an H100 (sm_90; Triton's own ptxas, no GPU needed) with its tuned
-    configurations: no asynchronous copies, which software pipelining makes of the table lookups feeding the
-    products (one 4-byte copy per weight, 13x slower than bitsandbytes), and tensor-core products in the code."""
-    pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile as triton_compile
-
-    from htmlgen_utils.levers.few_tokens import _kernel
-
-    tuner = _kernel()
-    pointers = {"x_ptr": "*fp16", "packed_ptr": "*u8", "absmax_ptr": "*u8", "code2_ptr": "*fp32",
-                "absmax2_ptr": "*fp32", "offset_ptr": "*fp32", "table_ptr": "*fp32", "out_ptr": "*fp32",
-                "rows": "i32", "cols": "i32"}
-    for config in tuner.configs[:2]:
-        constants = {"TOKENS": 5, "NESTED": True, "OUTER_BLOCK": 256, **config.kwargs}
-        names = list(pointers) + list(constants)
-        source = ASTSource(fn=tuner.fn, signature={**pointers, **dict.fromkeys(constants, "constexpr")},
-                           constexprs={(names.index(k),): v for k, v in constants.items()})
-        compiled = triton_compile(source, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-        assert "async_copy_global_to_local" not in compiled.asm["ttgir"], config
-        assert "mma.sync" in compiled.asm["ptx"], config
-
-
 def test_few_token_kernel_computes_the_four_bit_product(tmp_path):
     """The Triton kernel for a few tokens (run by Triton's CPU interpreter here) gives the product with
     bitsandbytes' dequantised weights (rounded to fp16, as the tensor cores take them), for the absmax

@@ -1,0 +1,80 @@
+"""What Triton writes for the few-token 4-bit kernel on each GPU generation, read without a GPU.
+
+    python bench/kernel_instructions.py --out bench/results [--targets 75,80,90]   # CPU, ~1 minute
+    python bench/kernel_instructions.py --smoke --out /tmp/b                       # one configuration
+
+Triton ships NVIDIA's `ptxas`, so a kernel compiles for any compute capability on a machine with no GPU. This
+compiles `levers/few_tokens.py`'s kernel with each of its tuned configurations, for five tokens of a
+double-quantised weight, with every pointer and size divisible by 16 (what Triton assumes at run time of
+aligned tensors and of a 7B layer's sizes, and what lets it widen loads), and counts the instructions of the
+compiled kernel (its loop body appears once) that decide its speed: global loads by width, shared-memory
+stores, loads and barriers, tensor-core products, scalar multiply-adds, and asynchronous copies in the TTGIR.
+Counts, not timings. They showed why the kernel's first tensor-core form ran 13x slower than bitsandbytes
+(software pipelining had made one 4-byte asynchronous copy of each table lookup) and that for a T4 (sm_75)
+Triton writes its products as scalar multiply-adds (bench/README.md, "Looking ahead").
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from collections import Counter
+from pathlib import Path
+
+from common import REPO, write_report
+
+COUNTED = {  # name: pattern on a PTX line
+    "global loads, 1-4 bytes": r"^\s*(@%p\d+\s+)?ld\.global(\.[a-z]+)*\.b(8|16|32)\b",
+    "global loads, 8-16 bytes": r"^\s*(@%p\d+\s+)?ld\.global(\.[a-z]+)*\.v[24]\.b32\b",
+    "shared stores": r"^\s*(@%p\d+\s+)?st\.shared",
+    "shared loads": r"^\s*(@%p\d+\s+)?(ld\.shared|ldmatrix)",
+    "barriers": r"^\s*bar\.sync",
+    "tensor-core products": r"^\s*(@%p\d+\s+)?(mma|wgmma)\.",
+    "scalar multiply-adds": r"^\s*fma\.rn\.f32",
+}
+SIGNATURE = {"x_ptr": "*fp16", "packed_ptr": "*u8", "absmax_ptr": "*u8", "code2_ptr": "*fp32", "absmax2_ptr": "*fp32",
+             "offset_ptr": "*fp32", "table_ptr": "*fp32", "out_ptr": "*fp32", "rows": "i32", "cols": "i32"}
+
+
+def instruction_counts(config, capability: int, tokens: int = 5) -> dict:
+    """Compile the kernel with one tuned `config` for compute capability `capability` (75, 80, 90, ...)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler import compile as triton_compile
+
+    from htmlgen_utils.levers.few_tokens import _kernel
+
+    constants = {"TOKENS": tokens, "NESTED": True, "OUTER_BLOCK": 256, **config.kwargs}
+    names = list(SIGNATURE) + list(constants)
+    aligned = {(names.index(name),): [["tt.divisibility", 16]] for name in SIGNATURE if name != "offset_ptr"}
+    source = ASTSource(fn=_kernel().fn, signature={**SIGNATURE, **dict.fromkeys(constants, "constexpr")},
+                       constexprs={(names.index(k),): v for k, v in constants.items()}, attrs=aligned)
+    compiled = triton_compile(source, target=GPUTarget("cuda", capability, 32),
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    lines = compiled.asm["ptx"].splitlines()
+    counts = Counter({name: sum(bool(re.match(pattern, line)) for line in lines) for name, pattern in COUNTED.items()})
+    counts["asynchronous copies"] = compiled.asm["ttgir"].count("async_copy_global_to_local")
+    return dict(counts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--targets", default="75,80,90", help="compute capabilities")
+    parser.add_argument("--smoke", action="store_true", help="the first configuration only")
+    args = parser.parse_args()
+    from htmlgen_utils.levers.few_tokens import _kernel
+
+    configs = _kernel().configs[:1] if args.smoke else _kernel().configs
+    report: dict = {"tokens": 5, "targets": {}}
+    for capability in [int(t) for t in args.targets.split(",")]:
+        rows = report["targets"][f"sm_{capability}"] = {}
+        for config in configs:
+            key = (f"BLOCK_N={config.kwargs['BLOCK_N']} BLOCKS={config.kwargs['BLOCKS']} "
+                   f"SPLIT_K={config.kwargs['SPLIT_K']} warps={config.num_warps} stages={config.num_stages}")
+            rows[key] = instruction_counts(config, capability)
+            print(f"sm_{capability} {key}: {rows[key]}", flush=True)
+    write_report(report, args.out, "kernel_instructions.json")
+
+
+if __name__ == "__main__":
+    main()
