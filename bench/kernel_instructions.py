@@ -64,8 +64,12 @@ def main() -> None:
     args = parser.parse_args()
     from htmlgen_utils.levers.few_tokens import _kernel
 
+    import time
+
+    import triton
+
     configs = _kernel().configs[:1] if args.smoke else _kernel().configs
-    report: dict = {"tokens": 5, "targets": {}}
+    report: dict = {"date": time.strftime("%Y-%m-%d"), "triton": triton.__version__, "tokens": 5, "targets": {}}
     for capability in [int(t) for t in args.targets.split(",")]:
         rows = report["targets"][f"sm_{capability}"] = {}
         for config in configs:
