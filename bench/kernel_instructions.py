@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -62,11 +63,9 @@ def main() -> None:
     parser.add_argument("--targets", default="75,80,90", help="compute capabilities")
     parser.add_argument("--smoke", action="store_true", help="the first configuration only")
     args = parser.parse_args()
-    from htmlgen_utils.levers.few_tokens import _kernel
-
-    import time
-
     import triton
+
+    from htmlgen_utils.levers.few_tokens import _kernel
 
     configs = _kernel().configs[:1] if args.smoke else _kernel().configs
     report: dict = {"date": time.strftime("%Y-%m-%d"), "triton": triton.__version__, "tokens": 5, "targets": {}}

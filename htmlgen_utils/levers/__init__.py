@@ -32,8 +32,9 @@ from .recompute import RecomputePlan, leave_layers_unchecked, plan_recompute
 
 __all__ = ["COMPILE_MIN_STEPS", "FLEX_ATTENTION", "PACKED_ATTENTION", "CheckpointsOnCPU", "RecomputePlan",
            "apply_training_levers", "compile_decoder_layers", "compiled_decoding", "decode_one", "example_spans",
-           "leave_layers_unchecked", "memory_plan", "offload_checkpoints", "packed_attention", "plan_recompute", "static_cache",
-           "use_flex_attention", "use_packed_attention", "wants_compiled_decode", "wants_flex_attention"]
+           "leave_layers_unchecked", "memory_plan", "offload_checkpoints", "packed_attention", "plan_recompute",
+           "static_cache", "use_flex_attention", "use_packed_attention", "wants_compiled_decode",
+           "wants_flex_attention"]
 
 # Compiling the layers takes ~15-20 s on an H200 and about a minute on a T4, once a process; compiled steps are
 # 1.3-1.65x as fast (bench/README.md), which on a T4 saves ~5-10 s a step of 4 x 4,096 tokens: a run of fewer

@@ -37,8 +37,8 @@ def _kernel():
     @triton.autotune(configs=configs, key=["rows", "cols"], reset_to_zero=["out_ptr"])
     @triton.jit
     def nf4_few_tokens(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, out_ptr,
-                           rows, cols, TOKENS: tl.constexpr, NESTED: tl.constexpr, OUTER_BLOCK: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, SPLIT_K: tl.constexpr):
+                       rows, cols, TOKENS: tl.constexpr, NESTED: tl.constexpr, OUTER_BLOCK: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, SPLIT_K: tl.constexpr):
         # a program: BLOCK_N weight rows over its share (1 / SPLIT_K) of the columns, BLOCKS absmax blocks at a
         # time. A byte holds an even column (high nibble) and the next odd one: a sum over columns may take them
         # in any order, so the even weights meet the tokens' even columns in one tensor-core product and the odd
