@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import statistics
 from pathlib import Path
 
@@ -48,7 +49,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", default="1,2,3,4,5,6,8")
     parser.add_argument("--ways", default="bitsandbytes,ours")
+    parser.add_argument("--sweep", type=int, default=0, metavar="TOKENS",
+                        help="time our kernel alone in each of a grid of configurations for TOKENS tokens")
     args = parser.parse_args()
+    if args.sweep:
+        return sweep(args)
     import bitsandbytes as bnb
     from triton.testing import do_bench_cudagraph
 
@@ -91,6 +96,44 @@ def main() -> None:
                                 for (way, n), t in step_us.items()}
     print(report["ms_per_7b_step"], flush=True)
     write_report(report, args.out, "few_token_products.json")
+
+
+def sweep(args) -> None:
+    """Our kernel alone (no zeroed output, no cast) in each tuned configuration, with and without prefetching the
+    next step's weights, for `args.sweep` tokens: which shape of a program suits which product, whether the
+    prefetch pays, and what the zeroing and the cast around the kernel cost."""
+    import bitsandbytes as bnb
+    from triton.testing import do_bench_cudagraph
+
+    from htmlgen_utils.levers.few_tokens import _kernel, few_token_product
+
+    kernel = _kernel().fn  # the kernel without its autotuner
+    tokens = args.sweep
+    report = {**versions(), "device": torch.cuda.get_device_name(), "tokens": tokens, "products": {}}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, (rows, cols, unnested) in PRODUCTS.items():
+            weight, state = four_bit_weight(rows, cols, unnested)
+            x = torch.randn(tokens, cols, dtype=torch.float16, device="cuda")
+            out = torch.zeros((tokens, rows), dtype=torch.float32, device="cuda")
+            nested = bool(state.nested)
+            pointers = (x, weight.view(-1), state.absmax, state.state2.code if nested else state.absmax,
+                        state.state2.absmax if nested else state.absmax,
+                        state.offset.reshape(1) if nested else state.absmax, state.code, out)
+            times = {}
+            for config, p in itertools.product(_kernel().configs, (False, True)):
+                (n, b, k), w = (config.kwargs[key] for key in ("BLOCK_N", "BLOCKS", "SPLIT_K")), config.num_warps
+                launch = functools.partial(kernel[(-(-rows // n), k)], *pointers, rows, cols, TOKENS=tokens,
+                                           NESTED=nested, OUTER_BLOCK=256, BLOCK_N=n, BLOCKS=b, SPLIT_K=k,
+                                           PREFETCH=p, num_warps=w, num_stages=1)
+                times[f"{n}x{b}x{k}x{w}{'p' if p else ''}"] = round(do_bench_cudagraph(launch, rep=20) * 1e3, 2)
+            best = sorted(times.items(), key=lambda item: item[1])
+            whole = do_bench_cudagraph(functools.partial(few_token_product, x[None], weight, state), rep=50) * 1e3
+            one = do_bench_cudagraph(functools.partial(bnb.matmul_4bit, x[None, :1], weight, state), rep=50) * 1e3
+            report["products"][name] = {"best": best[:8], "whole_op_us": round(whole, 2),
+                                        "bitsandbytes_one_token_us": round(one, 2), "all": times}
+            print(name, "best", best[:5], "whole op", round(whole, 2), "bnb one token", round(one, 2), flush=True)
+    write_report(report, args.out, "few_token_configs.json")
 
 
 if __name__ == "__main__":
