@@ -98,6 +98,24 @@ def main() -> None:
     write_report(report, args.out, "few_token_products.json")
 
 
+def name_of(config, prefetch: bool) -> str:
+    """rows x absmax blocks x column splits x warps of a configuration, and whether it prefetches."""
+    n, b, k = (config.kwargs[key] for key in ("BLOCK_N", "BLOCKS", "SPLIT_K"))
+    return f"{n}x{b}x{k}x{config.num_warps}{' prefetch' if prefetch else ''}"
+
+
+def kernel_us(kernel, pointers: tuple, rows: int, cols: int, nested: bool, config, prefetch: bool,
+              tokens: int) -> float:
+    """Microseconds of one launch of our kernel (no autotuner) in `config`, in a CUDA graph."""
+    from triton.testing import do_bench_cudagraph
+
+    (n, b, k), w = (config.kwargs[key] for key in ("BLOCK_N", "BLOCKS", "SPLIT_K")), config.num_warps
+    launch = functools.partial(kernel[(-(-rows // n), k)], *pointers, rows, cols, TOKENS=tokens, NESTED=nested,
+                               OUTER_BLOCK=256, BLOCK_N=n, BLOCKS=b, SPLIT_K=k, PREFETCH=prefetch, num_warps=w,
+                               num_stages=1)
+    return round(do_bench_cudagraph(launch, rep=20) * 1e3, 2)
+
+
 def sweep(args) -> None:
     """Our kernel alone (no zeroed output, no cast) in each tuned configuration, with and without prefetching the
     next step's weights, for `args.sweep` tokens: which shape of a program suits which product, whether the
@@ -120,19 +138,18 @@ def sweep(args) -> None:
             pointers = (x, weight.view(-1), state.absmax, state.state2.code if nested else state.absmax,
                         state.state2.absmax if nested else state.absmax,
                         state.offset.reshape(1) if nested else state.absmax, state.code, out)
-            times = {}
-            for config, p in itertools.product(_kernel().configs, (False, True)):
-                (n, b, k), w = (config.kwargs[key] for key in ("BLOCK_N", "BLOCKS", "SPLIT_K")), config.num_warps
-                launch = functools.partial(kernel[(-(-rows // n), k)], *pointers, rows, cols, TOKENS=tokens,
-                                           NESTED=nested, OUTER_BLOCK=256, BLOCK_N=n, BLOCKS=b, SPLIT_K=k,
-                                           PREFETCH=p, num_warps=w, num_stages=1)
-                times[f"{n}x{b}x{k}x{w}{'p' if p else ''}"] = round(do_bench_cudagraph(launch, rep=20) * 1e3, 2)
+            time_kernel = functools.partial(kernel_us, kernel, pointers, rows, cols, nested)
+            runs = {name_of(*run): run for run in itertools.product(_kernel().configs, (False, True))}
+            times = {name: time_kernel(*run, tokens) for name, run in runs.items()}
             best = sorted(times.items(), key=lambda item: item[1])
+            one_token = {name: time_kernel(*runs[name], 1) for name, _ in best[:3]}  # the same kernel for one token
             whole = do_bench_cudagraph(functools.partial(few_token_product, x[None], weight, state), rep=50) * 1e3
             one = do_bench_cudagraph(functools.partial(bnb.matmul_4bit, x[None, :1], weight, state), rep=50) * 1e3
             report["products"][name] = {"best": best[:8], "whole_op_us": round(whole, 2),
-                                        "bitsandbytes_one_token_us": round(one, 2), "all": times}
-            print(name, "best", best[:5], "whole op", round(whole, 2), "bnb one token", round(one, 2), flush=True)
+                                        "bitsandbytes_one_token_us": round(one, 2), "ours_one_token_us": one_token,
+                                        "all": times}
+            print(name, "best", best[:5], "whole op", round(whole, 2), "bnb one token", round(one, 2),
+                  "ours one token", one_token, flush=True)
     write_report(report, args.out, "few_token_configs.json")
 
 
