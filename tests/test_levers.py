@@ -625,16 +625,14 @@ def test_few_token_kernel_computes_the_four_bit_product(tmp_path):
             absmax = state.absmax if nested else unnested_absmax(state)
             code2, absmax2 = (state.state2.code, state.state2.absmax) if nested else (absmax, absmax)
             offset = state.offset.reshape(1).float() if nested else absmax
-            for prefetch in (False, True):  # loading each step's weights in the step, or a step ahead
-                out = torch.zeros(tokens, rows)
-                _kernel().fn[(3, 2)](x, weight.data.view(-1), absmax, code2, absmax2, offset, state.code, out,
-                                     rows, cols, TOKENS=tokens, NESTED=nested, OUTER_BLOCK=256, BLOCK_N=32,
-                                     BLOCKS=2, SPLIT_K=2, PREFETCH=prefetch)
-                error = ((out - expected).abs().max() / expected.abs().max()).item()
-                print(nested, prefetch, error)
-                assert error < 1e-5, error
+            out = torch.zeros(tokens, rows)
+            _kernel().fn[(3, 2)](x, weight.data.view(-1), absmax, code2, absmax2, offset, state.code, out, rows,
+                                 cols, TOKENS=tokens, NESTED=nested, OUTER_BLOCK=256, BLOCK_N=32, BLOCKS=2,
+                                 SPLIT_K=2)
+            error = ((out - expected).abs().max() / expected.abs().max()).item()
+            print(nested, error)
+            assert error < 1e-5, error
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert [line.split()[:2] for line in done.stdout.splitlines()] == [
-        ["True", "False"], ["True", "True"], ["False", "False"], ["False", "True"]]
+    assert done.stdout.split() == ["True", done.stdout.split()[1], "False", done.stdout.split()[3]]

@@ -7,8 +7,11 @@ do that at these sizes: on an H200 two tokens cost 1.56x one, four 2.47x (bench/
 `few_token_products.py`). This Triton kernel reads bitsandbytes' NF4 layout as stored (two 4-bit codes a
 byte, the first in the high nibble; one absmax per 64 weights, as float32 or double-quantised as the model
 loads it), unpacks a tile of weights once and multiplies it by all the tokens (up to 16, one tensor-core tile
-of rows) on the tensor cores. An earlier form that multiplied each unpacked tile by each token in registers
-cost what bitsandbytes costs (2.60x one token for five on an H100): every token paid its own sums across threads.
+of rows) on the tensor cores. Its cost is flat in the tokens, but at 1.83-1.88x bitsandbytes' one-token product
+for 2 to 8 tokens (H200) it is not cheap enough for the lookahead to pay, which stays off by default; alone it
+costs 1.72x bitsandbytes' for one token too. An earlier form that multiplied each unpacked tile by each token
+in registers cost what bitsandbytes costs (2.60x one token for five on an H100): every token paid its own sums
+across threads.
 
 `few_token_product` uses it on CUDA for 2 to `FEW_TOKENS` tokens of an NF4 weight and leaves everything else
 to `bnb.matmul_4bit` (one token, CPU, other formats): the same product either way, to fp16 rounding.
@@ -29,7 +32,7 @@ def _kernel():
 
     # num_stages=1: software pipelining would turn the table lookups that feed the products into one 4-byte
     # asynchronous copy per weight (13x slower than bitsandbytes on an H100); the plain loads hit the L1 cache
-    configs = [triton.Config({"BLOCK_N": n, "BLOCKS": b, "SPLIT_K": k, "PREFETCH": True}, num_warps=w, num_stages=1)
+    configs = [triton.Config({"BLOCK_N": n, "BLOCKS": b, "SPLIT_K": k}, num_warps=w, num_stages=1)
                for n, b, k, w in [(64, 2, 4, 4), (32, 2, 4, 4), (64, 4, 2, 4), (128, 2, 2, 4), (64, 2, 8, 4),
                                   (32, 4, 4, 4), (64, 1, 8, 4), (128, 1, 4, 8), (32, 2, 8, 2), (64, 4, 4, 8),
                                   (16, 4, 4, 2), (128, 4, 1, 8), (32, 1, 8, 2), (16, 2, 8, 1)]]
@@ -38,8 +41,7 @@ def _kernel():
     @triton.jit
     def nf4_few_tokens(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, table_ptr, out_ptr,
                        rows, cols, TOKENS: tl.constexpr, NESTED: tl.constexpr, OUTER_BLOCK: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, SPLIT_K: tl.constexpr,
-                       PREFETCH: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, SPLIT_K: tl.constexpr):
         # a program: BLOCK_N weight rows over its share (1 / SPLIT_K) of the columns, BLOCKS absmax blocks at a
         # time. A byte holds an even column (high nibble) and the next odd one: a sum over columns may take them
         # in any order, so the even weights meet the tokens' even columns in one tensor-core product and the odd
@@ -47,42 +49,28 @@ def _kernel():
         row = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         token = tl.arange(0, 16)
         block_in_step = tl.arange(0, BLOCKS)
+        byte_in_block = tl.arange(0, 32)
         row_ok = row < rows
         token_ok = token < TOKENS
         blocks_per_row = cols // 64
         share = tl.cdiv(blocks_per_row, SPLIT_K)
         first, last = tl.program_id(1) * share, tl.minimum((tl.program_id(1) + 1) * share, blocks_per_row)
-        row_bytes = packed_ptr + row.to(tl.int64)[:, None, None] * (cols // 2) + tl.arange(0, 32)[None, None, :]
-        row_blocks = row.to(tl.int64)[:, None] * blocks_per_row
-        # with PREFETCH, each step loads the next step's packed weights and absmax before it unpacks its own,
-        # so one step's reads from memory overlap the last step's arithmetic (by hand: Triton's own pipelining
-        # is off, see the configs)
-        block = first + block_in_step
-        ok = row_ok[:, None] & (block < last)[None, :]
-        byte = tl.load(row_bytes + block[None, :, None] * 32, mask=ok[:, :, None], other=0)
-        stored = tl.load(absmax_ptr + row_blocks + block[None, :], mask=ok, other=0)
         total = tl.zeros((16, BLOCK_N), tl.float32)
         for start in range(first, last, BLOCKS):
             block = start + block_in_step  # (BLOCKS,)
             ok = row_ok[:, None] & (block < last)[None, :]  # (BLOCK_N, BLOCKS)
-            if not PREFETCH:
-                byte = tl.load(row_bytes + block[None, :, None] * 32, mask=ok[:, :, None], other=0)
-                stored = tl.load(absmax_ptr + row_blocks + block[None, :], mask=ok, other=0)
+            byte = tl.load(packed_ptr + (row.to(tl.int64)[:, None, None] * (cols // 2) + block[None, :, None] * 32
+                                         + byte_in_block[None, None, :]), mask=ok[:, :, None], other=0).to(tl.int32)
+            flat = row.to(tl.int64)[:, None] * blocks_per_row + block[None, :]
             if NESTED:  # an 8-bit code with a float32 scale per OUTER_BLOCK blocks, plus an offset
-                scale = (tl.load(code2_ptr + stored.to(tl.int32))
-                         * tl.load(absmax2_ptr + (row_blocks + block[None, :]) // OUTER_BLOCK, mask=ok, other=0.0)
+                code = tl.load(absmax_ptr + flat, mask=ok, other=0).to(tl.int32)
+                scale = (tl.load(code2_ptr + code) * tl.load(absmax2_ptr + flat // OUTER_BLOCK, mask=ok, other=0.0)
                          + tl.load(offset_ptr))
             else:
-                scale = stored
+                scale = tl.load(absmax_ptr + flat, mask=ok, other=0.0)
             scale = tl.where(ok, scale, 0.0)[:, :, None]  # weights outside this share or the matrix: zeros
-            nibbles = byte.to(tl.int32)
-            if PREFETCH:
-                following = block + BLOCKS
-                ahead = row_ok[:, None] & (following < last)[None, :]
-                byte = tl.load(row_bytes + following[None, :, None] * 32, mask=ahead[:, :, None], other=0)
-                stored = tl.load(absmax_ptr + row_blocks + following[None, :], mask=ahead, other=0)
-            high = tl.reshape((tl.load(table_ptr + (nibbles >> 4)) * scale).to(tl.float16), (BLOCK_N, BLOCKS * 32))
-            low = tl.reshape((tl.load(table_ptr + (nibbles & 15)) * scale).to(tl.float16), (BLOCK_N, BLOCKS * 32))
+            high = tl.reshape((tl.load(table_ptr + (byte >> 4)) * scale).to(tl.float16), (BLOCK_N, BLOCKS * 32))
+            low = tl.reshape((tl.load(table_ptr + (byte & 15)) * scale).to(tl.float16), (BLOCK_N, BLOCKS * 32))
             column = start * 64 + tl.arange(0, BLOCKS * 64)  # the tokens' columns, read whole, split in registers
             x = tl.load(x_ptr + token[:, None] * cols + column[None, :],
                         mask=token_ok[:, None] & (column < last * 64)[None, :], other=0.0)
