@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import statistics
 from pathlib import Path
 
@@ -98,28 +97,26 @@ def main() -> None:
     write_report(report, args.out, "few_token_products.json")
 
 
-def name_of(config, prefetch: bool) -> str:
-    """rows x absmax blocks x column splits x warps of a configuration, and whether it prefetches."""
+def name_of(config) -> str:
+    """rows x absmax blocks x column splits x warps of a configuration."""
     n, b, k = (config.kwargs[key] for key in ("BLOCK_N", "BLOCKS", "SPLIT_K"))
-    return f"{n}x{b}x{k}x{config.num_warps}{' prefetch' if prefetch else ''}"
+    return f"{n}x{b}x{k}x{config.num_warps}"
 
 
-def kernel_us(kernel, pointers: tuple, rows: int, cols: int, nested: bool, config, prefetch: bool,
-              tokens: int) -> float:
+def kernel_us(kernel, pointers: tuple, rows: int, cols: int, nested: bool, config, tokens: int) -> float:
     """Microseconds of one launch of our kernel (no autotuner) in `config`, in a CUDA graph."""
     from triton.testing import do_bench_cudagraph
 
     (n, b, k), w = (config.kwargs[key] for key in ("BLOCK_N", "BLOCKS", "SPLIT_K")), config.num_warps
     launch = functools.partial(kernel[(-(-rows // n), k)], *pointers, rows, cols, TOKENS=tokens, NESTED=nested,
-                               OUTER_BLOCK=256, BLOCK_N=n, BLOCKS=b, SPLIT_K=k, PREFETCH=prefetch, num_warps=w,
-                               num_stages=1)
+                               OUTER_BLOCK=256, BLOCK_N=n, BLOCKS=b, SPLIT_K=k, num_warps=w, num_stages=1)
     return round(do_bench_cudagraph(launch, rep=20) * 1e3, 2)
 
 
 def sweep(args) -> None:
-    """Our kernel alone (no zeroed output, no cast) in each tuned configuration, with and without prefetching the
-    next step's weights, for `args.sweep` tokens: which shape of a program suits which product, whether the
-    prefetch pays, and what the zeroing and the cast around the kernel cost."""
+    """Our kernel alone (no zeroed output, no cast) in each tuned configuration for `args.sweep` tokens, and the
+    three fastest for one token: which shape of a program suits which product, what the zeroing and the cast
+    around the kernel cost, and whether the kernel could replace bitsandbytes' one-token product."""
     import bitsandbytes as bnb
     from triton.testing import do_bench_cudagraph
 
@@ -139,10 +136,10 @@ def sweep(args) -> None:
                         state.state2.absmax if nested else state.absmax,
                         state.offset.reshape(1) if nested else state.absmax, state.code, out)
             time_kernel = functools.partial(kernel_us, kernel, pointers, rows, cols, nested)
-            runs = {name_of(*run): run for run in itertools.product(_kernel().configs, (False, True))}
-            times = {name: time_kernel(*run, tokens) for name, run in runs.items()}
+            configs = {name_of(config): config for config in _kernel().configs}
+            times = {name: time_kernel(config, tokens) for name, config in configs.items()}
             best = sorted(times.items(), key=lambda item: item[1])
-            one_token = {name: time_kernel(*runs[name], 1) for name, _ in best[:3]}  # the same kernel for one token
+            one_token = {name: time_kernel(configs[name], 1) for name, _ in best[:3]}  # the same kernel for one token
             whole = do_bench_cudagraph(functools.partial(few_token_product, x[None], weight, state), rep=50) * 1e3
             one = do_bench_cudagraph(functools.partial(bnb.matmul_4bit, x[None, :1], weight, state), rep=50) * 1e3
             report["products"][name] = {"best": best[:8], "whole_op_us": round(whole, 2),
