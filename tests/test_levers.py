@@ -570,6 +570,10 @@ def test_prompt_lookup_drafts_what_followed_the_latest_earlier_occurrence():
     lookup.extend([3])
     assert lookup.draft(2) == []
     assert PromptLookup([4, 4]).draft(3) == [4]  # the run ends where the text ends
+    strict = PromptLookup([5, 6, 7, 8, 9, 6, 7, 1, 2, 5, 6], shortest=2)
+    assert strict.draft(3) == [7, 8, 9]  # "5 6" is long enough
+    strict.extend([3, 6])
+    assert strict.draft(3) == []  # only "6" alone occurred before: too short to draft from
 
 
 def test_lookahead_decoding_writes_the_one_token_loops_pages():

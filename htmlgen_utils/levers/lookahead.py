@@ -16,9 +16,10 @@ LONGEST_MATCH = 3  # the longest run of last tokens looked up (then shorter ones
 class PromptLookup:
     """The text's tokens, indexed by every run of 1 to `LONGEST_MATCH` tokens whose next token is known."""
 
-    def __init__(self, tokens: list[int], longest: int = LONGEST_MATCH) -> None:
+    def __init__(self, tokens: list[int], longest: int = LONGEST_MATCH, shortest: int = 1) -> None:
         self.tokens: list[int] = []
         self.longest = longest
+        self.shortest = shortest  # runs shorter than this draft nothing: fewer checks, each more often right
         self.follows: dict[tuple[int, ...], int] = {}  # a run of tokens -> where its latest occurrence ended
         self.extend(tokens)
 
@@ -32,8 +33,8 @@ class PromptLookup:
 
     def draft(self, count: int) -> list[int]:
         """Up to `count` tokens that followed the latest earlier occurrence of the longest run of last tokens
-        that occurred before, or [] if even the last token is new."""
-        for n in range(min(self.longest, len(self.tokens)), 0, -1):
+        that occurred before, or [] if no run of `shortest` tokens or more did."""
+        for n in range(min(self.longest, len(self.tokens)), self.shortest - 1, -1):
             end = self.follows.get(tuple(self.tokens[-n:]))
             if end is not None:
                 return self.tokens[end:end + count]
