@@ -40,14 +40,16 @@ def load_model(model_path: Path, smoke: bool):
     return model, tokenizer, config
 
 
-def one_prompt_model(work: Path, smoke: bool):
-    """What the batch-1 decode benchmarks run: the model (7B shape under a T4's cap, or the tiny one with
-    `smoke`) as `load_model` loads it, its tokenizer, and the first test description's prompt as token ids."""
+def one_prompt_model(work: Path, smoke: bool, layers: int | None = None):
+    """What the batch-1 decode benchmarks run: the model (7B shape under a T4's cap, `layers` of its 32 decoder
+    layers if given, or the tiny one with `smoke`) as `load_model` loads it, its tokenizer, and the first test
+    description's prompt as token ids."""
     from htmlgen_utils.config import Config
     from htmlgen_utils.data import load_splits
     from htmlgen_utils.packing import build_prompt
 
-    model_path = build_checkpoint(work / "llama2-7b-shaped", smoke=smoke)
+    model_path = build_checkpoint(work / f"llama2-7b-shaped{f'-{layers}-layers' if layers else ''}", smoke=smoke,
+                                  layers=layers)
     cap_memory(None if smoke else T4_GIB)
     description = load_splits(Config.from_preset("colab-t4"))[0]["test"]["label"][0]
     model, tokenizer, _ = load_model(model_path, smoke)

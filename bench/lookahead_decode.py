@@ -11,7 +11,8 @@ loop's; the drafts and what they keep are those of a model that writes that page
 the first `--pages`, each cut to `--tokens`). Ways, interleaved `--repeats` times: `decode_one` with
 `lookahead=0` (the one-token loop; its speed does not depend on the tokens, so it runs as it is, reading back
 every STOP_CHECK_TOKENS) and with the default lookahead, following the page; tokens/s as median (min-max) over
-the pages, and the lookahead's steps, checks and tokens a step.
+the pages, the lookahead's steps, checks and tokens a step, and the GPU time of a step and of a check alone
+(their CUDA graphs replayed back to back), which splits a check's cost between the GPU and the loop around it.
 """
 from __future__ import annotations
 
@@ -50,6 +51,21 @@ def following(page: list[int], prompt_tokens: int):
         decoding.DecodeStep.__call__ = real
 
 
+def replayed_ms(step, replays: int = 50) -> float | None:
+    """Milliseconds of one replay of a `DecodeStep`'s CUDA graph, replayed `replays` times with no host work
+    between them (None on CPU, where there is no graph)."""
+    if step.graph is None:
+        return None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    step.graph.replay()
+    start.record()
+    for _ in range(replays):
+        step.graph.replay()
+    end.record()
+    end.synchronize()
+    return round(start.elapsed_time(end) / replays, 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -57,6 +73,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--pages", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, help="fewer decoder layers than the 7B's 32: compiles in a fraction "
+                        "of the time, for the replayed step and check (their cost a layer)")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     from generation_compare import one_prompt_model
@@ -67,7 +85,7 @@ def main() -> None:
     from htmlgen_utils.packing import build_prompt
 
     began = time.perf_counter()
-    model, tokenizer, _ = one_prompt_model(args.work, args.smoke)
+    model, tokenizer, _ = one_prompt_model(args.work, args.smoke, args.layers)
     print(f"model ready in {time.perf_counter() - began:.0f} s", flush=True)  # where a cut-off run spent its time
     device = next(model.parameters()).device
     test = load_splits(Config.from_preset("colab-t4"))[0]["test"]
@@ -80,8 +98,8 @@ def main() -> None:
         if len(pages) == args.pages:
             break
     ways = {"one-token loop": 0, f"lookahead {LOOKAHEAD_TOKENS}": LOOKAHEAD_TOKENS}
-    report = {**versions(), "smoke": args.smoke, "tokens": args.tokens, "pages": len(pages),
-              "repeats": args.repeats, "rows": {}}
+    report = {**versions(), "smoke": args.smoke, "layers": None if args.smoke else args.layers or 32,
+              "tokens": args.tokens, "pages": len(pages), "repeats": args.repeats, "rows": {}}
 
     def run(lookahead: int, ids: torch.Tensor, page: list[int], counts: dict) -> int:
         with following(page, ids.shape[1]) if lookahead else nullcontext():
@@ -121,6 +139,12 @@ def main() -> None:
                                "share_of_steps_checked": round(totals["checks"] / totals["steps"], 3)}
         first, second = (report["rows"][name]["tokens_per_s"] for name in ways)
         report["lookahead_vs_one_token"] = round(second / first, 3)
+        # the GPU's own time for a step and for a check, their graphs replayed back to back: what the loops add
+        # to these (host work, read-backs) is the rest of their time a step
+        steps = {step.token.shape[1]: step for step in model.__dict__["_htmlgen_decode_steps"].values()}
+        report["replayed_ms"] = {"step" if n == 1 else f"check of {n} tokens": replayed_ms(step)
+                                 for n, step in sorted(steps.items())}
+        print("replayed back to back, ms:", report["replayed_ms"], flush=True)
     print(report, flush=True)
     write_report(report, args.out, "lookahead_decode.json")
 
