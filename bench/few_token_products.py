@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--tokens", default="1,2,3,4,5,6,8")
     parser.add_argument("--ways", default="bitsandbytes,ours")
     parser.add_argument("--sweep", type=int, default=0, metavar="TOKENS",
-                        help="time our kernel alone in each of a grid of configurations for TOKENS tokens")
+                        help="time our kernel alone in each of its tuned configurations for TOKENS tokens")
     args = parser.parse_args()
     if args.sweep:
         return sweep(args)
@@ -107,9 +107,9 @@ def kernel_us(kernel, pointers: tuple, rows: int, cols: int, nested: bool, confi
     """Microseconds of one launch of our kernel (no autotuner) in `config`, in a CUDA graph."""
     from triton.testing import do_bench_cudagraph
 
-    (n, b, k), w = (config.kwargs[key] for key in ("BLOCK_N", "BLOCKS", "SPLIT_K")), config.num_warps
-    launch = functools.partial(kernel[(-(-rows // n), k)], *pointers, rows, cols, TOKENS=tokens, NESTED=nested,
-                               OUTER_BLOCK=256, BLOCK_N=n, BLOCKS=b, SPLIT_K=k, num_warps=w, num_stages=1)
+    grid = (-(-rows // config.kwargs["BLOCK_N"]), config.kwargs["SPLIT_K"])
+    launch = functools.partial(kernel[grid], *pointers, rows, cols, TOKENS=tokens, NESTED=nested, OUTER_BLOCK=256,
+                               **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     return round(do_bench_cudagraph(launch, rep=20) * 1e3, 2)
 
 
@@ -120,7 +120,7 @@ def sweep(args) -> None:
     import bitsandbytes as bnb
     from triton.testing import do_bench_cudagraph
 
-    from htmlgen_utils.levers.few_tokens import _kernel, few_token_product
+    from htmlgen_utils.levers.few_tokens import _kernel, few_token_product, kernel_arguments
 
     kernel = _kernel().fn  # the kernel without its autotuner
     tokens = args.sweep
@@ -131,11 +131,8 @@ def sweep(args) -> None:
             weight, state = four_bit_weight(rows, cols, unnested)
             x = torch.randn(tokens, cols, dtype=torch.float16, device="cuda")
             out = torch.zeros((tokens, rows), dtype=torch.float32, device="cuda")
-            nested = bool(state.nested)
-            pointers = (x, weight.view(-1), state.absmax, state.state2.code if nested else state.absmax,
-                        state.state2.absmax if nested else state.absmax,
-                        state.offset.reshape(1) if nested else state.absmax, state.code, out)
-            time_kernel = functools.partial(kernel_us, kernel, pointers, rows, cols, nested)
+            pointers = (x, *kernel_arguments(weight, state), out)
+            time_kernel = functools.partial(kernel_us, kernel, pointers, rows, cols, bool(state.nested))
             configs = {name_of(config): config for config in _kernel().configs}
             times = {name: time_kernel(config, tokens) for name, config in configs.items()}
             best = sorted(times.items(), key=lambda item: item[1])

@@ -289,7 +289,8 @@ def decode_one(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, d
     GPU instead of waiting for each; a page that ends mid-piece is cut where it ended (up to
     `STOP_CHECK_TOKENS` tokens were computed for nothing). With `lookahead` > 0 (e.g. `LOOKAHEAD_TOKENS`),
     greedy decoding with stacking checks drafts of that many tokens (`_decode_looking_ahead`); off by default,
-    as it measured 0.83x the one-token loop on an H200 (a check costs 1.86x a step; bench/lookahead_decode.py).
+    as it measured 0.83x the one-token loop on an H200 (a check's 4-bit products cost 1.86x a step's, the check
+    ~2x a step end to end; bench/lookahead_decode.py).
     `counts`, if given, receives its steps."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     use_one_token_lora(model)

@@ -114,16 +114,22 @@ def _(x, packed, absmax, code2, absmax2, offset, table, rows, nested):
     return x.new_empty((x.shape[:-1].numel(), rows), dtype=torch.float32)
 
 
+def kernel_arguments(weight: torch.Tensor, state) -> tuple[torch.Tensor, ...]:
+    """The kernel's weight pointers, in its order: packed codes, absmax, the nested absmax's code, its scales and
+    offset, and the NF4 table. Without nesting the nested ones are unused: the absmax stands in for them."""
+    nested = bool(state.nested)
+    absmax = state.absmax
+    code2 = state.state2.code if nested else absmax
+    absmax2 = state.state2.absmax if nested else absmax
+    offset = state.offset.reshape(1) if nested else absmax  # a float32 tensor on the device already
+    return weight.view(-1), absmax, code2, absmax2, offset, state.code
+
+
 def few_token_product(x: torch.Tensor, weight: torch.Tensor, state) -> torch.Tensor:
     """`x` (a few tokens) times a bitsandbytes 4-bit weight: our kernel where it fits, else `bnb.matmul_4bit`."""
     if not kernel_fits(x, state):
         import bitsandbytes as bnb
 
         return bnb.matmul_4bit(x, weight.view(-1, 1), quant_state=state)
-    nested = bool(state.nested)
-    absmax = state.absmax
-    code2 = state.state2.code if nested else absmax
-    absmax2 = state.state2.absmax if nested else absmax
-    offset = state.offset.reshape(1) if nested else absmax  # a float32 tensor on the device already
-    out = _nf4_few_tokens(x, weight.view(-1), absmax, code2, absmax2, offset, state.code, state.shape[0], nested)
+    out = _nf4_few_tokens(x, *kernel_arguments(weight, state), state.shape[0], bool(state.nested))
     return out.to(x.dtype).view(*x.shape[:-1], state.shape[0])
