@@ -1,6 +1,6 @@
 """Batch-1 decoding's small kernels: do tuned block sizes, attention as generated kernels instead of cuBLAS,
-q/k/v and gate/up stacked into one layer each, or the stacked LoRA-B product as one block-diagonal
-multiply-and-sum make a decode step faster? (Measured: the stacking, which the package's step now does.)
+or q/k/v and gate/up stacked into one layer each make a decode step faster? (Measured: only the stacking,
+which the package's step now does.)
 
     PYTHONPATH=$PWD python bench/decode_tuning.py --out $OUT             # one CUDA GPU, ~4 minutes
     PYTHONPATH=$PWD python bench/decode_tuning.py --smoke --out /tmp/b   # CPU, tiny model: checks the script
@@ -11,9 +11,7 @@ Builds of `decode_one`'s step on the 7B shape (4-bit base, unmerged LoRA, one pr
 generated kernel, as gpt-fast does for decoding) and with the one-query attention written as two
 multiply-and-sums (generated kernels that fuse the scaling, mask and softmax, instead of two cuBLAS
 matrix-vector kernels); `tuned`, the step with the tuning only; `stacked`, the package's step: `before` with
-each layer's q/k/v and gate/up as one layer (`levers/stacking.py`); `spread`, `stacked` with the group's LoRA-B
-product as the package had it before the block-diagonal B: each member's ranks spread to its rows (cat and
-expand) and multiplied with the members' B matrices stacked.
+each layer's q/k/v and gate/up as one layer (`levers/stacking.py`).
 Each build is compiled and captured once (its warm-up), then timed `--repeats` times interleaved: tokens/s as
 median, min and max; then one profile each (GPU time and kernels per token). Each build's tokens are compared
 with the first build's (random weights: another summation order may move a near-tie).
@@ -55,25 +53,6 @@ def one_query_attention_summed(module, query, key, value, attention_mask, dropou
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
-def output_spread(self, x: torch.Tensor) -> torch.Tensor:
-    """`SharedInput.output` as it was: each member's part of `A x` spread to its rows (cat and expand) and
-    multiplied with the members' B matrices stacked (`_spread_b`, made before the build compiles)."""
-    from htmlgen_utils.levers.few_tokens import few_token_product
-
-    base = few_token_product(x.to(self.compute_dtype or x.dtype), self.weight, self.state).to(x.dtype)
-    low_rank = (x.to(self.lora_a.dtype).unsqueeze(-2) * self.lora_a).sum(-1)
-    spread = torch.cat([part.unsqueeze(-2).expand(*part.shape[:-1], rows, part.shape[-1])
-                        for part, rows in zip(low_rank.split(self.ranks, -1), self.rows)], -2)
-    return base + ((spread * self._spread_b).sum(-1) * self.scales).to(base.dtype)
-
-
-def spread_b(group) -> torch.Tensor:
-    """The members' B matrices stacked (rows x rank), cut from the group's block-diagonal B."""
-    rows = [sum(group.rows[:i]) for i in range(len(group.rows) + 1)]
-    ranks = [sum(group.ranks[:i]) for i in range(len(group.ranks) + 1)]
-    return torch.cat([group.lora_b[rows[i]:rows[i + 1], ranks[i]:ranks[i + 1]] for i in range(len(group.rows))])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -81,7 +60,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--builds", default="before,candidate",
-                        help="which of before, tuned, candidate, stacked, spread to build")
+                        help="which of before, tuned, candidate, stacked to build")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     from generation_compare import one_prompt_model
@@ -90,9 +69,6 @@ def main() -> None:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     from htmlgen_utils.levers import decoding
-    from htmlgen_utils.levers.stacking import SharedInput
-
-    package_output = SharedInput.output
 
     AttentionInterface.register(SUMMED_ATTENTION, one_query_attention_summed)
     AttentionMaskInterface.register(SUMMED_ATTENTION, sdpa_mask)
@@ -100,8 +76,7 @@ def main() -> None:
     known = {"before": ("before: not stacked (matmul attention, default kernels)", None, False, False),
              "tuned": ("tuned: not stacked, tuned kernels", None, True, False),
              "candidate": ("candidate: multiply-and-sum attention, tuned kernels", SUMMED_ATTENTION, True, False),
-             "stacked": ("stacked: the package's step, q/k/v and gate/up as one layer each", None, False, True),
-             "spread": ("spread: stacked, LoRA B spread and stacked as before", None, False, "spread")}
+             "stacked": ("stacked: the package's step, q/k/v and gate/up as one layer each", None, False, True)}
     builds = {known[key][0]: known[key][1:] for key in args.builds.split(",")}
     stores = {name: ({}, {}) for name in builds}  # each build's own static caches and captured steps
     attention = decoding.ONE_QUERY_ATTENTION
@@ -111,20 +86,14 @@ def main() -> None:
         under its tuning setting, at its first call)."""
         summed, tune, stack = builds[name]
         decoding.ONE_QUERY_ATTENTION = summed or attention
-        if stack == "spread":
-            for group in decoding.shared_input_groups(model):  # made once: a captured graph keeps its address
-                if not hasattr(group, "_spread_b"):
-                    group._spread_b = spread_b(group)
-            SharedInput.output = output_spread
         model.__dict__["_htmlgen_static_caches"], model.__dict__["_htmlgen_decode_steps"] = stores[name]
         tuning = torch._inductor.config.patch(coordinate_descent_tuning=True) if tune else nullcontext()
         try:
             with tuning:
                 return [t for piece in decoding.decode_one(model, tokenizer, input_ids, tokens, stop_at_html_end=False,
-                                                           stack_projections=bool(stack)) for t in piece]
+                                                           stack_projections=stack) for t in piece]
         finally:
             decoding.ONE_QUERY_ATTENTION = attention
-            SharedInput.output = package_output
 
     report = {**versions(), "smoke": args.smoke, "prompt_tokens": input_ids.shape[1], "repeats": args.repeats,
               "new_tokens": args.tokens, "rows": {}}

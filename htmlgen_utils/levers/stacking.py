@@ -58,10 +58,7 @@ class SharedInput:
         self.ranks = [member.lora_A[self.adapter].weight.shape[0] for member in members]
         like_a, like_b = members[0].lora_A[self.adapter].weight, members[0].lora_B[self.adapter].weight
         self.lora_a = like_a.new_empty((sum(self.ranks), like_a.shape[1]))
-        # block-diagonal: each member's B in its own rows and ranks, zeros elsewhere, so the group's B product is
-        # one plain multiply-and-sum over all the ranks (a spread of each member's ranks to its rows, with cat
-        # and expand, compiled to a 14 us kernel a layer on an H100)
-        self.lora_b = like_b.new_zeros((sum(self.rows), sum(self.ranks)))
+        self.lora_b = like_b.new_empty((sum(self.rows), like_b.shape[1]))
         self.scales = like_b.new_empty(sum(self.rows))
         self.input = self.out = None
         self.refresh()
@@ -85,11 +82,9 @@ class SharedInput:
         """Copy the members' LoRA matrices and scalings into the stacked buffers (in place: a captured graph
         keeps reading the same tensors), as they may have been trained since the group was built."""
         a = [member.lora_A[self.adapter].weight for member in self.members]
+        b = [member.lora_B[self.adapter].weight for member in self.members]
         torch.cat(a, out=self.lora_a)
-        for index, member in enumerate(self.members):
-            rows = slice(sum(self.rows[:index]), sum(self.rows[:index + 1]))
-            ranks = slice(sum(self.ranks[:index]), sum(self.ranks[:index + 1]))
-            self.lora_b[rows, ranks] = member.lora_B[self.adapter].weight
+        torch.cat(b, out=self.lora_b)
         for part, member in zip(self.scales.split(self.rows), self.members):
             part.fill_(float(member.scaling[self.adapter]))
 
@@ -99,7 +94,9 @@ class SharedInput:
         of `A x`. The LoRA part runs as multiply-and-sums, in the LoRA weights' dtype, as `OneTokenLinear` does."""
         base = few_token_product(x.to(self.compute_dtype or x.dtype), self.weight, self.state).to(x.dtype)
         low_rank = (x.to(self.lora_a.dtype).unsqueeze(-2) * self.lora_a).sum(-1)  # (..., sum of ranks)
-        return base + ((low_rank.unsqueeze(-2) * self.lora_b).sum(-1) * self.scales).to(base.dtype)
+        spread = torch.cat([part.unsqueeze(-2).expand(*part.shape[:-1], rows, part.shape[-1])
+                            for part, rows in zip(low_rank.split(self.ranks, -1), self.rows)], -2)
+        return base + ((spread * self.lora_b).sum(-1) * self.scales).to(base.dtype)
 
     def check_follows_first(self, x: torch.Tensor) -> None:
         """Refuse a later member whose input is not the one the first member computed the group's output from
