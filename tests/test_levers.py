@@ -598,6 +598,115 @@ def test_lookahead_decoding_writes_the_one_token_loops_pages():
     assert {step.token.shape[1] for step in steps} == {1, 1 + LOOKAHEAD_TOKENS}  # steps and checks, one per cache
 
 
+def test_column_words_kernel_computes_the_four_bit_product(tmp_path):
+    """The decode layout (eight codes a word, the words of one input for all outputs contiguous) and its Triton
+    kernel (run by Triton's CPU interpreter here) give one token's product with bitsandbytes' dequantised
+    weights, to float32 rounding, for outputs that leave a partial tile, one program's inputs within one absmax
+    block (32) or spanning two (128), and a stacked group's float32 absmax as well as a loaded weight's nested
+    one. A code in the wrong nibble or an absmax of the wrong block would be far off."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import os
+        os.environ["TRITON_INTERPRET"] = "1"
+        import bitsandbytes as bnb
+        import torch
+        from htmlgen_utils.levers.column_words import _kernel, column_words
+        from htmlgen_utils.levers.stacking import unnested_absmax
+
+        torch.manual_seed(0)
+        rows, cols = 200, 384  # 200 outputs: a partial tile of 64 or 128
+        weight = bnb.nn.Params4bit(torch.randn(rows, cols) * 0.02, requires_grad=False, quant_type="nf4",
+                                   compress_statistics=True)
+        weight._quantize("cpu")
+        state = weight.quant_state
+        x = torch.randn(cols, dtype=torch.float16)
+        expected = bnb.functional.dequantize_4bit(weight.data, state).float() @ x.float()
+        words, absmax = column_words(weight.data, unnested_absmax(state), rows, cols)
+        for block_n, block_k in ((64, 32), (128, 128)):
+            out = torch.zeros(rows)
+            _kernel()[(-(-rows // block_n), cols // block_k)](x, words, absmax, state.code.float(), out, rows, cols,
+                                                               BLOCK_N=block_n, BLOCK_K=block_k, ASM="")
+            print(((out - expected).abs().max() / expected.abs().max()).item())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = [float(line) for line in done.stdout.split()]
+    assert len(errors) == 2 and max(errors) < 1e-5, errors
+
+
+def _run_ptx(asm: str, word: int) -> list[int]:
+    """Run the few PTX instructions `prmt_lookup_asm` writes (mov, shl, shr, and, prmt, lop3, cvt) on one 32-bit
+    word, as the PTX manual defines them; returns the eight outputs' fp16 bits (before the conversion to
+    float32, which is exact)."""
+    registers = {"$8": word}
+
+    def value(operand: str) -> int:
+        return registers[operand] if operand in registers else int(operand, 0)
+
+    def prmt(a: int, b: int, select: int) -> int:  # byte i of the result: byte (select nibble i & 7) of {b, a},
+        source = [(a >> 8 * i) & 0xFF for i in range(4)] + [(b >> 8 * i) & 0xFF for i in range(4)]
+        out = 0
+        for i in range(4):  # or, with the nibble's top bit set, that byte's sign replicated
+            nibble = (select >> 4 * i) & 0xF
+            byte = source[nibble & 7]
+            out |= ((0xFF if byte & 0x80 else 0) if nibble & 8 else byte) << 8 * i
+        return out
+
+    def lop3(a: int, b: int, c: int, table: int) -> int:  # bit j: table's bit (a_j b_j c_j) read as a number
+        return sum(((table >> ((a >> j & 1) << 2 | (b >> j & 1) << 1 | (c >> j & 1))) & 1) << j for j in range(32))
+
+    for line in asm.splitlines():
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, rest = line.rstrip(";").split(" ", 1)
+        args = [arg.strip() for arg in rest.replace("{", "").replace("}", "").split(",")]
+        if op == "mov.b32" and len(args) == 3:  # unpack a register's two halves
+            registers[args[0]], registers[args[1]] = value(args[2]) & 0xFFFF, value(args[2]) >> 16
+        elif op == "mov.b32":
+            registers[args[0]] = value(args[1])
+        elif op == "shl.b32":
+            registers[args[0]] = (value(args[1]) << value(args[2])) & 0xFFFFFFFF
+        elif op == "shr.u32":
+            registers[args[0]] = value(args[1]) >> value(args[2])
+        elif op == "and.b32":
+            registers[args[0]] = value(args[1]) & value(args[2])
+        elif op == "prmt.b32":
+            registers[args[0]] = prmt(value(args[1]), value(args[2]), value(args[3]))
+        elif op == "lop3.b32":
+            registers[args[0]] = lop3(value(args[1]), value(args[2]), value(args[3]), value(args[4]))
+        elif op == "cvt.f32.f16":
+            registers[args[0]] = value(args[1])
+        else:
+            raise AssertionError(f"an instruction the test does not know: {line}")
+    return [registers[f"${i}"] for i in range(8)]
+
+
+def test_column_words_lookup_in_registers_gives_the_nf4_table():
+    """The PTX that looks a word's eight codes up in registers (the GPU kernel's lookup; Triton's interpreter
+    cannot run it), executed instruction by instruction as the PTX manual defines them, gives each code's NF4
+    value in fp16, for every code in every position of the word. A wrong byte select, mask or half would give
+    another code's value."""
+    import random
+
+    import bitsandbytes.functional as F
+
+    from htmlgen_utils.levers.column_words import prmt_lookup_asm
+
+    table = F.get_4bit_type("nf4", device="cpu").float()
+    fp16_bits = [int(b) & 0xFFFF for b in table.half().view(torch.int16).tolist()]
+    asm = prmt_lookup_asm(table)
+    rng = random.Random(0)
+    words = [[(code + shift) % 16 for shift in range(8)] for code in range(16)]  # every code in every position
+    words += [[rng.randrange(16) for _ in range(8)] for _ in range(200)]
+    for codes in words:
+        word = sum(code << 4 * j for j, code in enumerate(codes))
+        assert _run_ptx(asm, word) == [fp16_bits[code] for code in codes], codes
+
+
 def test_few_token_kernel_computes_the_four_bit_product(tmp_path):
     """The Triton kernel for a few tokens (run by Triton's CPU interpreter here) gives the product with
     bitsandbytes' dequantised weights (rounded to fp16, as the tensor cores take them), for the absmax

@@ -212,9 +212,13 @@ class DecodeStep:
     it is a lookahead check: that many tokens at consecutive positions, returning the greedy pick after each."""
 
     def __init__(self, model, cache, cache_name: str, device: torch.device, groups: list[SharedInput],
-                 tokens: int = 1):
+                 tokens: int = 1, column_words: bool = False):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.model, self.cache, self.cache_name, self.groups = model, cache, cache_name, groups
+        self.column_words = column_words and tokens == 1
+        if self.column_words:
+            for group in groups:
+                group.build_column_words()
         self.token = torch.zeros((1, tokens), dtype=torch.long, device=device)
         self.position = torch.arange(tokens, device=device)
         self.forward = torch.compile(base, dynamic=False) if device.type == "cuda" else base
@@ -233,7 +237,7 @@ class DecodeStep:
             cache.reset()
 
     def _run(self) -> torch.Tensor:
-        with stacked_layers(self.groups):
+        with stacked_layers(self.groups, self.column_words):
             logits = self.forward(input_ids=self.token, **{self.cache_name: self.cache}, cache_position=self.position,
                                   position_ids=self.position[None], use_cache=True).logits
         if self.token.shape[1] == 1:
@@ -266,20 +270,20 @@ class DecodeStep:
 
 
 def decode_step(model, cache, cache_name: str, device: torch.device, groups: list[SharedInput],
-                tokens: int = 1) -> DecodeStep:
+                tokens: int = 1, column_words: bool = False) -> DecodeStep:
     """The `DecodeStep` of this static cache (and stacking, and token count), built at its first use (before the
     prompt goes in: building it resets the cache) and kept with it, as a graph is bound to its cache's tensors."""
     steps = model.__dict__.setdefault("_htmlgen_decode_steps", {})
-    key = (id(cache), bool(groups), tokens)
+    key = (id(cache), bool(groups), tokens, column_words)
     if key not in steps:
-        steps[key] = DecodeStep(model, cache, cache_name, device, groups, tokens)
+        steps[key] = DecodeStep(model, cache, cache_name, device, groups, tokens, column_words)
     return steps[key]
 
 
 @torch.no_grad()
 def decode_one(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
                temperature: float = 0.7, top_p: float = 0.95, stop_at_html_end: bool = True,
-               stack_projections: bool = True, lookahead: int = 0,
+               stack_projections: bool = True, lookahead: int = 0, column_words: bool = False,
                counts: dict | None = None) -> Iterator[list[int]]:
     """One prompt's new tokens (its EOS included), yielded in pieces as they are read back.
 
@@ -305,7 +309,8 @@ def decode_one(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, d
     # built at the first call either way: the members' weights then move into the stacked buffers, which must
     # happen before any step is captured (a CUDA graph keeps reading the addresses it was captured with)
     groups = shared_input_groups(model)
-    step = decode_step(model, cache, cache_name, input_ids.device, groups if stack_projections else [])
+    step = decode_step(model, cache, cache_name, input_ids.device, groups if stack_projections else [],
+                       column_words=column_words and stack_projections)
     check = decode_step(model, cache, cache_name, input_ids.device, groups, lookahead + 1) if looking_ahead else None
     logits = base(input_ids=input_ids, **{cache_name: cache}, cache_position=positions[:length], use_cache=True,
                   logits_to_keep=1).logits[:, -1]

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .column_words import ColumnWords
 from .few_tokens import FEW_TOKENS, few_token_product
 
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
@@ -61,7 +62,15 @@ class SharedInput:
         self.lora_b = like_b.new_empty((sum(self.rows), like_b.shape[1]))
         self.scales = like_b.new_empty(sum(self.rows))
         self.input = self.out = None
+        self.columns: ColumnWords | None = None  # the decode layout, built on request (`build_column_words`)
+        self.use_columns = False  # set by `stacked_layers` for the step it runs
         self.refresh()
+
+    def build_column_words(self) -> None:
+        """Lay the group's weight out once more for one-token products (`column_words.ColumnWords`), where the
+        format allows; a second call changes nothing."""
+        if self.columns is None and ColumnWords.fits(self.weight, self.state):
+            self.columns = ColumnWords(self.weight, unnested_absmax(self.state), self.state)
 
     def _stack(self, bases: list, states: list) -> None:
         from bitsandbytes.functional import QuantState
@@ -92,7 +101,10 @@ class SharedInput:
         """All members' outputs for one token (or a few), one after the other along the last dimension: the
         4-bit product plus the LoRA product (B A x, scaled), where each output row meets its own member's part
         of `A x`. The LoRA part runs as multiply-and-sums, in the LoRA weights' dtype, as `OneTokenLinear` does."""
-        base = few_token_product(x.to(self.compute_dtype or x.dtype), self.weight, self.state).to(x.dtype)
+        if self.use_columns and self.columns is not None and x.shape[:-1].numel() == 1:
+            base = self.columns.product(x).to(x.dtype)
+        else:
+            base = few_token_product(x.to(self.compute_dtype or x.dtype), self.weight, self.state).to(x.dtype)
         low_rank = (x.to(self.lora_a.dtype).unsqueeze(-2) * self.lora_a).sum(-1)  # (..., sum of ranks)
         spread = torch.cat([part.unsqueeze(-2).expand(*part.shape[:-1], rows, part.shape[-1])
                             for part, rows in zip(low_rank.split(self.ranks, -1), self.rows)], -2)
@@ -165,10 +177,12 @@ _STACKED_CLASSES: dict[type, type] = {}
 
 
 @contextmanager
-def stacked_layers(groups: list[SharedInput]) -> Iterator[None]:
-    """Make the groups' members compute as one (`StackedLora`) for one-token inputs, and themselves again after."""
+def stacked_layers(groups: list[SharedInput], column_words: bool = False) -> Iterator[None]:
+    """Make the groups' members compute as one (`StackedLora`) for one-token inputs, and themselves again after;
+    with `column_words`, a one-token product reads the group's decode layout where it has one."""
     swapped = []
     for group in groups:
+        group.use_columns = column_words
         for index, member in enumerate(group.members):
             if isinstance(member, StackedLora):  # already stacked by an enclosing call
                 continue
@@ -184,3 +198,5 @@ def stacked_layers(groups: list[SharedInput]) -> Iterator[None]:
         for member, own in swapped:
             member.__class__ = own
             del member._stacked_group
+        for group in groups:
+            group.use_columns = False
