@@ -14,6 +14,7 @@ generation asks for compiled decoding per call (`generate_pages(..., compile_dec
     stacking   q/k/v and gate/up as one layer each in the batch-1 step       (part of `decoding`)
     lookahead  greedy batch-1 decoding checks drafted tokens in one step      (`decode_one(lookahead=)`)
     few_tokens a 4-bit kernel that reads each weight once for a few tokens    (the lookahead's check)
+    column_words a 4-bit layout and kernel made for one token's products     (`decode_one(column_words=)`)
 
 The chunked loss (`loss_chunk_tokens`) and the half-precision frozen embeddings (`embeddings_in_compute_dtype`)
 live where they act, in `loss.next_token_loss` and `model.prepare_4bit_for_training`.

@@ -8,8 +8,10 @@ that looks at its tokens only every `STOP_CHECK_TOKENS`. Its step is built for o
 query as plain matmuls (`one_query_attention`), the LoRA matrices as multiply-and-sums the compiler fuses
 (`OneTokenLinear`), q/k/v and gate/up as one layer each (`stacking.stacked_layers`), and its own CUDA graph
 (`DecodeStep`); on the 7B shape that took it from 118 to ~176-184 tokens/s (bench/README.md), and what remains is
-mostly bitsandbytes' 4-bit matrix-vector kernel. Greedy decoding can also look ahead (`lookahead.py`): a step
-that checks a continuation drafted from the text so far, several tokens in one pass over the weights.
+mostly bitsandbytes' 4-bit matrix-vector kernel; our own, over a layout made for it (`column_words.py`), is
+1.64x as fast on its own and is asked for with `column_words=True`. Greedy decoding can also look ahead
+(`lookahead.py`): a step that checks a continuation drafted from the text so far, several tokens in one pass
+over the weights.
 """
 from __future__ import annotations
 
@@ -294,8 +296,10 @@ def decode_one(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, d
     `STOP_CHECK_TOKENS` tokens were computed for nothing). With `lookahead` > 0 (e.g. `LOOKAHEAD_TOKENS`),
     greedy decoding with stacking checks drafts of that many tokens (`_decode_looking_ahead`); off by default,
     as it measured 0.83x the one-token loop on an H200 (a check's 4-bit products cost 1.86x a step's, the check
-    ~2x a step end to end; bench/lookahead_decode.py).
-    `counts`, if given, receives its steps."""
+    ~2x a step end to end; bench/lookahead_decode.py). With `column_words` (and stacking) the one-token step's
+    4-bit products read a copy of the weights laid out for decoding (`column_words.py`: 1.64x bitsandbytes'
+    kernel on those products, ~3.6 GB more GPU memory for a 7B model); off by default, as its end-to-end speed
+    is not measured yet. `counts`, if given, receives its steps."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     use_one_token_lora(model)
     length = input_ids.shape[1]
