@@ -11,11 +11,12 @@ absmax dequantised to float32, laid out the same way. A program takes BLOCK_K in
 loop, issues all its loads at once, and adds its share into the float32 output (zeroed before; timed without
 the zeroing, which a decode step can do for all layers at once). The lookup is one of:
 
-- `table`: each code's NF4 value from a 16-entry float32 table (a load that hits the L1 cache);
-- `pairs`: each byte's two values from a 256-entry table of fp16 pairs (half the loads);
 - `prmt`: four codes at a time from the table's bytes held in registers, with byte permutes (inline PTX,
-  `htmlgen_utils.levers.column_words.prmt_lookup_asm`; the package's kernel is this one with that lookup);
+  `prmt_lookup_asm`): the package's kernel as `decode_one(column_words=True)` runs it;
+- `table`: each code's NF4 value from a 16-entry float32 table (a load that hits the L1 cache);
 - `raw`: the code itself (a wrong product: the cost without any lookup).
+
+All three are the package's kernel (`htmlgen_utils.levers.column_words`), told which lookup to use.
 
 For each stacked 7B matrix (q/k/v, o, gate/up, down) every tile shape is timed once, then bitsandbytes and the
 best of each lookup `--repeats` times, interleaved. Times are in CUDA graphs; bytes read per second; every
@@ -26,19 +27,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 from pathlib import Path
 
 import torch
-from common import REPO, versions, write_report
+from common import REPO, interleaved_graph_times, versions, write_report
 from four_bit_matvec import random_layer_and_token
 
-from htmlgen_utils.levers.column_words import column_words, prmt_lookup_asm
+from htmlgen_utils.levers.column_words import _kernel, column_words, prmt_lookup_asm
 from htmlgen_utils.levers.stacking import unnested_absmax
 
 SHAPES = {"q/k/v stacked": (12288, 4096), "o": (4096, 4096), "gate/up stacked": (22016, 4096),
           "down": (4096, 11008)}  # each once a layer
-LOOKUPS = {"raw": 0, "table": 1, "pairs": 2, "prmt": 3}
+LOOKUPS = ("prmt", "table", "raw")
 
 
 def layer_column_words(layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,53 +47,13 @@ def layer_column_words(layer) -> tuple[torch.Tensor, torch.Tensor]:
     return column_words(layer.weight.data, unnested_absmax(state), *state.shape)
 
 
-def build_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def kernel(x_ptr, words_ptr, absmax_ptr, table_ptr, pairs_ptr, out_ptr, rows,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOOKUP: tl.constexpr, ASM: tl.constexpr):
-        # a program: outputs n, inputs [k0, k0 + BLOCK_K); a word holds inputs 8w .. 8w + 7 of one output
-        WORDS: tl.constexpr = BLOCK_K // 8
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < rows
-        word_row = tl.program_id(1) * WORDS + tl.arange(0, WORDS)
-        word = tl.load(words_ptr + word_row.to(tl.int64)[:, None] * rows + n[None, :], mask=n_ok[None, :], other=0)
-        acc = tl.zeros((WORDS, BLOCK_N), tl.float32)
-        if LOOKUP == 3:  # byte permutes in registers
-            v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
-                ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [word], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-            x = x_ptr + word_row * 8
-            acc += (v0 * tl.load(x).to(tl.float32)[:, None] + v1 * tl.load(x + 1).to(tl.float32)[:, None]
-                    + v2 * tl.load(x + 2).to(tl.float32)[:, None] + v3 * tl.load(x + 3).to(tl.float32)[:, None]
-                    + v4 * tl.load(x + 4).to(tl.float32)[:, None] + v5 * tl.load(x + 5).to(tl.float32)[:, None]
-                    + v6 * tl.load(x + 6).to(tl.float32)[:, None] + v7 * tl.load(x + 7).to(tl.float32)[:, None])
-        elif LOOKUP == 2:
-            for j in tl.static_range(4):  # byte j: inputs 8w + 2j (low nibble) and 8w + 2j + 1 (high)
-                pair = tl.load(pairs_ptr + ((word >> (8 * j)) & 255))
-                low = (pair & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-                high = ((pair >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-                x_low = tl.load(x_ptr + word_row * 8 + 2 * j).to(tl.float32)
-                x_high = tl.load(x_ptr + word_row * 8 + 2 * j + 1).to(tl.float32)
-                acc += low * x_low[:, None] + high * x_high[:, None]
-        else:
-            for j in tl.static_range(8):
-                code = (word >> (4 * j)) & 15
-                value = tl.load(table_ptr + code) if LOOKUP == 1 else code.to(tl.float32)
-                acc += value * tl.load(x_ptr + word_row * 8 + j).to(tl.float32)[:, None]
-        if BLOCK_K >= 64:  # several absmax blocks: scale each block's sum
-            GROUPS: tl.constexpr = BLOCK_K // 64
-            group = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
-            scale = tl.load(absmax_ptr + group.to(tl.int64)[:, None] * rows + n[None, :], mask=n_ok[None, :],
-                            other=0.0)
-            total = tl.sum(tl.sum(tl.reshape(acc, (GROUPS, 8, BLOCK_N)), 1) * scale, 0)
-        else:
-            group = (tl.program_id(1) * BLOCK_K) // 64
-            total = tl.sum(acc, 0) * tl.load(absmax_ptr + group.to(tl.int64) * rows + n, mask=n_ok, other=0.0)
-        tl.atomic_add(out_ptr + n, total, mask=n_ok, sem="relaxed")
-
-    return kernel
+def raw_codes_asm() -> str:
+    """PTX that gives a word's eight codes themselves, as float32: the kernel without any lookup (a wrong
+    product), to show what the layout reads at."""
+    lines = ["{", ".reg .b32 s;"]
+    for j in range(8):
+        lines += [f"shr.u32 s, $8, {4 * j};", "and.b32 s, s, 15;", f"cvt.rn.f32.u32 ${j}, s;"]
+    return "\n".join(lines + ["}"])
 
 
 def main() -> None:
@@ -102,13 +62,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--lookups", default=",".join(LOOKUPS))
-    parser.add_argument("--quick", action="store_true", help="36 tile shapes instead of 144 (compiles faster)")
+    parser.add_argument("--quick", action="store_true", help="18 tile shapes instead of 48 (compiles faster)")
     args = parser.parse_args()
     import triton
     from triton.testing import do_bench_cudagraph
 
-    kernel = build_kernel()
-    dtype = torch.float16
+    kernel = _kernel()
     report = {**versions(), "rows": {}}
     torch.manual_seed(0)
     tiles = ((128, 256, 512), (32, 64, 128), (2, 4)) if args.quick else ((64, 128, 256, 512), (32, 64, 128, 256),
@@ -118,23 +77,18 @@ def main() -> None:
     step = {}
     for name in args.shapes.split(","):
         rows, cols = SHAPES[name]
-        layer, x, reference = random_layer_and_token(rows, cols, dtype)
+        layer, x, reference = random_layer_and_token(rows, cols, torch.float16)
         words, absmax = layer_column_words(layer)
         table = layer.weight.quant_state.code.float().contiguous()
-        codes = torch.arange(256, device="cuda")
-        low = table[codes & 15].half().view(torch.int16).int() & 0xFFFF
-        high = table[codes >> 4].half().view(torch.int16).int() & 0xFFFF
-        pairs = (low | (high << 16)).to(torch.int32)
+        asm = {"prmt": prmt_lookup_asm(table), "table": "", "raw": raw_codes_asm()}
         out = torch.zeros(rows, dtype=torch.float32, device="cuda")
         token = x.reshape(cols)
-        asm = prmt_lookup_asm(table)
 
         def ours(config):
             block_n, block_k, warps, lookup = config
             grid = (triton.cdiv(rows, block_n), cols // block_k)
-            return lambda: kernel[grid](token, words, absmax, table, pairs, out, rows, BLOCK_N=block_n,
-                                        BLOCK_K=block_k, LOOKUP=LOOKUPS[lookup], ASM=asm, num_warps=warps,
-                                        num_stages=1)
+            return lambda: kernel[grid](token, words, absmax, table, out, rows, cols, BLOCK_N=block_n,
+                                        BLOCK_K=block_k, ASM=asm[lookup], num_warps=warps, num_stages=1)
 
         sweep = {}
         with torch.no_grad():
@@ -153,18 +107,13 @@ def main() -> None:
                     print("skip", config, type(exc).__name__, str(exc)[:200], flush=True)
             best = {lookup: min((c for c in sweep if c[-1] == lookup), key=sweep.get) for lookup in lookups}
             ways = {"bitsandbytes": lambda: layer(x), **{lookup: ours(best[lookup]) for lookup in best}}
-            times = {way: [] for way in ways}
-            for _ in range(args.repeats):
-                for way, run in ways.items():
-                    times[way].append(do_bench_cudagraph(run, rep=40) * 1e3)
+            times = interleaved_graph_times(ways, args.repeats)
         packed = layer.weight.numel() + 4 * absmax.numel()
         row = {"best": {k: list(v) for k, v in best.items()},
                "top": sorted(((round(t, 2), list(c)) for c, t in sweep.items()))[:12]}
-        for way, values in times.items():
-            median = statistics.median(values)
-            row[way] = {"us": round(median, 2), "min": round(min(values), 2), "max": round(max(values), 2),
-                        "gb_per_s": round(packed / median / 1e3)}
-            step[way] = step.get(way, 0.0) + 32 * median / 1e3
+        for way, time in times.items():
+            row[way] = {**time, "gb_per_s": round(packed / time["us"] / 1e3)}
+            step[way] = step.get(way, 0.0) + 32 * time["us"] / 1e3
         report["rows"][name] = row
         print(name, json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)
         print("  top", row["top"][:6], flush=True)

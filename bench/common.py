@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,20 @@ def versions() -> dict:
     except ImportError:
         pass
     return info
+
+
+def interleaved_graph_times(ways: dict, repeats: int, rep: int = 40) -> dict[str, dict[str, float]]:
+    """Each way (a function that launches GPU work) timed `repeats` times in a CUDA graph (triton's
+    `do_bench_cudagraph`: launch overhead out, as in a captured decode step), the ways interleaved so drift on a
+    shared GPU hits them alike: the median, min and max in microseconds."""
+    from triton.testing import do_bench_cudagraph
+
+    times: dict[str, list[float]] = {way: [] for way in ways}
+    for _ in range(repeats):
+        for way, run in ways.items():
+            times[way].append(do_bench_cudagraph(run, rep=rep) * 1e3)
+    return {way: {"us": round(statistics.median(values), 2), "min": round(min(values), 2),
+                  "max": round(max(values), 2)} for way, values in times.items()}
 
 
 def write_report(report: dict, out_dir: Path, name: str, quiet: bool = False) -> Path:

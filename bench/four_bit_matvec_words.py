@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 from pathlib import Path
 
 import torch
-from common import REPO, versions, write_report
+from common import REPO, interleaved_graph_times, versions, write_report
 from four_bit_matvec import random_layer_and_token
 
 SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008),
@@ -128,19 +127,14 @@ def main() -> None:
                     print("skip", config, type(exc).__name__, str(exc)[:200], flush=True)
             best = {lookup: min((c for c in sweep if c[-1] == lookup), key=sweep.get) for lookup in (0, 2)}
             ways = {"bitsandbytes": lambda: layer(x), **{f"lookup{lookup}": ours(best[lookup]) for lookup in best}}
-            times = {way: [] for way in ways}
-            for _ in range(args.repeats):
-                for way, run in ways.items():
-                    times[way].append(do_bench_cudagraph(run, rep=40) * 1e3)
+            times = interleaved_graph_times(ways, args.repeats)
         packed = layer.weight.numel() + state.absmax.numel()
         row = {"best": {k: list(v) for k, v in best.items()},
                "top": sorted(((round(t, 2), list(c)) for c, t in sweep.items()))[:12]}
-        for way, values in times.items():
-            median = statistics.median(values)
-            row[way] = {"us": round(median, 2), "min": round(min(values), 2), "max": round(max(values), 2),
-                        "gb_per_s": round(packed / median / 1e3)}
+        for way, time in times.items():
+            row[way] = {**time, "gb_per_s": round(packed / time["us"] / 1e3)}
             if name in PER_LAYER:
-                step[way] = step.get(way, 0.0) + 32 * PER_LAYER[name] * median / 1e3
+                step[way] = step.get(way, 0.0) + 32 * PER_LAYER[name] * time["us"] / 1e3
         report["rows"][name] = row
         print(name, json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)
         print("  top", row["top"][:6], flush=True)
