@@ -602,8 +602,8 @@ def test_column_words_kernel_computes_the_four_bit_product(tmp_path):
     """The decode layout (eight codes a word, the words of one input for all outputs contiguous) and its Triton
     kernel (run by Triton's CPU interpreter here) give one token's product with bitsandbytes' dequantised
     weights, to float32 rounding, for outputs that leave a partial tile, one program's inputs within one absmax
-    block (32) or spanning two (128), and a stacked group's float32 absmax as well as a loaded weight's nested
-    one. A code in the wrong nibble or an absmax of the wrong block would be far off."""
+    block (32) or spanning two (128), the rows re-laid 64 at a time (the last slice partial). A code in the
+    wrong nibble or an absmax of the wrong block would be far off."""
     pytest.importorskip("triton")
     import subprocess
     import sys
@@ -625,7 +625,7 @@ def test_column_words_kernel_computes_the_four_bit_product(tmp_path):
         state = weight.quant_state
         x = torch.randn(cols, dtype=torch.float16)
         expected = bnb.functional.dequantize_4bit(weight.data, state).float() @ x.float()
-        words, absmax = column_words(weight.data, unnested_absmax(state), rows, cols)
+        words, absmax = column_words(weight.data, unnested_absmax(state), rows, cols, codes_at_once=64 * cols)
         for block_n, block_k in ((64, 32), (128, 128)):
             out = torch.zeros(rows)
             _kernel()[(-(-rows // block_n), cols // block_k)](x, words, absmax, state.code.float(), out, rows, cols,

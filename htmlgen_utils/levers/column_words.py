@@ -20,8 +20,9 @@ tests) the kernel takes the table-load form, the same sums.
 
 The same weights; the product to fp16 rounding of the table's values (bitsandbytes rounds each dequantised
 weight to fp16). The price is memory: the copy is as large as the 4-bit weights (~3.6 GB for a 7B model), kept
-beside them because the prompt, training and the lookahead's check read bitsandbytes' layout. `decode_one`
-reads it only when asked (`column_words=True`): its end-to-end speed is not measured yet.
+beside them because the prompt, training and the lookahead's check read bitsandbytes' layout; a group whose
+copy would not fit in the GPU's free memory keeps bitsandbytes' kernel. `decode_one` reads it only when asked
+(`column_words=True`): its end-to-end speed is not measured yet.
 """
 from __future__ import annotations
 
@@ -32,16 +33,28 @@ import torch
 WORD_CODES = 8  # 4-bit codes a 32-bit word holds
 
 
-def column_words(packed: torch.Tensor, absmax: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+def column_words(packed: torch.Tensor, absmax: torch.Tensor, rows: int, cols: int,
+                 codes_at_once: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
     """bitsandbytes' packed NF4 bytes of a (rows, cols) weight (two codes a byte, the first in the high nibble)
     and its float32 absmax (one per 64 weights of a row) as (cols / 8, rows) int32 words and (cols / 64, rows)
-    float32 scales."""
+    float32 scales. Rows are re-laid a slice at a time (`codes_at_once` codes: 64 MB of int32 working memory),
+    so a 7B model's largest stacked matrix needs no 360 MB of it at once."""
     packed = packed.reshape(rows, cols // 2)
-    codes = torch.stack([packed >> 4, packed & 15], -1).view(rows, cols // WORD_CODES, WORD_CODES).int()
-    words = torch.zeros(rows, cols // WORD_CODES, dtype=torch.int32, device=packed.device)
-    for j in range(WORD_CODES):
-        words |= codes[..., j] << (4 * j)
-    return words.t().contiguous(), absmax.float().reshape(rows, cols // 64).t().contiguous()
+    words = torch.empty(cols // WORD_CODES, rows, dtype=torch.int32, device=packed.device)
+    step = max(1, codes_at_once // cols)
+    for start in range(0, rows, step):
+        part = packed[start:start + step]
+        codes = torch.stack([part >> 4, part & 15], -1).view(-1, cols // WORD_CODES, WORD_CODES).int()
+        word = codes[..., 0].clone()
+        for j in range(1, WORD_CODES):
+            word |= codes[..., j] << (4 * j)
+        words[:, start:start + step] = word.t()
+    return words, absmax.float().reshape(rows, cols // 64).t().contiguous()
+
+
+def column_words_bytes(state) -> int:
+    """GPU memory the layout of a weight with this quant state takes: its codes and its float32 absmax."""
+    return state.shape.numel() // 2 + 4 * (state.shape.numel() // state.blocksize)
 
 
 def prmt_lookup_asm(table: torch.Tensor) -> str:

@@ -219,8 +219,10 @@ class DecodeStep:
         self.model, self.cache, self.cache_name, self.groups = model, cache, cache_name, groups
         self.column_words = column_words and tokens == 1
         if self.column_words:
-            for group in groups:
-                group.build_column_words()
+            left_out = [group for group in groups if not group.build_column_words()]
+            if left_out:
+                print(f"column_words: {len(left_out)} of {len(groups)} projection groups keep bitsandbytes' layout "
+                      "(not NF4 in blocks of 64, or no GPU memory to spare for a second copy of their weights)")
         self.token = torch.zeros((1, tokens), dtype=torch.long, device=device)
         self.position = torch.arange(tokens, device=device)
         self.forward = torch.compile(base, dynamic=False) if device.type == "cuda" else base

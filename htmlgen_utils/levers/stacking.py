@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .column_words import ColumnWords
+from .column_words import ColumnWords, column_words_bytes
 from .few_tokens import FEW_TOKENS, few_token_product
 
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
@@ -66,11 +66,15 @@ class SharedInput:
         self.use_columns = False  # set by `stacked_layers` for the step it runs
         self.refresh()
 
-    def build_column_words(self) -> None:
+    def build_column_words(self) -> bool:
         """Lay the group's weight out once more for one-token products (`column_words.ColumnWords`), where the
-        format allows; a second call changes nothing."""
+        format allows and the GPU has room for it (and 256 MiB to spare); a second call changes nothing.
+        Returns whether the group has the layout."""
         if self.columns is None and ColumnWords.fits(self.weight, self.state):
-            self.columns = ColumnWords(self.weight, unnested_absmax(self.state), self.state)
+            free, _ = torch.cuda.mem_get_info(self.weight.device)
+            if free > column_words_bytes(self.state) + (256 << 20):
+                self.columns = ColumnWords(self.weight, unnested_absmax(self.state), self.state)
+        return self.columns is not None
 
     def _stack(self, bases: list, states: list) -> None:
         from bitsandbytes.functional import QuantState
