@@ -156,3 +156,18 @@ def test_few_token_kernel_compiles_to_tensor_core_products_without_asynchronous_
     (counts,) = report["targets"]["sm_90"].values()
     assert counts["asynchronous copies"] == 0 and counts["tensor-core products"] > 0, counts
     assert counts["global loads, 8-16 bytes"] > 0  # the packed weights are read 16 bytes at a time
+
+
+def test_column_words_kernel_compiles_for_a_t4_with_its_lookup_in_registers(tmp_path):
+    """The column-words kernel compiled for a T4 (sm_75) on this CPU, through the instruction-count script:
+    NVIDIA's assembler accepts its inline PTX, the lookup is byte permutes and three-input logic in registers
+    (7 and 2 for four codes), and the only narrow global loads are the token's values (one per input of the
+    tile), not a table load per code; the codes come 16 bytes at a time."""
+    pytest.importorskip("triton")
+    report = run_bench("kernel_instructions.py", "--kernel", "column-words", "--targets", "75", out=tmp_path,
+                       name="kernel_instructions_column_words.json")
+    (counts,) = report["targets"]["sm_75"].values()
+    codes = counts["weights a thread"]
+    assert counts["machine code bytes"] > 0
+    assert counts["byte permutes"] == 7 * codes // 4 and counts["three-input logic"] == 2 * codes // 4, counts
+    assert counts["global loads, 1-4 bytes"] == 32 and counts["global loads, 8-16 bytes"] > 0, counts
