@@ -638,6 +638,38 @@ def test_column_words_kernel_computes_the_four_bit_product(tmp_path):
     assert len(errors) == 2 and max(errors) < 1e-5, errors
 
 
+def test_decoding_over_the_column_words_layout_writes_the_same_pages(monkeypatch):
+    """`decode_one(column_words=True)`: every group of the step gets the decode layout and its one-token
+    products read it (here through the op's CPU form, the same sums in tensor operations; on CUDA the Triton
+    kernel), and the pages are the default step's, with the adapter mattering. The layout is what ran: with
+    its absmax doubled the pages change, and the default step's do not. The custom op passes torch's op
+    checks (its shape-only form is what the compiler traces)."""
+    from htmlgen_utils.levers import column_words
+    from htmlgen_utils.levers.decoding import decode_one
+
+    monkeypatch.setattr(column_words.ColumnWords, "fits",  # the layout is built on CUDA only; here on CPU too
+                        staticmethod(lambda packed, state: column_words.ColumnWords.fits_format(state)))
+    model, tokenizer = _adapted_tiny_model()
+    ids = tokenizer(build_prompt("A modern landing page for Acme in blue"), return_tensors="pt").input_ids
+    plain = list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False))
+    ours = list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False, column_words=True))
+    assert ours == plain
+    groups = model.__dict__["_htmlgen_shared_inputs"]
+    assert len(groups) == 4 * model.config.num_hidden_layers and all(group.columns is not None for group in groups)
+    with model.disable_adapter():
+        assert list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False)) != plain
+    for group in groups:
+        group.columns.absmax *= 2
+    assert list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False, column_words=True)) != plain
+    assert list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False)) == plain
+    # the op as the compiled step traces it: schema, fake (shape-only) form and real form agree
+    group = groups[0]
+    x = torch.randn(1, 1, group.columns.words.shape[0] * 8, dtype=torch.float16)
+    checks = torch.library.opcheck(column_words._nf4_column_words,
+                                   (x, group.columns.words, group.columns.absmax, group.columns.table, ""))
+    assert set(checks.values()) == {"SUCCESS"}, checks
+
+
 def _run_ptx(asm: str, word: int) -> list[int]:
     """Run the few PTX instructions `prmt_lookup_asm` writes (mov, shl, shr, and, prmt, lop3, cvt) on one 32-bit
     word, as the PTX manual defines them; returns the eight outputs' fp16 bits (before the conversion to

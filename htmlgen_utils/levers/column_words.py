@@ -16,7 +16,8 @@ product), a 7B step's 128 products read at ~2.3 TB/s on an H100 (bitsandbytes: 1
 looked up in registers (`prmt_lookup_asm`): byte permutes over the table's 16 fp16 values, four codes at a
 time. That measured 1.98 against bitsandbytes' 3.25 ms a step on an H100 (1.64x as fast;
 bench/README.md, `column_words_matvec.py`). Triton's CPU interpreter cannot run PTX, so there (and in the CPU
-tests) the kernel takes the table-load form, the same sums.
+tests) the kernel takes the table-load form, the same sums; on CPU the op itself is those sums in tensor
+operations, which lets the tests run `decode_one` over the layout.
 
 The same weights; the product to fp16 rounding of the table's values (bitsandbytes rounds each dequantised
 weight to fp16). The price is memory: the copy is as large as the 4-bit weights (~3.6 GB for a 7B model), kept
@@ -159,6 +160,17 @@ def _(x, words, absmax, table, asm):
     return x.new_empty(words.shape[1], dtype=torch.float32)
 
 
+@_nf4_column_words.register_kernel("cpu")
+def _(x, words, absmax, table, asm):
+    # the same product in tensor operations, for CPU (where the layout is only ever tested): each word's eight
+    # codes unpacked, looked up, scaled by their block's absmax, and summed against the token
+    cols, rows = words.shape[0] * WORD_CODES, words.shape[1]
+    shifts = torch.arange(0, 4 * WORD_CODES, 4, dtype=torch.int32, device=words.device)
+    codes = ((words.unsqueeze(1) >> shifts[None, :, None]) & 15).reshape(cols, rows)
+    weights = table[codes.long()] * absmax.repeat_interleave(64, 0)
+    return x.reshape(cols).float() @ weights
+
+
 class ColumnWords:
     """A (stacked) NF4 weight in the column-words layout, and the product of one token with it."""
 
@@ -170,9 +182,14 @@ class ColumnWords:
 
     @staticmethod
     def fits(packed: torch.Tensor, state) -> bool:
-        """CUDA, NF4 in blocks of 64 (bitsandbytes' default), rows of whole blocks."""
-        return (packed.is_cuda and state.quant_type == "nf4" and state.blocksize == 64
-                and state.shape[1] % 64 == 0)
+        """Built for CUDA only (elsewhere the product is plain tensor operations, for tests), and for
+        `fits_format`."""
+        return packed.is_cuda and ColumnWords.fits_format(state)
+
+    @staticmethod
+    def fits_format(state) -> bool:
+        """NF4 in blocks of 64 (bitsandbytes' default), rows of whole blocks."""
+        return state.quant_type == "nf4" and state.blocksize == 64 and state.shape[1] % 64 == 0
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """One token `x` (..., cols) times the weight, as (..., rows) in float32."""

@@ -71,7 +71,7 @@ class SharedInput:
         format allows and the GPU has room for it (and 256 MiB to spare); a second call changes nothing.
         Returns whether the group has the layout."""
         if self.columns is None and ColumnWords.fits(self.weight, self.state):
-            free, _ = torch.cuda.mem_get_info(self.weight.device)
+            free = torch.cuda.mem_get_info(self.weight.device)[0] if self.weight.is_cuda else float("inf")
             if free > column_words_bytes(self.state) + (256 << 20):
                 self.columns = ColumnWords(self.weight, unnested_absmax(self.state), self.state)
         return self.columns is not None
