@@ -131,9 +131,10 @@ def _kernel():
     return nf4_column_words
 
 
-# (BLOCK_N, BLOCK_K, warps): the fastest of bench/column_words_matvec.py's sweep for each 7B shape (H100) and
-# their neighbours, timed once a matrix shape when the first step runs; BLOCK_K divides any whole 64-block row
-CONFIGS = ((512, 32, 2), (512, 32, 4), (256, 32, 2), (512, 64, 2), (1024, 32, 4))
+# (BLOCK_N, BLOCK_K, warps): the fastest of bench/column_words_matvec.py's sweep for each 7B shape (H100: 512 x 32
+# with 2 or 4 warps), their neighbours, and two past the sweep's edge (wider, shorter), timed once a matrix shape
+# when the first step runs (Triton's autotuner); BLOCK_K divides any row of whole 64-blocks
+CONFIGS = ((512, 32, 2), (512, 32, 4), (256, 32, 2), (512, 64, 2), (1024, 32, 4), (1024, 32, 8), (512, 16, 2))
 
 
 @functools.cache
