@@ -71,7 +71,11 @@ class SharedInput:
         format allows and the GPU has room for it (and 256 MiB to spare); a second call changes nothing.
         Returns whether the group has the layout."""
         if self.columns is None and ColumnWords.fits(self.weight, self.state):
-            free = torch.cuda.mem_get_info(self.weight.device)[0] if self.weight.is_cuda else float("inf")
+            free = float("inf")
+            if self.weight.is_cuda:  # the driver's free memory and what torch's allocator holds unused
+                device = self.weight.device
+                free = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                        - torch.cuda.memory_allocated(device))
             if free > column_words_bytes(self.state) + (256 << 20):
                 self.columns = ColumnWords(self.weight, unnested_absmax(self.state), self.state)
         return self.columns is not None
