@@ -11,7 +11,7 @@ takes `BLOCK_K` inputs of `BLOCK_N` outputs with no loop, so all its loads are i
 share of the sums into a float32 output.
 
 The lookup decides the speed. Over this layout, with the codes themselves in place of their values (a wrong
-product), a 7B step's 128 products read at ~2.3 TB/s on an H100 (bitsandbytes: 1.1-1.2); a load from a
+product), a 7B step's 128 products read at 1.8-2.3 TB/s on an H100 (bitsandbytes: 0.9-1.2); a load from a
 16-entry table in the L1 cache per code made it 1.55x *slower* than bitsandbytes. So on CUDA the codes are
 looked up in registers (`prmt_lookup_asm`): byte permutes over the table's 16 fp16 values, four codes at a
 time. That measured 1.98 against bitsandbytes' 3.25 ms a step on an H100 (1.64x as fast;
