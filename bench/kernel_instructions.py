@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import re
 import time
-from collections import Counter
 from pathlib import Path
 
 from common import REPO, write_report
@@ -44,25 +43,35 @@ SIGNATURE = {"x_ptr": "*fp16", "packed_ptr": "*u8", "absmax_ptr": "*u8", "code2_
              "offset_ptr": "*fp32", "table_ptr": "*fp32", "out_ptr": "*fp32", "rows": "i32", "cols": "i32"}
 
 
-def instruction_counts(config, capability: int, tokens: int = 5) -> dict:
-    """Compile the kernel with one tuned `config` for compute capability `capability` (75, 80, 90, ...)."""
+def compiled_counts(kernel, signature: dict, constants: dict, aligned: list[str], capability: int, warps: int,
+                    stages: int):
+    """Compile the Triton `kernel` (its pointer and size arguments typed by `signature`, those in `aligned` taken
+    as divisible by 16) with `constants` for compute capability `capability` (75, 80, 90, ...); returns the
+    COUNTED instructions of its PTX and the compiled kernel."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.compiler import compile as triton_compile
 
+    names = list(signature) + list(constants)
+    source = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constants, "constexpr")},
+                       constexprs={(names.index(k),): v for k, v in constants.items()},
+                       attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned})
+    compiled = triton_compile(source, target=GPUTarget("cuda", capability, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    lines = compiled.asm["ptx"].splitlines()
+    return {name: sum(bool(re.match(pattern, line)) for line in lines) for name, pattern in COUNTED.items()}, compiled
+
+
+def instruction_counts(config, capability: int, tokens: int = 5) -> dict:
+    """Compile the few-token kernel with one tuned `config` for compute capability `capability`."""
     from htmlgen_utils.levers.few_tokens import _kernel
 
     constants = {"TOKENS": tokens, "NESTED": True, "OUTER_BLOCK": 256, **config.kwargs}
-    names = list(SIGNATURE) + list(constants)
-    aligned = {(names.index(name),): [["tt.divisibility", 16]] for name in SIGNATURE if name != "offset_ptr"}
-    source = ASTSource(fn=_kernel().fn, signature={**SIGNATURE, **dict.fromkeys(constants, "constexpr")},
-                       constexprs={(names.index(k),): v for k, v in constants.items()}, attrs=aligned)
-    compiled = triton_compile(source, target=GPUTarget("cuda", capability, 32),
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-    lines = compiled.asm["ptx"].splitlines()
-    counts = Counter({name: sum(bool(re.match(pattern, line)) for line in lines) for name, pattern in COUNTED.items()})
+    counts, compiled = compiled_counts(_kernel().fn, SIGNATURE, constants,
+                                       [name for name in SIGNATURE if name != "offset_ptr"], capability,
+                                       config.num_warps, config.num_stages)
     counts["asynchronous copies"] = compiled.asm["ttgir"].count("async_copy_global_to_local")
-    return dict(counts)
+    return counts
 
 
 COLUMN_WORDS_SIGNATURE = {"x_ptr": "*fp16", "words_ptr": "*i32", "absmax_ptr": "*fp32", "table_ptr": "*fp32",
@@ -73,21 +82,12 @@ def column_words_counts(block_n: int, block_k: int, warps: int, capability: int)
     """Compile the column-words kernel (NF4 lookup in registers) with one tile for compute capability
     `capability`."""
     import bitsandbytes.functional as F
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.compiler import compile as triton_compile
 
     from htmlgen_utils.levers.column_words import _kernel, prmt_lookup_asm
 
     constants = {"BLOCK_N": block_n, "BLOCK_K": block_k, "ASM": prmt_lookup_asm(F.get_4bit_type("nf4", device="cpu"))}
-    names = list(COLUMN_WORDS_SIGNATURE) + list(constants)
-    aligned = {(names.index(name),): [["tt.divisibility", 16]] for name in COLUMN_WORDS_SIGNATURE}
-    source = ASTSource(fn=_kernel(), signature={**COLUMN_WORDS_SIGNATURE, **dict.fromkeys(constants, "constexpr")},
-                       constexprs={(names.index(k),): v for k, v in constants.items()}, attrs=aligned)
-    compiled = triton_compile(source, target=GPUTarget("cuda", capability, 32),
-                              options={"num_warps": warps, "num_stages": 1})
-    lines = compiled.asm["ptx"].splitlines()
-    counts = {name: sum(bool(re.match(pattern, line)) for line in lines) for name, pattern in COUNTED.items()}
+    counts, compiled = compiled_counts(_kernel(), COLUMN_WORDS_SIGNATURE, constants, list(COLUMN_WORDS_SIGNATURE),
+                                       capability, warps, 1)
     counts["weights a thread"] = block_n * block_k // (32 * warps)
     counts["machine code bytes"] = len(compiled.asm["cubin"])  # NVIDIA's assembler accepted the inline PTX
     return counts
