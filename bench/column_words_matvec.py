@@ -12,7 +12,7 @@ loop, issues all its loads at once, and adds its share into the float32 output (
 the zeroing, which a decode step can do for all layers at once). The lookup is one of:
 
 - `prmt`: four codes at a time from the table's bytes held in registers, with byte permutes (inline PTX,
-  `prmt_lookup_asm`): the package's kernel as `decode_one(column_words=True)` runs it;
+  `prmt_lookup_asm`): the package's kernel as `decode_one` runs it;
 - `table`: each code's NF4 value from a 16-entry float32 table (a load that hits the L1 cache);
 - `raw`: the code itself (a wrong product: the cost without any lookup).
 
@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--lookups", default=",".join(LOOKUPS))
     parser.add_argument("--quick", action="store_true", help="18 tile shapes instead of 48 (compiles faster)")
+    parser.add_argument("--tiles", help='the tiles to sweep instead, as "BLOCK_Ns/BLOCK_Ks/warps", e.g. '
+                                        '"512,1024,2048/16,32/4,8"')
     args = parser.parse_args()
     import triton
     from triton.testing import do_bench_cudagraph
@@ -72,6 +74,8 @@ def main() -> None:
     torch.manual_seed(0)
     tiles = ((128, 256, 512), (32, 64, 128), (2, 4)) if args.quick else ((64, 128, 256, 512), (32, 64, 128, 256),
                                                                         (1, 2, 4))
+    if args.tiles:
+        tiles = tuple(tuple(int(n) for n in part.split(",")) for part in args.tiles.split("/"))
     lookups = args.lookups.split(",")
     configs = list(itertools.product(*tiles, lookups))
     step = {}

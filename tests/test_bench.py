@@ -73,15 +73,16 @@ def test_step_profile_runs(tmp_path):
 
 
 def test_decode_profile_runs(tmp_path):
-    report = run_bench("profile_decode.py", "--tokens", "16", "--ways", "plain,before,ours", "--repeats", "2",
-                       "--work", str(tmp_path / "work"), out=tmp_path)
+    report = run_bench("profile_decode.py", "--tokens", "16", "--ways", "plain,before,bnb-layout,ours", "--repeats",
+                       "2", "--work", str(tmp_path / "work"), out=tmp_path)
     rows = report["rows"]
     assert set(rows) == {"plain generate", "before: compiled step (CUDA-graph trees), SDPA, cuBLAS LoRA",
-                         "ours: decode_one (levers + DecodeStep, our own CUDA graph)"}
+                         "bnb-layout: decode_one(column_words=False), levers + DecodeStep, bitsandbytes' 4-bit kernel",
+                         "ours: decode_one, the 4-bit products over the decode layout"}
     assert all(row["new_tokens"] == 16 and 0 < row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
                for row in rows.values())
     assert report["speedup_vs_plain_generate"]["plain generate"] == 1.0 and report["repeats"] == 2
-    assert set(report["speedup_vs_before"]) == set(rows)
+    assert set(report["speedup_vs_before"]) == set(rows) and report["column_words_speedup"] > 0
 
 
 def test_four_bit_matvec_reference_reads_the_nf4_layout(monkeypatch):

@@ -639,11 +639,11 @@ def test_column_words_kernel_computes_the_four_bit_product(tmp_path):
 
 
 def test_decoding_over_the_column_words_layout_writes_the_same_pages(monkeypatch):
-    """`decode_one(column_words=True)`: every group of the step gets the decode layout and its one-token
-    products read it (here through the op's CPU form, the same sums in tensor operations; on CUDA the Triton
-    kernel), and the pages are the default step's, with the adapter mattering. The layout is what ran: with
-    its absmax doubled the pages change, and the default step's do not. The custom op passes torch's op
-    checks (its shape-only form is what the compiler traces)."""
+    """`decode_one` (`column_words=True`, the default): every group of the step gets the decode layout and its
+    one-token products read it (here through the op's CPU form, the same sums in tensor operations; on CUDA the
+    Triton kernel), and the pages are those of the step over bitsandbytes' layout (`column_words=False`), with
+    the adapter mattering. The layout is what ran: with its absmax doubled the pages change, and the other
+    step's do not. The custom op passes torch's op checks (its shape-only form is what the compiler traces)."""
     from htmlgen_utils.levers import column_words
     from htmlgen_utils.levers.decoding import decode_one
 
@@ -651,23 +651,51 @@ def test_decoding_over_the_column_words_layout_writes_the_same_pages(monkeypatch
                         staticmethod(lambda packed, state: column_words.ColumnWords.fits_format(state)))
     model, tokenizer = _adapted_tiny_model()
     ids = tokenizer(build_prompt("A modern landing page for Acme in blue"), return_tensors="pt").input_ids
-    plain = list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False))
-    ours = list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False, column_words=True))
-    assert ours == plain
+    plain = list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False, column_words=False))
     groups = model.__dict__["_htmlgen_shared_inputs"]
+    assert all(group.columns is None for group in groups)  # asked not to, nothing is built
+    ours = list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False))
+    assert ours == plain
     assert len(groups) == 4 * model.config.num_hidden_layers and all(group.columns is not None for group in groups)
     with model.disable_adapter():
-        assert list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False)) != plain
+        assert list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False, column_words=False)) != plain
     for group in groups:
         group.columns.absmax *= 2
-    assert list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False, column_words=True)) != plain
-    assert list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False)) == plain
+    assert list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False)) != plain
+    assert list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False, column_words=False)) == plain
     # the op as the compiled step traces it: schema, fake (shape-only) form and real form agree
     group = groups[0]
     x = torch.randn(1, 1, group.columns.words.shape[0] * 8, dtype=torch.float16)
     checks = torch.library.opcheck(column_words._nf4_column_words,
                                    (x, group.columns.words, group.columns.absmax, group.columns.table, ""))
     assert set(checks.values()) == {"SUCCESS"}, checks
+
+
+def test_decode_layout_is_built_only_where_a_quarter_of_the_gpu_stays_free():
+    """The rule the default decode layout is built by, group after group, on a T4 (14.7 GiB) holding a 7B
+    model: right after loading (~11 GiB free) all 128 groups get their copy (~3.6 GB) and more than a quarter
+    stays free; with a training run's memory still in use (6 GiB free) only some do, and the quarter is kept."""
+    from types import SimpleNamespace
+
+    from htmlgen_utils.levers.column_words import column_words_bytes
+    from htmlgen_utils.levers.stacking import KEEP_FREE_SHARE, room_for_copy
+
+    shapes = [(3 * 4096, 4096), (4096, 4096), (2 * 11008, 4096), (4096, 11008)] * 32  # q/k/v, o, gate/up, down
+    sizes = [column_words_bytes(SimpleNamespace(shape=torch.Size(shape), blocksize=64)) for shape in shapes]
+    total = int(14.7 * 2**30)
+
+    def build(free: int) -> tuple[int, int]:
+        built = 0
+        for size in sizes:
+            if room_for_copy(size, free, total):
+                free, built = free - size, built + 1
+        return built, free
+
+    assert 3.5e9 < sum(sizes) < 3.7e9
+    built, left = build(11 * 2**30)
+    assert built == len(sizes) and left >= KEEP_FREE_SHARE * total
+    built, left = build(6 * 2**30)
+    assert 0 < built < len(sizes) and left >= KEEP_FREE_SHARE * total
 
 
 def _run_ptx(asm: str, word: int) -> list[int]:

@@ -7,9 +7,10 @@ every-token stop check (a host sync) cost more than the compiled step itself, so
 that looks at its tokens only every `STOP_CHECK_TOKENS`. Its step is built for one token: attention of one
 query as plain matmuls (`one_query_attention`), the LoRA matrices as multiply-and-sums the compiler fuses
 (`OneTokenLinear`), q/k/v and gate/up as one layer each (`stacking.stacked_layers`), and its own CUDA graph
-(`DecodeStep`); on the 7B shape that took it from 118 to ~176-184 tokens/s (bench/README.md), and what remains is
-mostly bitsandbytes' 4-bit matrix-vector kernel; our own, over a layout made for it (`column_words.py`), is
-1.64x as fast on its own and is asked for with `column_words=True`. Greedy decoding can also look ahead
+(`DecodeStep`); on the 7B shape that took it from 118 to ~176-184 tokens/s (bench/README.md), and what remained
+was mostly bitsandbytes' 4-bit matrix-vector kernel. Our own, over a second copy of the weights laid out for it
+(`column_words.py`), takes the step to ~220 tokens/s (1.26x, on an H100) and is the default where the GPU has
+room for the copy. Greedy decoding can also look ahead
 (`lookahead.py`): a step that checks a continuation drafted from the text so far, several tokens in one pass
 over the weights.
 """
@@ -220,7 +221,7 @@ class DecodeStep:
         self.column_words = column_words and tokens == 1
         if self.column_words:
             left_out = [group for group in groups if not group.build_column_words()]
-            if left_out:
+            if left_out and device.type == "cuda":  # (elsewhere there is no layout to build: nothing to say)
                 print(f"column_words: {len(left_out)} of {len(groups)} projection groups keep bitsandbytes' layout "
                       "(not NF4 in blocks of 64, or no GPU memory to spare for a second copy of their weights)")
         self.token = torch.zeros((1, tokens), dtype=torch.long, device=device)
@@ -287,7 +288,7 @@ def decode_step(model, cache, cache_name: str, device: torch.device, groups: lis
 @torch.no_grad()
 def decode_one(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
                temperature: float = 0.7, top_p: float = 0.95, stop_at_html_end: bool = True,
-               stack_projections: bool = True, lookahead: int = 0, column_words: bool = False,
+               stack_projections: bool = True, lookahead: int = 0, column_words: bool = True,
                counts: dict | None = None) -> Iterator[list[int]]:
     """One prompt's new tokens (its EOS included), yielded in pieces as they are read back.
 
@@ -298,10 +299,11 @@ def decode_one(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, d
     `STOP_CHECK_TOKENS` tokens were computed for nothing). With `lookahead` > 0 (e.g. `LOOKAHEAD_TOKENS`),
     greedy decoding with stacking checks drafts of that many tokens (`_decode_looking_ahead`); off by default,
     as it measured 0.83x the one-token loop on an H200 (a check's 4-bit products cost 1.86x a step's, the check
-    ~2x a step end to end; bench/lookahead_decode.py). With `column_words` (and stacking) the one-token step's
-    4-bit products read a copy of the weights laid out for decoding (`column_words.py`: 1.64x bitsandbytes'
-    kernel on those products, ~3.6 GB more GPU memory for a 7B model); off by default, as its end-to-end speed
-    is not measured yet. `counts`, if given, receives its steps."""
+    ~2x a step end to end; bench/lookahead_decode.py). With `column_words` (the default; on CUDA, with stacking)
+    the one-token step's 4-bit products read a copy of the weights laid out for decoding (`column_words.py`:
+    1.64x bitsandbytes' kernel on those products, 1.26x the whole step on an H100), built where the GPU keeps a
+    quarter of its memory free besides (~3.6 GB for a 7B model); `column_words=False` keeps bitsandbytes'
+    layout and that memory. `counts`, if given, receives its steps."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     use_one_token_lora(model)
     length = input_ids.shape[1]

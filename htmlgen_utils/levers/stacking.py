@@ -68,15 +68,16 @@ class SharedInput:
 
     def build_column_words(self) -> bool:
         """Lay the group's weight out once more for one-token products (`column_words.ColumnWords`), where the
-        format allows and the GPU has room for it (and 256 MiB to spare); a second call changes nothing.
+        format allows and the GPU has room for it (`room_for_copy`); a second call changes nothing.
         Returns whether the group has the layout."""
         if self.columns is None and ColumnWords.fits(self.weight, self.state):
-            free = float("inf")
+            room = True
             if self.weight.is_cuda:  # the driver's free memory and what torch's allocator holds unused
                 device = self.weight.device
-                free = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
-                        - torch.cuda.memory_allocated(device))
-            if free > column_words_bytes(self.state) + (256 << 20):
+                free, total = torch.cuda.mem_get_info(device)
+                free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+                room = room_for_copy(column_words_bytes(self.state), free, total)
+            if room:
                 self.columns = ColumnWords(self.weight, unnested_absmax(self.state), self.state)
         return self.columns is not None
 
@@ -182,6 +183,15 @@ def shared_input_groups(model) -> list[SharedInput]:
 
 
 _STACKED_CLASSES: dict[type, type] = {}
+
+
+KEEP_FREE_SHARE = 0.25  # of the GPU's memory, left free by the decode layout for KV caches, batches, training
+
+
+def room_for_copy(needed: int, free: int, total: int) -> bool:
+    """Whether a copy of `needed` bytes still leaves `KEEP_FREE_SHARE` of the GPU's `total` memory `free`: the
+    decode layout is a speed-up, never worth an out-of-memory error later (a batch's KV cache, a training step)."""
+    return free - needed >= KEEP_FREE_SHARE * total
 
 
 @contextmanager
