@@ -666,8 +666,9 @@ def test_decoding_over_the_column_words_layout_writes_the_same_pages(monkeypatch
     # the op as the compiled step traces it: schema, fake (shape-only) form and real form agree
     group = groups[0]
     x = torch.randn(1, 1, group.columns.words.shape[0] * 8, dtype=torch.float16)
-    checks = torch.library.opcheck(column_words._nf4_column_words,
-                                   (x, group.columns.words, group.columns.absmax, group.columns.table, ""))
+    out = torch.zeros(group.columns.rows)
+    checks = torch.library.opcheck(column_words._nf4_column_words_add,
+                                   (out, x, group.columns.words, group.columns.absmax, group.columns.table, ""))
     assert set(checks.values()) == {"SUCCESS"}, checks
 
 

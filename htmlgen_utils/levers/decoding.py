@@ -9,8 +9,8 @@ query as plain matmuls (`one_query_attention`), the LoRA matrices as multiply-an
 (`OneTokenLinear`), q/k/v and gate/up as one layer each (`stacking.stacked_layers`), and its own CUDA graph
 (`DecodeStep`); on the 7B shape that took it from 118 to ~176-184 tokens/s (bench/README.md), and what remained
 was mostly bitsandbytes' 4-bit matrix-vector kernel. Our own, over a second copy of the weights laid out for it
-(`column_words.py`), takes the step to ~220 tokens/s (1.26x, on an H100) and is the default where the GPU has
-room for the copy. Greedy decoding can also look ahead
+(`column_words.py`), takes the step to ~235 tokens/s (1.34x, medians of four H100 calls) and is the default
+where the GPU has room for the copy. Greedy decoding can also look ahead
 (`lookahead.py`): a step that checks a continuation drafted from the text so far, several tokens in one pass
 over the weights.
 """
@@ -301,7 +301,7 @@ def decode_one(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, d
     as it measured 0.83x the one-token loop on an H200 (a check's 4-bit products cost 1.86x a step's, the check
     ~2x a step end to end; bench/lookahead_decode.py). With `column_words` (the default; on CUDA, with stacking)
     the one-token step's 4-bit products read a copy of the weights laid out for decoding (`column_words.py`:
-    1.64x bitsandbytes' kernel on those products, 1.26x the whole step on an H100), built where the GPU keeps a
+    1.64x bitsandbytes' kernel on those products, 1.34x the whole step on an H100), built where the GPU keeps a
     quarter of its memory free besides (~3.6 GB for a 7B model); `column_words=False` keeps bitsandbytes'
     layout and that memory. `counts`, if given, receives its steps."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .column_words import ColumnWords, column_words_bytes
+from .column_words import ColumnWords, column_words_bytes, zero_outputs
 from .few_tokens import FEW_TOKENS, few_token_product
 
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
@@ -197,7 +197,10 @@ def room_for_copy(needed: int, free: int, total: int) -> bool:
 @contextmanager
 def stacked_layers(groups: list[SharedInput], column_words: bool = False) -> Iterator[None]:
     """Make the groups' members compute as one (`StackedLora`) for one-token inputs, and themselves again after;
-    with `column_words`, a one-token product reads the group's decode layout where it has one."""
+    with `column_words`, a one-token product reads the group's decode layout where it has one (one step's
+    worth: their outputs are zeroed here, each group computes once a step)."""
+    if column_words:
+        zero_outputs([group.columns for group in groups if group.columns is not None])
     swapped = []
     for group in groups:
         group.use_columns = column_words
