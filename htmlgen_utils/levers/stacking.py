@@ -75,7 +75,10 @@ class SharedInput:
             if self.weight.is_cuda:  # the driver's free memory and what torch's allocator holds unused
                 device = self.weight.device
                 free, total = torch.cuda.mem_get_info(device)
-                free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+                # a cap set on this process (`torch.cuda.set_per_process_memory_fraction`) is its GPU's size
+                fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(device)
+                reserved, total = torch.cuda.memory_reserved(device), int(total * fraction)
+                free = min(free, total - reserved) + reserved - torch.cuda.memory_allocated(device)
                 room = room_for_copy(column_words_bytes(self.state), free, total)
             if room:
                 self.columns = ColumnWords(self.weight, unnested_absmax(self.state), self.state)
