@@ -5,10 +5,11 @@
 
 `decode_one` on the 7B shape (4-bit base, unmerged LoRA, greedy) is warmed up, then profiled for `--tokens`
 tokens; the GPU's kernels (and copies) in order are saved (`decode_kernels.json`) and analysed: a token is
-what runs between two greedy picks (the argmax kernel), a layer is seven 4-bit products and what runs around
-them. The report gives a token's kernels, busy time and span (busy time plus the gaps between kernels, which
-the CUDA graph cannot remove), and one layer from the middle of a middle token, kernel by kernel: the 4-bit
-products against everything else.
+what runs between two greedy picks (the argmax kernel), a layer is its 4-bit products (four with q/k/v and
+gate/up stacked, bitsandbytes' kernel or the decode layout's) and what runs around them. The report gives a
+token's kernels, busy time and span (busy time plus the gaps between kernels, which the CUDA graph cannot
+remove), and one layer from the middle of a middle token, kernel by kernel: the 4-bit products against
+everything else.
 """
 from __future__ import annotations
 
@@ -20,8 +21,13 @@ from pathlib import Path
 
 from common import REPO, write_report
 
-FOUR_BIT = "gemm_4bit"
+FOUR_BIT = ("gemm_4bit", "nf4_column_words")  # bitsandbytes' kernel; the decode layout's (`decode_one`'s default)
 PICK = "ArgMax"
+
+
+def is_four_bit(name: str) -> bool:
+    """A 4-bit product's kernel (not a generated kernel named after the op whose output it takes)."""
+    return any(kernel in name for kernel in FOUR_BIT) and not name.startswith("triton")
 
 
 def anatomy(kernels: list[list], layers: int) -> dict:
@@ -29,14 +35,14 @@ def anatomy(kernels: list[list], layers: int) -> dict:
     picks = [i for i, (name, _, _) in enumerate(kernels) if PICK in name]
     tokens = [kernels[a + 1:b + 1] for a, b in pairwise(picks)]  # each ends with its own pick
     token = tokens[len(tokens) // 2]
-    products = [i for i, (name, _, _) in enumerate(token) if FOUR_BIT in name and not name.startswith("triton")]
+    products = [i for i, (name, _, _) in enumerate(token) if is_four_bit(name)]
     per_layer = len(products) // layers
     middle = layers // 2
     first, last = products[middle * per_layer - 1], products[(middle + 1) * per_layer - 1]
     layer = token[first + 1:last + 1]
     busy = sum(duration for _, _, duration in token)
     span = token[-1][1] + token[-1][2] - token[0][1]
-    four_bit = sum(duration for name, _, duration in layer if FOUR_BIT in name and not name.startswith("triton"))
+    four_bit = sum(duration for name, _, duration in layer if is_four_bit(name))
     return {"tokens_seen": len(tokens), "kernels_per_token": statistics.median(len(t) for t in tokens),
             "token_busy_us": round(busy, 1), "token_span_us": round(span, 1),
             "four_bit_products_per_token": len(products),

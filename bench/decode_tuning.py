@@ -11,7 +11,9 @@ Builds of `decode_one`'s step on the 7B shape (4-bit base, unmerged LoRA, one pr
 generated kernel, as gpt-fast does for decoding) and with the one-query attention written as two
 multiply-and-sums (generated kernels that fuse the scaling, mask and softmax, instead of two cuBLAS
 matrix-vector kernels); `tuned`, the step with the tuning only; `stacked`, the package's step: `before` with
-each layer's q/k/v and gate/up as one layer (`levers/stacking.py`).
+each layer's q/k/v and gate/up as one layer (`levers/stacking.py`). All over bitsandbytes' layout
+(`decode_one(column_words=False)`): the small kernels are the question here, `profile_decode.py` times the decode
+layout.
 Each build is compiled and captured once (its warm-up), then timed `--repeats` times interleaved: tokens/s as
 median, min and max; then one profile each (GPU time and kernels per token). Each build's tokens are compared
 with the first build's (random weights: another summation order may move a near-tie).
@@ -91,7 +93,8 @@ def main() -> None:
         try:
             with tuning:
                 return [t for piece in decoding.decode_one(model, tokenizer, input_ids, tokens, stop_at_html_end=False,
-                                                           stack_projections=stack) for t in piece]
+                                                           stack_projections=stack, column_words=False)
+                        for t in piece]
         finally:
             decoding.ONE_QUERY_ATTENTION = attention
 

@@ -135,6 +135,10 @@ def test_decode_anatomy_cuts_tokens_and_layers(monkeypatch):
     assert report["token_span_us"] == report["token_busy_us"] + 0.5 * (len(token) - 1)  # its gaps inside
     assert report["layer"]["kernels"] == 9 and report["layer"]["four_bit_us"] == 70
     assert report["layer"]["other_kernels"] == 2 and report["layer"]["other_us"] == 3
+    # the decode layout's kernel (`decode_one`'s default) counts as a 4-bit product too
+    ours = anatomy([[name.replace("void gemm_4bit_simt<__half, 1>", "nf4_column_words"), *rest]
+                    for name, *rest in kernels], layers=3)
+    assert ours["four_bit_products_per_token"] == 21 and ours["layer"]["four_bit_us"] == 70
 
 
 def test_lookahead_decode_runs(tmp_path):
