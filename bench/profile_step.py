@@ -1,6 +1,7 @@
 """Where one training step's time goes: torch.profiler over optimiser steps of ours, on the 7B shape.
 
     PYTHONPATH=$PWD python bench/profile_step.py --out $OUT [--block 2048] [-p compile_training true]
+    PYTHONPATH=$PWD python bench/profile_step.py --out $OUT --block 4096 --cap-gib 0 -p gradient_checkpointing false
     PYTHONPATH=$PWD python bench/profile_step.py --smoke --out /tmp/bench     # CPU, tiny model
 
 Trains the `colab-t4` preset (plus any `-p KEY VALUE` overrides) for two optimiser steps of warm-up, then
@@ -27,6 +28,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/htmlgen-bench"))
     parser.add_argument("--block", type=int, default=2048)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--cap-gib", type=float, default=T4_GIB,
+                        help="GPU memory this process may use (a T4's by default; 0: the whole GPU, e.g. to time "
+                             "-p gradient_checkpointing false at 4096, the floor no recompute policy can beat)")
     parser.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
@@ -41,7 +45,7 @@ def main() -> None:
     from htmlgen_utils.train import train
 
     model_path = build_checkpoint(args.work / "llama2-7b-shaped", smoke=args.smoke)
-    cap_memory(None if args.smoke else T4_GIB)
+    cap_memory(None if args.smoke else args.cap_gib)
     overrides = {key: Config.parse_value(value) for key, value in args.p}
     if args.smoke:
         overrides["precision"] = "fp32"
@@ -73,7 +77,8 @@ def main() -> None:
     host_ops = sorted((e for e in events if e.device_type.name == "CPU"), key=lambda e: e.self_cpu_time_total,
                       reverse=True)
     steps = [h for h in state.history if "tokens_per_s" in h]
-    report = {**versions(), "block": args.block, "overrides": overrides, "profiled_wall_s": round(wall, 3),
+    report = {**versions(), "block": args.block, "overrides": overrides, "cap_gib": args.cap_gib or None,
+              "profiled_wall_s": round(wall, 3),
               **(gpu_timeline(profiler, args.work / "trace.json", len(steps)) if on_gpu else {}),
               "tokens_per_s": [round(h["tokens_per_s"], 1) for h in steps], "peak_gib": peak_gib(),
               "top": [{"name": e.key[:90], "calls": e.count, "ms": round(getattr(e, key) / 1e3, 1)}
