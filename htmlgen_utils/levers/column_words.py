@@ -132,10 +132,13 @@ def _kernel():
     return nf4_column_words
 
 
-# (BLOCK_N, BLOCK_K, warps): the fastest of bench/column_words_matvec.py's sweep for each 7B shape (H100: 512 x 32
-# with 2 or 4 warps), their neighbours, and two past the sweep's edge (wider, shorter), timed once a matrix shape
-# when the first step runs (Triton's autotuner); BLOCK_K divides any row of whole 64-blocks
-CONFIGS = ((512, 32, 2), (512, 32, 4), (256, 32, 2), (512, 64, 2), (1024, 32, 4), (1024, 32, 8), (512, 16, 2))
+# (BLOCK_N, BLOCK_K, warps): the fastest of bench/column_words_matvec.py's sweeps for each 7B shape (H100: 1024 or
+# 512 x 32 with 4 warps), their neighbours, and deeper tiles (64 and 128 inputs) for GPUs where the atomic adds
+# cost more (each output gets cols / BLOCK_K of them: ~200 million a 7B token at 32, a quarter at 128; a T4's L2
+# has far less room for them than an H100's, not measured), timed once a matrix shape when the first step runs
+# (Triton's autotuner); BLOCK_K divides any row of whole 64-blocks
+CONFIGS = ((512, 32, 2), (512, 32, 4), (256, 32, 2), (512, 64, 2), (1024, 32, 4), (1024, 32, 8), (512, 16, 2),
+           (512, 64, 4), (256, 128, 4))
 
 
 @functools.cache
