@@ -52,9 +52,9 @@ class LayerRecompute:
 
 UNCHECKPOINTED = LayerRecompute(None, 29.3, 47.7, 1.0)
 # With compiled layers (7B layer at 4,096: kept vectors; matmul ms 8.24 checkpointed, 5.37 un-checkpointed). The
-# share removed at 0.2 and 0.1 is what the whole model showed, below what one layer alone did (its block-sparse
-# attention changes what the compiler keeps): 28 layers at 0.2 removed 26% of the step's recompute, 25 at 0.8 79%
-# (the same results file).
+# share removed at 0.2 and 0.1 is what the whole model showed, below what one layer alone did: 28 layers at 0.2
+# removed 26% of the step's recompute, 25 at 0.8 79% (the same results file). That model ran block-sparse attention,
+# which a T4 does not; the lone layer, with plain causal attention, showed 0.48 at 0.2, so on a T4 this may be low.
 BUDGETED = [LayerRecompute(0.8, 20.2, 44.0, 0.97),  # 5.45 ms alone
             LayerRecompute(0.2, 5.8, 42.7, 0.30),  # 6.85 ms alone (0.48)
             LayerRecompute(0.1, 2.8, 42.7, 0.17)]  # 7.44 ms alone (0.28), scaled as 0.2's was
