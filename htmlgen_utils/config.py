@@ -25,6 +25,8 @@ LOSS_SCALING = ("auto", "on", "off")
 WANDB_MODES = ("disabled", "offline", "online", "auto")
 LONG_PAGE_POLICIES = ("truncate_close", "truncate", "drop")
 SWITCH_MODES = ("auto", "on", "off")
+COMPILE_SWITCHES = ("compile_training", "compile_generation")
+VERIFIED_CAPABILITY = (8, 0)  # the oldest GPU generation our compiled and custom-kernel paths have run on
 ROPE_SCALING = ("auto", "none", "linear", "dynamic", "yarn")
 # `auto` switches the long-block levers on from this block size. Measured on the 7B shape (bench/README.md):
 # below it the block mask is small and faster than per-example attention, and offloading the checkpoints costs ~8%
@@ -53,10 +55,12 @@ class Config:
     loss_chunk_tokens: int = 1024  # vocabulary projection + loss this many tokens at a time; 0 = whole block
     embeddings_in_compute_dtype: bool = True  # keep the frozen embeddings/head in fp16/bf16, not fp32
     offload_activations: str = "auto"  # park layer checkpoints in CPU memory (CUDA): auto = blocks >= 16384 | on | off
-    compile_training: bool = False  # torch.compile each decoder layer for training (the first step compiles)
+    compile_training: str = "off"  # torch.compile each decoder layer for training (the first step compiles):
+    #                                auto = on GPUs of compute capability >= 8.0 (where it was measured) | on | off
     memory_budget_gib: float = 0.0  # GPU memory training may plan for: layers whose activations fit are not
     #                                 checkpointed (less recompute); 0 = checkpoint every layer (the least memory)
-    compile_generation: bool = False  # static KV cache + compiled decode step (CUDA; first call compiles)
+    compile_generation: str = "off"  # static KV cache + compiled decode step (CUDA; first call compiles):
+    #                                  auto = on GPUs of compute capability >= 8.0 | on | off
     # --- data ---
     dataset: str = BUNDLED_DATASET  # "bundled", a hub id, or a local .json/.jsonl/.csv file
     label_column: str = "label"  # the description column
@@ -83,9 +87,13 @@ class Config:
     gradient_accumulation_steps: int = 4
     epochs: int = 1
     max_steps: int = -1  # optimiser steps; -1 = as many as the epochs give
-    eval_every: int = 50  # optimiser steps between validation passes (and one at each epoch end)
+    eval_every: int = -1  # optimiser steps between validation passes (and one at each epoch end); -1 = auto: a
+    #                       quarter of the run's steps (`train.cadence`)
     max_eval_batches: int = 50  # cap on validation micro-batches per pass
-    checkpoint_every: int = 50  # optimiser steps between resumable checkpoints; 0 = never
+    checkpoint_every: int = -1  # optimiser steps between resumable checkpoints; 0 = never; -1 = auto: a fifth of
+    #                             the run's steps, so a run writes at least 4 before it ends (`train.cadence`)
+    checkpoint_minutes: float = 10.0  # also a checkpoint once this many minutes passed since the last; 0 = by steps
+    #                                   only. A disconnected Colab runtime loses at most this much training
     max_nan_steps: int = 5  # consecutive non-finite steps before the run stops with an error
     seed: int = 42
     # --- generation ---
@@ -103,6 +111,9 @@ class Config:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept with the run
 
     def __post_init__(self) -> None:
+        for name in COMPILE_SWITCHES:  # true/false (older saved configs, command lines) mean on/off
+            if isinstance(getattr(self, name), bool):
+                setattr(self, name, "on" if getattr(self, name) else "off")
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -114,17 +125,26 @@ class Config:
 
         for name in ("block_size", "max_example_tokens", "lora_r", "lora_alpha", "micro_batch_size",
                      "gradient_accumulation_steps", "epochs", "generation_batch_size",
-                     "max_test_examples", "max_eval_batches", "max_nan_steps", "eval_every"):
+                     "max_test_examples", "max_eval_batches", "max_nan_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(name, "must be a whole number >= 1")
-        for name in ("warmup_steps", "checkpoint_every", "seed", "loss_chunk_tokens", "max_new_tokens",
+        for name in ("warmup_steps", "seed", "loss_chunk_tokens", "max_new_tokens",
                      "no_repeat_ngram_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 fail(name, "must be a whole number >= 0")
         if not isinstance(self.max_steps, int) or (self.max_steps < 1 and self.max_steps != -1):
             fail("max_steps", "must be -1 (use epochs) or a whole number >= 1")
+        if not isinstance(self.eval_every, int) or isinstance(self.eval_every, bool) or self.eval_every in (0,) \
+                or self.eval_every < -1:
+            fail("eval_every", "must be -1 (auto: a quarter of the run) or a whole number >= 1")
+        if not isinstance(self.checkpoint_every, int) or isinstance(self.checkpoint_every, bool) or \
+                self.checkpoint_every < -1:
+            fail("checkpoint_every", "must be -1 (auto: a fifth of the run), 0 (never) or a whole number >= 1")
+        if not isinstance(self.checkpoint_minutes, (int, float)) or isinstance(self.checkpoint_minutes, bool) or \
+                self.checkpoint_minutes < 0:
+            fail("checkpoint_minutes", "must be a number of minutes >= 0 (0 = by steps only)")
         if self.block_size < 16:
             fail("block_size", "must be at least 16 tokens")
         if self.max_example_tokens > self.block_size:
@@ -150,10 +170,10 @@ class Config:
             fail("precision", f"must be one of {PRECISIONS}")
         if self.loss_scaling not in LOSS_SCALING:
             fail("loss_scaling", f"must be one of {LOSS_SCALING}")
-        for name in ("offload_activations", "packed_attention", "flex_attention"):
+        for name in ("offload_activations", "packed_attention", "flex_attention", *COMPILE_SWITCHES):
             if getattr(self, name) not in SWITCH_MODES:
                 fail(name, f"must be one of {SWITCH_MODES}")
-        for name in ("embeddings_in_compute_dtype", "compile_training", "compile_generation", "stop_on_repetition"):
+        for name in ("embeddings_in_compute_dtype", "stop_on_repetition"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "must be true or false")
         if self.wandb_mode not in WANDB_MODES:
@@ -191,6 +211,12 @@ class Config:
         """Whether an `auto | on | off` lever (`offload_activations`, `packed_attention`) is on for this run."""
         value = getattr(self, name)
         return value == "on" or (value == "auto" and self.block_size >= LONG_BLOCK_TOKENS)
+
+    def compiles(self, name: str) -> bool:
+        """Whether a compile switch (`compile_training`, `compile_generation`) is on for this machine: `auto` only
+        on GPUs where the compiled path has run (`gpu_is_verified`)."""
+        value = getattr(self, name)
+        return value == "on" or (value == "auto" and gpu_is_verified())
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -230,7 +256,8 @@ class Config:
 
 
 def choose_preset() -> tuple[str, str]:
-    """The preset that fits this machine, and why: `tiny` without a CUDA GPU, `ampere-bf16` from compute
+    """The preset that fits this machine, and why: `tiny` without a CUDA GPU (`colab-t4` on a Colab CPU runtime, for
+    notebooks 01-02, which need no GPU), `ampere-bf16` from compute
     capability 8.0 (Ampere: native bfloat16), `colab-t4` below it (a T4 is sm_75).
 
     Not `torch.cuda.is_bf16_supported()`: it is True on a T4 too, because it counts bfloat16 *emulation*, which
@@ -238,6 +265,11 @@ def choose_preset() -> tuple[str, str]:
     import torch
 
     if not torch.cuda.is_available():
+        import sys
+
+        if "google.colab" in sys.modules:  # a CPU runtime on Colab: notebooks 01-02 need only the tokenizer
+            return "colab-t4", ("no GPU in this Colab runtime: the T4 preset's tokenizer and blocks, so notebooks 01 "
+                                "and 02 can run here; 03-05 need a T4 runtime")
         return "tiny", "no CUDA GPU: the tiny CPU model and the bundled data"
     major, minor = torch.cuda.get_device_capability(0)
     gpu = f"{torch.cuda.get_device_name(0)} (compute capability {major}.{minor})"
@@ -249,6 +281,20 @@ def choose_preset() -> tuple[str, str]:
 def default_preset() -> str:
     """The preset that fits this machine (see `choose_preset`)."""
     return choose_preset()[0]
+
+
+def gpu_capability() -> tuple[int, int] | None:
+    """The CUDA GPU's compute capability, or None without one."""
+    import torch
+
+    return tuple(torch.cuda.get_device_capability(0)) if torch.cuda.is_available() else None
+
+
+def gpu_is_verified() -> bool:
+    """A GPU of compute capability >= `VERIFIED_CAPABILITY`: the compiled, captured and custom-kernel paths have run
+    on such GPUs. Below it (a T4 is 7.5) none has, so `auto` leaves them off; `on` opts in."""
+    capability = gpu_capability()
+    return capability is not None and capability >= VERIFIED_CAPABILITY
 
 
 def gpu_has_native_bf16() -> bool:
@@ -263,19 +309,19 @@ PRESETS: dict[str, dict[str, Any]] = {  # each lists only what it changes from t
     # tokens; a T4 is bound by arithmetic, so memory up to 13 GiB (of ~14.6 usable) buys layers without checkpoint
     # recompute.
     "colab-t4": dict(
-        precision="fp16", block_size=4096, max_example_tokens=4096, compile_training=True, memory_budget_gib=13.0,
-        compile_generation=True, run_dir="runs/colab-t4",
+        precision="fp16", block_size=4096, max_example_tokens=4096, compile_training="auto", memory_budget_gib=13.0,
+        compile_generation="auto", run_dir="runs/colab-t4",
     ),
     # The T4 preset in the least memory (under 5 GiB at 2,048 tokens): every layer checkpointed, the checkpoints
     # parked in CPU memory. For long examples (RoPE scaling: one of 24,576 tokens trains in 15 GiB) and small GPUs.
     "colab-t4-low-memory": dict(
-        precision="fp16", block_size=4096, max_example_tokens=4096, compile_training=True, offload_activations="on",
-        compile_generation=True, run_dir="runs/colab-t4",
+        precision="fp16", block_size=4096, max_example_tokens=4096, compile_training="auto",
+        offload_activations="on", compile_generation="auto", run_dir="runs/colab-t4",
     ),
     # Ampere or newer (A100, L4, H100): bf16 needs no loss scaling, so a bigger micro-batch.
     "ampere-bf16": dict(
-        precision="bf16", micro_batch_size=4, generation_batch_size=32, compile_training=True, memory_budget_gib=20.0,
-        compile_generation=True, run_dir="runs/ampere-bf16",
+        precision="bf16", micro_batch_size=4, generation_batch_size=32, compile_training="auto",
+        memory_budget_gib=20.0, compile_generation="auto", run_dir="runs/ampere-bf16",
     ),
     # The small pre-trained Llama shipped with the package, on CPU: what tests, CI and GPU-less machines run.
     # Blocks of 1,024 tokens: twice the optimiser steps of 2,048 in the same time, which is what teaches it to

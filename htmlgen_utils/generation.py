@@ -9,6 +9,7 @@ our own loop for one prompt at a time); the pages are the same.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .levers.decoding import decode_one, generate_with_static_cache, static_cache
+from .levers.fallback import fall_back, has_failed
 from .packing import STOP_STRING, build_prompt
 
 
@@ -94,6 +96,10 @@ def _generation_kwargs(tokenizer, max_new_tokens: int, do_sample: bool, temperat
     return kwargs
 
 
+COMPILED_DECODING = "compile_generation"
+PLAIN_DECODING_COST = "generate() without a compiled step (slower tokens, the same pages)"
+
+
 @torch.no_grad()
 def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: int = 1024, batch_size: int = 8,
                    do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.95,
@@ -121,6 +127,7 @@ def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: in
     kwargs = _generation_kwargs(tokenizer, max_new_tokens, do_sample, temperature, top_p, stop_at_html_end,
                                 repetition_penalty, no_repeat_ngram_size)
     looping: list[bool] = [False] * len(prompts)
+    compile_decode = compile_decode and not has_failed(model, COMPILED_DECODING)
     was_training = model.training
     model.eval()
     torch.manual_seed(seed)
@@ -131,25 +138,36 @@ def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: in
         if compile_decode and batch_size == 1:
             ids = tokenizer(prompts[rows[0]], return_tensors="pt").input_ids.to(device)
             tokens = []
-            for piece in decode_one(model, tokenizer, ids, max_new_tokens, do_sample, temperature, top_p,
-                                    stop_at_html_end):
-                tokens += piece
-                if stop_on_repetition and is_looping(tokenizer.decode(tokens[-512:], skip_special_tokens=True)):
-                    looping[rows[0]] = True
-                    break
-            counts[rows[0]] = len(tokens)
-            pages[rows[0]] = clean_page(tokenizer.decode(tokens, skip_special_tokens=True))
-            bar.update(1)
-            continue
+            try:
+                for piece in decode_one(model, tokenizer, ids, max_new_tokens, do_sample, temperature, top_p,
+                                        stop_at_html_end):
+                    tokens += piece
+                    if stop_on_repetition and is_looping(tokenizer.decode(tokens[-512:], skip_special_tokens=True)):
+                        looping[rows[0]] = True
+                        break
+            except Exception as error:  # compiling, capturing or a kernel failed: this page again, plainly
+                fall_back(model, COMPILED_DECODING, error, PLAIN_DECODING_COST)
+                compile_decode = False
+            else:
+                counts[rows[0]] = len(tokens)
+                pages[rows[0]] = clean_page(tokenizer.decode(tokens, skip_special_tokens=True))
+                bar.update(1)
+                continue
         # a compiled step is specialised to its batch size: a short batch is filled up with repeats
         filled = rows + rows[-1:] * (batch_size - len(rows)) if compile_decode else rows
         inputs = tokenizer([prompts[i] for i in filled], return_tensors="pt", padding=True).to(device)
         stopping = StoppingCriteriaList([RepetitionStop(tokenizer, inputs["input_ids"].shape[1])]
                                         if stop_on_repetition else [])
+        output = None
         if compile_decode:
             cache = static_cache(model, len(filled), max(lengths) + max_new_tokens)
-            output = generate_with_static_cache(model, cache, **inputs, **kwargs, stopping_criteria=stopping)
-        else:
+            try:
+                output = generate_with_static_cache(model, cache, **inputs, **kwargs, stopping_criteria=stopping)
+            except Exception as error:  # compiling or capturing failed: this batch again, plainly
+                fall_back(model, COMPILED_DECODING, error, PLAIN_DECODING_COST)
+                compile_decode = False
+                inputs = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True).to(device)
+        if output is None:
             output = model.generate(**inputs, **kwargs, stopping_criteria=stopping)
         new = output[:len(rows), inputs["input_ids"].shape[1]:]
         for row, ids in zip(rows, new):
@@ -185,11 +203,20 @@ def stream_page(model, tokenizer, description: str, max_new_tokens: int = 1024, 
 
     device = next(model.parameters()).device
     inputs = tokenizer([build_prompt(description)], return_tensors="pt").to(device)
-    if compile_decode:
+    if compile_decode and not has_failed(model, COMPILED_DECODING):
         model.eval()
+        pieces = decode_one(model, tokenizer, inputs["input_ids"], max_new_tokens, do_sample, temperature, top_p)
+        try:
+            first = next(pieces)  # compiling, capturing and the first kernels run here
+        except StopIteration:
+            first = []
+        except Exception as error:
+            fall_back(model, COMPILED_DECODING, error, PLAIN_DECODING_COST)
+            yield from stream_page(model, tokenizer, description, max_new_tokens, do_sample, temperature, top_p)
+            return
         tokens: list[int] = []
         shown = ""
-        for piece in decode_one(model, tokenizer, inputs["input_ids"], max_new_tokens, do_sample, temperature, top_p):
+        for piece in itertools.chain([first], pieces):
             tokens += piece
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             if not text.endswith("\ufffd"):  # hold back a character whose bytes are not all generated yet
@@ -206,3 +233,11 @@ def stream_page(model, tokenizer, description: str, max_new_tokens: int = 1024, 
     for piece in streamer:
         yield piece
     worker.join()
+
+
+def warm_up_decoding(model, tokenizer, max_new_tokens: int) -> None:
+    """Compile and capture the one-page decode step now, for pages of up to `max_new_tokens` (it prints that it
+    compiles), so that the first request to a server does not wait for it inside its HTTP call."""
+    pieces = stream_page(model, tokenizer, "A warm-up page", max_new_tokens, compile_decode=True)
+    next(pieces, None)
+    pieces.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,11 @@ from .colab import colab_secret
 from .config import Config, gpu_has_native_bf16
 
 UNGATED_COPY = "NousResearch/Llama-2-7b-hf"  # the same Llama-2-7B weights, no licence gate
+
+# peft (0.21) wraps a model by reading its `is_gradient_checkpointing`, which transformers 5 deprecates in favour of
+# `is_activation_checkpointing` and warns about on every read: a warning about library internals a user can't act on
+# (notebook 03 calls `get_peft_model` in its own cell), so this one message is silenced.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def gated_help(model: str) -> str:
@@ -208,20 +213,9 @@ def prepare_for_training(model, config: Config, lora_config: LoraConfig | None =
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(config.seed)  # the adapters' random initialisation is part of the run's recipe
-    with _peft_reads_a_deprecated_property():
-        model = get_peft_model(model, lora_config or create_peft_config(find_linear_layer_names(model), config))
+    model = get_peft_model(model, lora_config or create_peft_config(find_linear_layer_names(model), config))
     _keep_cpu_4bit_layers_differentiable(model)
     return model
-
-
-@contextmanager
-def _peft_reads_a_deprecated_property():
-    """peft (0.21) wraps a model by reading its `is_gradient_checkpointing`, which transformers 5 deprecates in favour
-    of `is_activation_checkpointing` and warns about on every read. The call is inside peft, not ours: that one
-    warning is filtered for the wrap, nothing else."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        yield
 
 
 def prepare_4bit_for_training(model, config: Config) -> None:
@@ -290,13 +284,12 @@ def load_trained(run_dir: str | Path, adapter: bool = True, config: Config | Non
     if adapter and not (adapter_dir / "adapter_config.json").exists():
         raise FileNotFoundError(f"No trained adapter in {adapter_dir}: run notebook 04_training_loop first with the "
                                 f"same run_dir (or python -m htmlgen_utils.train --run-dir {run_dir}); it trains the "
-                                f"adapter, the part that takes hours on a T4")
+                                f"adapter, the part of the series that takes longest (on a T4 see the README's time table)")
     config = config or Config.load(run_dir)
     tokenizer = load_tokenizer(str(adapter_dir) if adapter else config.model_id)
     model = load_base_model(config)
     if adapter:
-        with _peft_reads_a_deprecated_property():
-            model = PeftModel.from_pretrained(model, str(adapter_dir))
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
     model.config.use_cache = True
     return model, tokenizer, config

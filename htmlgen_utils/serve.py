@@ -211,8 +211,12 @@ def create_app(model, tokenizer, max_new_tokens_cap: int = 1024, default_max_new
                batch_wait_ms: float = 10.0) -> FastAPI:
     """The API around an already loaded model (tests build it around the tiny model). `max_batch=1` serves one
     request at a time."""
-    generation = GenerationQueue(model, tokenizer, max_batch, batch_wait_ms, max_waiting, compile_decode)
     default_tokens = min(default_max_new_tokens or max_new_tokens_cap, max_new_tokens_cap)
+    if compile_decode:  # before serving: the first request should not wait for the compiler
+        from .generation import warm_up_decoding
+
+        warm_up_decoding(model, tokenizer, default_tokens)
+    generation = GenerationQueue(model, tokenizer, max_batch, batch_wait_ms, max_waiting, compile_decode)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

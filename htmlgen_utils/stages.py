@@ -3,7 +3,7 @@
 01 -> data/*.jsonl, 02 -> packed/, 04 -> adapter/, history.json, 05 -> metrics.json, eval_table*.json.
 On Colab every notebook runs in its own runtime with only the run directory (on Google Drive) in common, so a
 notebook never assumes the one before ran in this process: splits and packed blocks are rebuilt when missing
-(seconds to minutes), while a missing adapter (hours of training) stops it with what to run.
+(seconds to minutes), while a missing adapter (the longest stage: training) stops it with what to run.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -26,7 +26,7 @@ from .config import Config
 from .distributed import (SINGLE, Ranks, any_rank, data_parallel, end_process_group, launched_ranks, main_rank_first,
                           mean_over_ranks, start_process_group)
 from .export import check_merge_possible, merge_to_16bit, push_adapter_to_hub, save_outputs
-from .levers import apply_training_levers
+from .levers import apply_training_levers, stop_compiling
 from .loss import count_targets, evaluate_blocks, next_token_loss
 from .model import autocast_context, device_for, load_for_training, load_tokenizer, resolve_precision
 from .packing import load_packed, make_dataloader
@@ -81,6 +81,26 @@ def plan_steps(num_blocks: int, config: Config, world_size: int = 1) -> tuple[in
     return accumulation, steps_per_epoch, total
 
 
+def cadence(config: Config, total_steps: int) -> tuple[int, int]:
+    """(checkpoint every, validate every) in optimiser steps. `auto` (-1) checkpoints every fifth of the run, so a
+    run of 5 steps or more writes at least 4 checkpoints before it ends (a disconnect loses at most a fifth; the
+    `checkpoint_minutes` rule bounds it in time too), and validates every quarter (plus each epoch's end)."""
+    checkpoint = max(1, total_steps // 5) if config.checkpoint_every == -1 else config.checkpoint_every
+    validate = max(1, total_steps // 4) if config.eval_every == -1 else config.eval_every
+    return checkpoint, validate
+
+
+def describe_cadence(config: Config, total_steps: int) -> str:
+    """One line for the plan: when checkpoints and validation happen."""
+    checkpoint, validate = cadence(config, total_steps)
+    if not checkpoint:
+        saves = "no checkpoints (checkpoint_every=0): an interrupted run starts over"
+    else:
+        minutes = f" and after every {config.checkpoint_minutes:g} minutes" if config.checkpoint_minutes else ""
+        saves = f"a checkpoint every {checkpoint} step(s){minutes} (a restarted run resumes from the last)"
+    return f"{saves}; validation every {validate} step(s) and at the end"
+
+
 def micro_batch_groups(blocks, config: Config, accumulation: int, state: TrainState,
                        ranks: Ranks = SINGLE) -> Iterator[list[dict]]:
     """The micro-batches of each optimiser step in turn (this rank's), epoch after epoch, from where `state`
@@ -107,6 +127,16 @@ def forward_backward(model, batch: dict, scaler: torch.amp.GradScaler, step_targ
         loss_sum = next_token_loss(model, batch, config.loss_chunk_tokens, reduction="sum")
     scaler.scale(loss_sum / step_targets).backward()  # gradients add up over the step's micro-batches
     return loss_sum.detach()
+
+
+def accumulate_gradients(model, micro_batches: list[dict], scaler: torch.amp.GradScaler, step_targets: int,
+                         config: Config, device: torch.device) -> torch.Tensor:
+    """The micro-batches of one optimiser step, one `forward_backward` each: their gradients add up. Returns the
+    step's summed loss."""
+    loss_sum = torch.zeros((), device=device)
+    for batch in micro_batches:  # gradient accumulation
+        loss_sum += forward_backward(model, batch, scaler, step_targets, config, device)
+    return loss_sum
 
 
 def optimizer_step(parameters: list[torch.nn.Parameter], optimizer, scheduler, scaler: torch.amp.GradScaler,
@@ -149,6 +179,9 @@ class TrainingRun:
     ranks: Ranks = SINGLE  # rank 0 validates and writes; every rank trains
     compiled: bool = False  # the first step of the process compiles the layers: its cost is printed
     first_step: int = 0  # the step this process started from (a resumed run starts past 0)
+    checkpoint_every: int = 0  # steps (`cadence`)
+    eval_every: int = 1
+    last_checkpoint: float = field(default_factory=lambda: time.monotonic())  # when the last checkpoint (or the run) began
 
 
 def after_step(run: TrainingRun, state: TrainState, record: dict, stop_when: Callable[[TrainState], bool] | None
@@ -171,7 +204,7 @@ def after_step(run: TrainingRun, state: TrainState, record: dict, stop_when: Cal
             f"(step {state.step}); stopping without saving an adapter. On a T4 (fp16) lower learning_rate, "
             f"keep max_grad_norm, and make sure loss_scaling is on; check the data for empty examples.")
     epoch_done = state.batch_in_epoch >= run.epoch_micro_batches
-    validate = state.step % config.eval_every == 0 or epoch_done or state.step == run.total_steps
+    validate = state.step % run.eval_every == 0 or epoch_done or state.step == run.total_steps
     if validate and run.ranks.is_main:
         metrics = evaluate_blocks(run.model, run.validation, config, run.device, config.max_eval_batches)
         state.history.append({"step": state.step, "epoch": state.epoch, **metrics})
@@ -183,9 +216,12 @@ def after_step(run: TrainingRun, state: TrainState, record: dict, stop_when: Cal
         run.progress.write(f"epoch {state.epoch} done: its last {run.left_out} micro-batch(es) did not fill an "
                            f"accumulation group and were left out (the next epoch reshuffles them in)")
     stop = any_rank(stop_when is not None and stop_when(state), run.ranks)  # every rank stops at the same step
-    if stop or (config.checkpoint_every and state.step % config.checkpoint_every == 0
-                and state.step < run.total_steps):
+    overdue = bool(run.checkpoint_every and config.checkpoint_minutes
+                   and time.monotonic() - run.last_checkpoint >= 60 * config.checkpoint_minutes)
+    due = run.checkpoint_every and (state.step % run.checkpoint_every == 0 or any_rank(overdue, run.ranks))
+    if stop or (due and state.step < run.total_steps):
         save_checkpoint(run.run_dir, run.model, run.optimizer, run.scheduler, run.scaler, state, run.ranks)
+        run.last_checkpoint = time.monotonic()
     return stop
 
 
@@ -224,6 +260,9 @@ def train(model, tokenizer, packed, config: Config, run_dir: str | Path, resume:
                       total_steps, epoch_micro_batches, left_out, progress,
                       start_wandb(config, run_dir) if ranks.is_main else None, ranks,
                       compiled="compile_training" in levers, first_step=state.step)
+    run.checkpoint_every, run.eval_every = cadence(config, total_steps)
+    if ranks.is_main:
+        print(f"plan: {total_steps} optimiser steps; {describe_cadence(config, total_steps)}")
 
     model.train()  # gradient checkpointing and LoRA dropout only act in train mode
     optimizer.zero_grad(set_to_none=True)
@@ -234,9 +273,15 @@ def train(model, tokenizer, packed, config: Config, run_dir: str | Path, resume:
             started = time.perf_counter()
             # every target token of the step weighs the same (of every process: DDP averages over them)
             step_targets = mean_over_ranks(count_targets(micro_batches), ranks)
-            loss_sum = torch.zeros((), device=device)
-            for batch in micro_batches:  # gradient accumulation
-                loss_sum += forward_backward(trainee, batch, scaler, step_targets, config, device)
+            try:
+                loss_sum = accumulate_gradients(trainee, micro_batches, scaler, step_targets, config, device)
+            except Exception as error:  # the compiled layers failed in their first step: train them eagerly
+                if not (run.compiled and state.step == run.first_step):
+                    raise
+                stop_compiling(model, error)
+                run.compiled = False
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum = accumulate_gradients(trainee, micro_batches, scaler, step_targets, config, device)
             loss_sum = mean_over_ranks(loss_sum, ranks)
             grad_norm, finite = optimizer_step(parameters, optimizer, scheduler, scaler, config.max_grad_norm,
                                                loss_sum)
@@ -308,7 +353,7 @@ def run_training(config: Config, resume: bool = True, fresh_start: bool = False)
         if ranks.is_main and fresh_start:
             start_over(run_dir)
         if ranks.is_main and config.merge_after_training:
-            check_merge_possible(config)  # before hours of training, not after
+            check_merge_possible(config)  # before training, not after it
         packed = ensure_packed(config, load_tokenizer(config.model_id))  # the data's problems before the model's
     model, tokenizer = load_for_training(config)
     if ranks.is_main:

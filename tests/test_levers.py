@@ -271,12 +271,14 @@ def test_flex_attention_switches_on_where_measured(tiny_config, monkeypatch):
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     t4_preset = Config.from_preset("colab-t4")  # 4,096-token blocks
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    import htmlgen_utils.config as config_module
+
+    monkeypatch.setattr(config_module, "gpu_capability", lambda: (9, 0))
     assert wants_flex_attention(t4_preset, cuda) and not wants_flex_attention(
         t4_preset.replace(block_size=2048, max_example_tokens=2048), cuda)
     assert not wants_flex_attention(t4_preset, cpu) and not wants_flex_attention(
         t4_preset.replace(flex_attention="off"), cuda)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(config_module, "gpu_capability", lambda: (7, 5))
     assert not wants_flex_attention(t4_preset, cuda)
     config = tiny_config.replace(model_id=BASE, packed_attention="on", flex_attention="on")
     model, _ = load_for_training(config)
@@ -639,7 +641,7 @@ def test_column_words_kernel_computes_the_four_bit_product(tmp_path):
 
 
 def test_decoding_over_the_column_words_layout_writes_the_same_pages(monkeypatch):
-    """`decode_one` (`column_words=True`, the default): every group of the step gets the decode layout and its
+    """`decode_one` (`column_words=True`, the default from compute capability 8.0): every group of the step gets the decode layout and its
     one-token products read it (here through the op's CPU form, the same sums in tensor operations; on CUDA the
     Triton kernel), and the pages are those of the step over bitsandbytes' layout (`column_words=False`), with
     the adapter mattering. The layout is what ran: with its absmax doubled the pages change, and the other
@@ -654,14 +656,14 @@ def test_decoding_over_the_column_words_layout_writes_the_same_pages(monkeypatch
     plain = list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False, column_words=False))
     groups = model.__dict__["_htmlgen_shared_inputs"]
     assert all(group.columns is None for group in groups)  # asked not to, nothing is built
-    ours = list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False))
+    ours = list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False, column_words=True))
     assert ours == plain
     assert len(groups) == 4 * model.config.num_hidden_layers and all(group.columns is not None for group in groups)
     with model.disable_adapter():
         assert list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False, column_words=False)) != plain
     for group in groups:
         group.columns.absmax *= 2
-    assert list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False)) != plain
+    assert list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False, column_words=True)) != plain
     assert list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False, column_words=False)) == plain
     # the op as the compiled step traces it: schema, fake (shape-only) form and real form agree
     group = groups[0]

@@ -1,4 +1,7 @@
+import itertools
 import re
+import time
+import types
 
 import datasets
 import pytest
@@ -232,3 +235,23 @@ def test_a_compiled_run_says_what_compiling_cost(tiny_config, small_splits, monk
     printed = capsys.readouterr()
     said = [line for line in (printed.err + printed.out).splitlines() if "compiling the decoder layers took" in line]
     assert len(said) == 1 and re.search(r"took ~(1|2) s, in the first step \(\d+\.\d s; the second", said[0]), said
+
+
+def test_checkpoints_come_by_the_plan_and_by_the_clock(tiny_config, small_splits, monkeypatch):
+    """`auto` writes a checkpoint every fifth of the run (4 before the end of a 5-step run); with the steps' rule
+    off (a cadence longer than the run), the minutes' rule still writes one once the time has passed."""
+    saved = []
+    monkeypatch.setattr(train_module, "save_checkpoint", lambda run_dir, model, optimizer, scheduler, scaler, state,
+                        ranks: saved.append(state.step))
+    monkeypatch.setattr(train_module, "evaluate_blocks", lambda *a, **k: {"eval_loss": 0.0, "eval_token_accuracy": 0.0})
+    config = tiny_config.replace(max_steps=5, checkpoint_every=-1, eval_every=-1, gradient_accumulation_steps=1)
+    model, tokenizer, packed = _setup(config, small_splits)
+    train(model, tokenizer, packed, config, config.run_dir, resume=False)
+    assert saved == [1, 2, 3, 4]
+    saved.clear()
+    clock = itertools.count(0, 250)  # the loop's clock: each reading 250 s after the last
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(monotonic=lambda: next(clock),
+                                                                   perf_counter=time.perf_counter))
+    config = config.replace(checkpoint_every=100, checkpoint_minutes=10)
+    train(model, tokenizer, packed, config, config.run_dir, resume=False)
+    assert saved == [3]  # 750 s after the start: the first step past 10 minutes

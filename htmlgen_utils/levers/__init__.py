@@ -26,12 +26,13 @@ import torch
 from ..config import Config
 from .attention import (FLEX_ATTENTION, PACKED_ATTENTION, example_spans, packed_attention, use_flex_attention,
                         use_packed_attention, wants_flex_attention)
-from .compile import compile_decoder_layers
+from .compile import COMPILE_NOTE, compile_decoder_layers, uncompile_decoder_layers
+from .fallback import fall_back, has_failed
 from .decoding import compiled_decoding, decode_one, static_cache, wants_compiled_decode
 from .offload import CheckpointsOnCPU, offload_checkpoints
 from .recompute import RecomputePlan, leave_layers_unchecked, plan_recompute
 
-__all__ = ["COMPILE_MIN_STEPS", "FLEX_ATTENTION", "PACKED_ATTENTION", "CheckpointsOnCPU", "RecomputePlan",
+__all__ = ["COMPILE_MIN_STEPS", "COMPILE_NOTE", "fall_back", "has_failed", "stop_compiling", "FLEX_ATTENTION", "PACKED_ATTENTION", "CheckpointsOnCPU", "RecomputePlan",
            "apply_training_levers", "compile_decoder_layers", "compiled_decoding", "decode_one", "example_spans",
            "leave_layers_unchecked", "memory_plan", "offload_checkpoints", "packed_attention", "plan_recompute",
            "static_cache", "use_flex_attention", "use_packed_attention", "wants_compiled_decode",
@@ -55,9 +56,13 @@ def apply_training_levers(model, config: Config, device: torch.device, total_ste
         wanted.append("packed_attention")
     if config.long_block_lever("offload_activations") and device.type == "cuda":
         wanted.append("offload_activations")  # CPU memory is what it would save
-    compiling = config.compile_training and ("compile_training" in applied or total_steps is None
-                                             or total_steps >= COMPILE_MIN_STEPS)
-    if config.compile_training and not compiling:
+    wants_compile = config.compiles("compile_training") and not has_failed(model, "compile_training")
+    if config.compile_training == "auto" and not wants_compile and device.type == "cuda":
+        print("compile_training: off on this GPU (auto compiles only from compute capability 8.0, where it was "
+              "measured); -p compile_training on opts in")
+    compiling = wants_compile and ("compile_training" in applied or total_steps is None
+                                   or total_steps >= COMPILE_MIN_STEPS)
+    if wants_compile and not compiling:
         print(f"compile_training: not compiling for {total_steps} step(s) (compiling pays from "
               f"{COMPILE_MIN_STEPS}); the layers run eagerly")
     plan = plan_recompute(model, config, device, checkpoints_offloaded="offload_activations" in wanted + applied,
@@ -80,9 +85,19 @@ def apply_training_levers(model, config: Config, device: torch.device, total_ste
             model.__dict__["_htmlgen_memory_plan"] = plan
             print(f"memory plan: {plan}")
         else:
+            print(f"compile_training: the first step compiles the decoder layers ({COMPILE_NOTE})", flush=True)
             compile_decoder_layers(model, activation_budget=plan.activation_budget)
         applied.append(name)
     return list(applied)
+
+
+def stop_compiling(model, error: BaseException) -> None:
+    """After the compiled layers failed (in the first step): say so in one line and run the layers eagerly."""
+    fall_back(model, "compile_training", error, "the decoder layers run eagerly (slower steps, the same numbers)")
+    uncompile_decoder_layers(model)
+    applied = model.__dict__.get("_htmlgen_levers", [])
+    if "compile_training" in applied:
+        applied.remove("compile_training")
 
 
 def memory_plan(model) -> RecomputePlan | None:

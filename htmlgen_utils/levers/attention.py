@@ -11,6 +11,8 @@ from contextlib import contextmanager
 
 import torch
 
+from ..config import gpu_is_verified
+
 PACKED_ATTENTION = "htmlgen_packed_sdpa"
 FLEX_ATTENTION = "htmlgen_flex"
 FLEX_MIN_BLOCK = 4096  # `flex_attention: auto` from this block size
@@ -167,8 +169,7 @@ def wants_flex_attention(config, device: torch.device) -> bool:
     FlexAttention's backward 16 x 16 tiles there, and it is not measured."""
     if config.flex_attention != "auto":
         return config.flex_attention == "on"
-    return (config.block_size >= FLEX_MIN_BLOCK and device.type == "cuda"
-            and torch.cuda.get_device_capability(device) >= (8, 0))
+    return config.block_size >= FLEX_MIN_BLOCK and device.type == "cuda" and gpu_is_verified()
 
 
 def use_flex_attention(model) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 import torch
 import torch._functorch.config as functorch_config
 
+# What a learner is told before a compile starts (the GPU benchmarks time it; bench/RESULTS.md)
+COMPILE_NOTE = "about a minute on a GPU machine's cores, several on Colab's 2 vCPUs"
+
 
 def compile_decoder_layers(model, activation_budget: float | None = None) -> None:
     """`torch.compile` each decoder layer on its own ("regional" compilation).
@@ -25,6 +28,13 @@ def compile_decoder_layers(model, activation_budget: float | None = None) -> Non
         if activation_budget is not None:
             compiled = _under_budget(compiled, activation_budget)
         layer._compiled_call_impl = compiled
+
+
+def uncompile_decoder_layers(model) -> None:
+    """Undo `compile_decoder_layers`: each layer runs its plain forward again (after a failed compile)."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in causal_lm.model.layers:
+        layer._compiled_call_impl = None
 
 
 def _under_budget(compiled, activation_budget: float):

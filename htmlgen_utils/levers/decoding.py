@@ -23,8 +23,11 @@ from typing import Iterator
 
 import torch
 
+from ..config import gpu_is_verified
 from ..packing import STOP_STRING
 from .attention import FLEX_ATTENTION, PACKED_ATTENTION
+from .compile import COMPILE_NOTE
+from .fallback import fall_back, has_failed
 from .few_tokens import FEW_TOKENS
 from .lookahead import PromptLookup
 from .stacking import SharedInput, shared_input_groups, stacked_layers
@@ -134,8 +137,9 @@ def compiled_decoding(model):
 
 
 def wants_compiled_decode(model, config) -> bool:
-    """The config's `compile_generation`, on CUDA only (on CPU there is nothing to gain from compiling)."""
-    return bool(config.compile_generation) and next(model.parameters()).device.type == "cuda"
+    """The config's `compile_generation` (`auto`: on GPUs of compute capability >= 8.0), on CUDA only (on CPU there
+    is nothing to gain from compiling)."""
+    return config.compiles("compile_generation") and next(model.parameters()).device.type == "cuda"
 
 
 CACHE_LENGTH_STEP = 256  # static caches are sized in steps of this, so prompts of similar length share one
@@ -154,6 +158,9 @@ def static_cache(model, batch_size: int, tokens: int):
     key = min(long_enough, key=lambda k: k[1]) if long_enough else (
         batch_size, -(-tokens // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP)
     if key not in caches:
+        if next(model.parameters()).is_cuda:
+            print(f"compile_generation: compiling the decode step for {batch_size} page(s) at a time, "
+                  f"{key[1]} tokens ({COMPILE_NOTE}); later batches reuse it", flush=True)
         caches[key] = StaticCache(config=model.config, max_cache_len=key[1])
     caches[key].reset()
     return caches[key]
@@ -220,7 +227,13 @@ class DecodeStep:
         self.model, self.cache, self.cache_name, self.groups = model, cache, cache_name, groups
         self.column_words = column_words and tokens == 1
         if self.column_words:
-            left_out = [group for group in groups if not group.build_column_words()]
+            try:
+                left_out = [group for group in groups if not group.build_column_words()]
+            except Exception as error:  # the layout could not be built: bitsandbytes' layout for every group
+                fall_back(model, "column_words", error, "the decode step reads bitsandbytes' 4-bit layout (slower)")
+                for group in groups:
+                    group.columns = None
+                left_out, self.column_words = [], False
             if left_out and device.type == "cuda":  # (elsewhere there is no layout to build: nothing to say)
                 print(f"column_words: {len(left_out)} of {len(groups)} projection groups keep bitsandbytes' layout "
                       "(not NF4 in blocks of 64, or no GPU memory to spare for a second copy of their weights)")
@@ -279,8 +292,11 @@ def decode_step(model, cache, cache_name: str, device: torch.device, groups: lis
     """The `DecodeStep` of this static cache (and stacking, and token count), built at its first use (before the
     prompt goes in: building it resets the cache) and kept with it, as a graph is bound to its cache's tensors."""
     steps = model.__dict__.setdefault("_htmlgen_decode_steps", {})
+    column_words = column_words and not has_failed(model, "column_words")
     key = (id(cache), bool(groups), tokens, column_words)
     if key not in steps:
+        if device.type == "cuda":
+            print(f"compile_generation: compiling and capturing the one-page decode step ({COMPILE_NOTE})", flush=True)
         steps[key] = DecodeStep(model, cache, cache_name, device, groups, tokens, column_words)
     return steps[key]
 
@@ -288,7 +304,7 @@ def decode_step(model, cache, cache_name: str, device: torch.device, groups: lis
 @torch.no_grad()
 def decode_one(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
                temperature: float = 0.7, top_p: float = 0.95, stop_at_html_end: bool = True,
-               stack_projections: bool = True, lookahead: int = 0, column_words: bool = True,
+               stack_projections: bool = True, lookahead: int = 0, column_words: bool | None = None,
                counts: dict | None = None) -> Iterator[list[int]]:
     """One prompt's new tokens (its EOS included), yielded in pieces as they are read back.
 
@@ -299,12 +315,15 @@ def decode_one(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, d
     `STOP_CHECK_TOKENS` tokens were computed for nothing). With `lookahead` > 0 (e.g. `LOOKAHEAD_TOKENS`),
     greedy decoding with stacking checks drafts of that many tokens (`_decode_looking_ahead`); off by default,
     as it measured 0.83x the one-token loop on an H200 (a check's 4-bit products cost 1.86x a step's, the check
-    ~2x a step end to end; bench/lookahead_decode.py). With `column_words` (the default; on CUDA, with stacking)
+    ~2x a step end to end; bench/lookahead_decode.py). With `column_words` (default: on GPUs of compute capability
+    >= 8.0, where its kernel has run; on CUDA, with stacking)
     the one-token step's 4-bit products read a copy of the weights laid out for decoding (`column_words.py`:
     1.64x bitsandbytes' kernel on those products, 1.34x the whole step on an H100), built where the GPU keeps a
     quarter of its memory free besides (~3.6 GB for a 7B model); `column_words=False` keeps bitsandbytes'
     layout and that memory. `counts`, if given, receives its steps."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if column_words is None:  # on by default only where its kernel has run: compute capability >= 8.0
+        column_words = gpu_is_verified()
     use_one_token_lora(model)
     length = input_ids.shape[1]
     looking_ahead = lookahead > 0 and not do_sample and stack_projections

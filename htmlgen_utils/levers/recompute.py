@@ -99,7 +99,7 @@ def plan_recompute(model, config: Config, device: torch.device, checkpoints_offl
                    compiled: bool | None = None) -> RecomputePlan:
     """The layers to leave un-checkpointed under `config.memory_budget_gib`, and how (0 on CPU, without
     checkpointing, with a zero budget, or when the checkpoints are offloaded: that is for memory that is short).
-    `compiled` (default: `config.compile_training`) says whether the layers will be compiled, which allows the
+    `compiled` (default: whether `config.compile_training` is on here) says whether the layers will be compiled, which allows the
     compiler's activation budgets."""
     layers = len(_decoder_layers(model))
     budget = float(config.memory_budget_gib)
@@ -114,7 +114,7 @@ def plan_recompute(model, config: Config, device: torch.device, checkpoints_offl
     static = torch.cuda.memory_allocated(device) + trainable * (4 + 2)  # + fp32 gradients + 8-bit Adam's 2 moments
     step = tokens * vector * (STEP_OTHER_VECTORS + layers)  # + every layer's input (the checkpoints)
     room = budget * GIB - static - step - MARGIN_GIB * GIB
-    compiling = config.compile_training if compiled is None else compiled
+    compiling = config.compiles("compile_training") if compiled is None else compiled
     has_budget = hasattr(functorch_config, "activation_memory_budget")  # torch >= 2.4
     ways = [UNCHECKPOINTED] + (BUDGETED if compiling and has_budget else [])
     fitting = [(way, max(0, min(layers, int((room - tokens * vector * way.backward_peak_vectors)
