@@ -29,6 +29,19 @@ def drive_run_dir(run_dir: str, mount_point: str | None = None) -> str:
     return str(Path(mount_point) / "MyDrive" / DRIVE_FOLDER / Path(run_dir).name)
 
 
+def flush_drive(run_dir: str) -> None:
+    """On Colab, with `run_dir` on Google Drive: write everything this runtime wrote there to Drive now and unmount
+    it (`drive.flush_and_unmount`, Colab's way to be sure), so the next notebook, opened at once in its own runtime,
+    finds every file. Elsewhere it does nothing."""
+    if not on_colab() or not str(run_dir).startswith(DRIVE_MOUNT_POINT):
+        return
+    from google.colab import drive  # type: ignore
+
+    drive.flush_and_unmount()
+    print(f"Google Drive: {run_dir} written and unmounted; the next notebook can start (run this notebook's setup "
+          f"cell again to use Drive here)")
+
+
 def colab_secret(name: str) -> str | None:
     """A Colab secret's value, or None when it is missing or this notebook may not read it (never printed)."""
     if not on_colab():

@@ -21,27 +21,55 @@ def describe_gpu() -> str:
     return f"GPU: {torch.cuda.get_device_name(0)}, compute capability {major}.{minor}, {memory:.1f} GiB"
 
 
+GPU_PRESETS = ("colab-t4", "colab-t4-low-memory", "ampere-bf16")
+
+
 def setup(preset: str = "auto", run_dir: str = "runs/notebooks", dataset: str = "bundled",
-          overrides: dict | None = None, use_drive: bool = True) -> Config:
+          overrides: dict | None = None, use_drive: bool = True, needs_gpu: bool = False) -> Config:
     """The run's `Config` from a notebook's parameters, saying what it chose and why.
 
-    `preset="auto"` picks what fits this machine (`choose_preset`): `colab-t4` below compute capability 8.0 (a
-    T4), `ampere-bf16` from 8.0, `tiny` without a GPU. On Colab with `use_drive`, a relative `run_dir` moves to
-    Google Drive (`MyDrive/htmlgen/<name>`), so the next notebook (its own runtime) and a later session find it."""
+    The run's settings live in one place: the run directory's `htmlgen_config.json`, written by the first notebook
+    that runs there. Later notebooks read it (`preset="auto"`, or the same preset) and apply only their own
+    `overrides` on top, so 02-05 need no settings repeated. Without it, `preset="auto"` picks what fits this
+    machine (`choose_preset`): `colab-t4` below compute capability 8.0 (a T4) and on a Colab CPU runtime,
+    `ampere-bf16` from 8.0, `tiny` without a GPU elsewhere. On Colab with `use_drive`, a relative `run_dir` moves to
+    Google Drive (`MyDrive/htmlgen/<name>`), so the next notebook (its own runtime) and a later session find it.
+    `needs_gpu` (notebooks 03-05) stops a GPU preset on a runtime without one, saying how to get one."""
+    import torch
+
     print(describe_gpu())
-    chosen = preset
-    if preset == "auto":
-        chosen, why = choose_preset()
-        print(f"preset 'auto' -> {chosen!r}: {why}")
-    else:
-        print(f"preset {chosen!r} (as set in the parameters)")
     if on_colab() and use_drive:
         run_dir = drive_run_dir(run_dir)
         print(f"run directory on Google Drive: {run_dir}")
     elif on_colab():
         print(f"run directory {run_dir} is on this runtime's disk: it is lost on disconnect, and the other notebooks "
               f"(each its own runtime) will not see it. Set use_drive = True to keep it on Google Drive.")
-    config = Config.from_preset(chosen, run_dir=run_dir, dataset=dataset, **(overrides or {}))
+    saved_file = Path(run_dir).expanduser() / "htmlgen_config.json"
+    saved = Config.load(saved_file) if saved_file.exists() else None
+    if saved is not None and preset in ("auto", saved.preset):
+        config = saved.replace(run_dir=run_dir, **(overrides or {}))
+        print(f"settings: the run directory's htmlgen_config.json (preset {saved.preset!r}, dataset {saved.dataset!r})"
+              + (f" with this notebook's overrides {sorted(overrides)}" if overrides else ""))
+        if dataset != saved.dataset and dataset != "bundled":
+            print(f"  (this notebook's dataset {dataset!r} is not used: the run was made from {saved.dataset!r}; "
+                  f"use another run_dir for another dataset)")
+    else:
+        chosen = preset
+        if preset == "auto":
+            chosen, why = choose_preset()
+            print(f"preset 'auto' -> {chosen!r}: {why}")
+        else:
+            print(f"preset {chosen!r} (as set in the parameters)")
+        if saved is not None:
+            print(f"  (the run directory was set up with preset {saved.preset!r}: this notebook uses {chosen!r}, and "
+                  f"its data must be prepared again if the tokenizer or blocks differ)")
+        config = Config.from_preset(chosen, run_dir=run_dir, dataset=dataset, **(overrides or {}))
+        if saved is None:
+            config.save(saved_file)  # the next notebooks read these settings
+    if needs_gpu and config.preset in GPU_PRESETS and not torch.cuda.is_available():
+        raise RuntimeError(f"This notebook needs a GPU for the {config.preset!r} preset and this runtime has none: "
+                           f"Runtime -> Change runtime type -> T4 GPU -> Save, then run all again (the run directory "
+                           f"keeps notebooks 01-02's work).")
     return config
 
 
@@ -56,8 +84,8 @@ def checklist(config: Config) -> list[str]:
     if torch.cuda.is_available():
         lines.append(f"ok    {describe_gpu()}")
     elif on_colab():
-        lines.append("TODO  no GPU in this runtime: Runtime -> Change runtime type -> T4 GPU -> Save, then run all "
-                     "again (without a GPU only the tiny CPU preset runs)")
+        lines.append("TODO  no GPU in this runtime: fine for notebooks 01-02; for 03-05 Runtime -> Change runtime type "
+                     "-> T4 GPU -> Save, then run all")
     else:
         lines.append("ok    no GPU: the tiny CPU preset runs (a 4M-parameter model, minutes)")
     if Path(config.model_id).expanduser().exists():
@@ -75,6 +103,8 @@ def checklist(config: Config) -> list[str]:
     else:
         lines.append(f"ok    run directory: {Path(config.run_dir).resolve()}"
                      + (" (Google Drive)" if on_colab() else ""))
+    lines.append("info  notebooks 01 and 02 need no GPU (a CPU runtime keeps your GPU quota for 03-05); 03, 04 and 05 "
+                 "each need a GPU runtime (a T4 on Colab's free tier) with the same run_dir")
     for line in lines:
         print(line)
     return lines
@@ -115,27 +145,32 @@ T4_SUSTAINED_TFLOPS = 20.0
 
 
 def estimate_training_time(config: Config, train_blocks: int, base_parameters: int,
-                           tflops: float = T4_SUSTAINED_TFLOPS, recompute_saved: float = 0.0) -> dict:
+                           tflops: float = T4_SUSTAINED_TFLOPS, recompute_saved: float = 0.0,
+                           layers: int = 0, hidden: int = 0) -> dict:
     """An estimate, with its arithmetic printed: FLOPs per token x tokens per step / a stated GPU throughput.
 
     Per token, training a frozen base with LoRA costs about 6 x N FLOPs for N base parameters: the forward pass
     (2N), its recomputation under gradient checkpointing (2N), and the backward pass through the frozen weights
-    (2N; no weight gradients, LoRA's are tiny). `recompute_saved` is the share of those FLOPs the memory plan
-    removes (`levers.memory_plan(model).recompute_saved`: layers that skip their recompute in whole or part).
-    Attention, a few percent more at 2,048 tokens, is left out."""
+    (2N; no weight gradients, LoRA's are tiny). Attention adds 4 x layers x hidden x block FLOPs a pass (the
+    scores QK^T and their product with V, over every key of the block: with the block mask a T4's SDPA kernel
+    computes the masked-out pairs too), 4 passes (forward, recompute, backward twice): about a fifth more at
+    4,096 tokens for Llama-2-7B. Given `layers` and `hidden` (the model's), it is counted. `recompute_saved` is the
+    share of those FLOPs the memory plan removes (`levers.memory_plan(model).recompute_saved`)."""
     from .train import plan_steps
 
     accumulation, steps_per_epoch, total_steps = plan_steps(train_blocks, config)
     tokens_per_step = accumulation * config.micro_batch_size * config.block_size
-    flops_per_token = 6 * base_parameters * (1 - recompute_saved)
+    attention = 4 * 4 * layers * hidden * config.block_size
+    flops_per_token = (6 * base_parameters + attention) * (1 - recompute_saved)
     seconds_per_step = tokens_per_step * flops_per_token / (tflops * 1e12)
     estimate = {"tokens_per_step": tokens_per_step, "flops_per_token": flops_per_token,
-                "assumed_tflops": tflops, "seconds_per_step": seconds_per_step,
+                "attention_flops_per_token": attention, "assumed_tflops": tflops, "seconds_per_step": seconds_per_step,
                 "steps_per_epoch": steps_per_epoch, "minutes_per_epoch": seconds_per_step * steps_per_epoch / 60,
                 "planned_steps": total_steps, "minutes_planned": seconds_per_step * total_steps / 60}
     saved = f" x (1 - {recompute_saved:.0%} recompute the memory plan removes)" if recompute_saved else ""
-    print(f"estimate: 6 x {base_parameters:,} parameters{saved} = {flops_per_token:.2e} FLOPs a token; a step is "
-          f"{accumulation} x {config.micro_batch_size} x {config.block_size} = {tokens_per_step:,} tokens -> "
+    attended = f" + attention 16 x {layers} x {hidden} x {config.block_size}" if attention else ""
+    print(f"estimate: (6 x {base_parameters:,} parameters{attended}){saved} = {flops_per_token:.2e} FLOPs a token; a "
+          f"step is {accumulation} x {config.micro_batch_size} x {config.block_size} = {tokens_per_step:,} tokens -> "
           f"{tokens_per_step * flops_per_token:.2e} FLOPs; at an assumed {tflops:g} TFLOP/s (a T4 sustains about a "
           f"third of its 65 TFLOP/s fp16 peak) that is ~{seconds_per_step:.0f} s a step, ~"
           f"{estimate['minutes_per_epoch']:.0f} min an epoch ({steps_per_epoch} steps), ~"
@@ -159,6 +194,9 @@ def training_report(history: list[dict], seconds: float) -> dict:
     return report
 
 
+QUICK_EXAMPLES, QUICK_TOKENS = 8, 768  # notebook 05's quick evaluation (the default on a T4)
+
+
 def evaluation_settings(config: Config, tokenizer, quick_evaluation: str = "auto") -> tuple[Config, bool]:
     """The run's config for notebook 05 with its generation length resolved (`stages.generation_length`), made
     quick (8 test prompts, pages of up to 768 tokens) when asked, or by default on a T4, where a full evaluation of
@@ -169,7 +207,9 @@ def evaluation_settings(config: Config, tokenizer, quick_evaluation: str = "auto
         raise ValueError(f"quick_evaluation={quick_evaluation!r}: use 'auto', 'on' or 'off'")
     config = config.replace(max_new_tokens=generation_length(config, tokenizer))
     quick = quick_evaluation == "on" or (quick_evaluation == "auto" and config.preset.startswith("colab-t4"))
+    if quick and config.max_test_examples <= QUICK_EXAMPLES and config.max_new_tokens <= QUICK_TOKENS:
+        quick = False  # already that small: nothing is left out
     if quick:
-        config = config.replace(max_test_examples=min(config.max_test_examples, 8),
-                                max_new_tokens=min(config.max_new_tokens, 768))
+        config = config.replace(max_test_examples=min(config.max_test_examples, QUICK_EXAMPLES),
+                                max_new_tokens=min(config.max_new_tokens, QUICK_TOKENS))
     return config, quick

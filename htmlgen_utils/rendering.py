@@ -61,10 +61,11 @@ def show_page(page: str, height: int = 360):
 
 
 def gallery_html(rows: Iterable[dict], height: int = 320, score_keys: tuple[str, ...] = (
-        "rougeL", "tree_bleu", "description_coverage", "block_match", "valid_html")) -> str:
+        "rougeL", "tree_bleu", "description_coverage", "block_match", "valid_html"),
+        element_id: str = "htmlgen-gallery") -> str:
     """Reference vs generated (and the base model's page, when a row has `base_generated`), side by side, one row
     per example with its scores."""
-    parts = ['<div class="htmlgen-gallery" id="htmlgen-gallery">']
+    parts = [f'<div class="htmlgen-gallery" id="{html.escape(element_id)}">']
     for index, row in enumerate(rows):
         scores = ", ".join(
             f"{k} {row[k]:.2f}" if isinstance(row.get(k), float) else f"{k} {row.get(k)}"

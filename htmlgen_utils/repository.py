@@ -43,7 +43,8 @@ def point_at(repository_url: str, branch: str, repo_dir: Path) -> list[Path]:
     new_badge = f"colab.research.google.com/github/{new_owner}/{new_name}/blob/{branch}/"
     changed = []
     files = [repo_dir / "htmlgen_utils" / "repository.py", repo_dir / "README.md",
-             *sorted((repo_dir / "notebooks").glob("*.ipynb"))]
+             *sorted((repo_dir / "notebooks").glob("*.ipynb")),
+             *sorted((repo_dir / "notebooks" / "executed").glob("*.ipynb"))]  # their copies with outputs too
     for path in files:
         if not path.exists():
             continue

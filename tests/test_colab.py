@@ -146,7 +146,7 @@ def test_a_fork_rewrites_every_badge_and_setup_cell(tmp_path):
     shutil.copy(REPO_DIR / "htmlgen_utils" / "repository.py", clone / "htmlgen_utils" / "repository.py")
     shutil.copy(REPO_DIR / "README.md", clone / "README.md")
     changed = point_at("https://github.com/someone/htmlgen-fork", "dev", clone)
-    assert len(changed) == 2 + len(NOTEBOOKS)
+    assert len(changed) == 2 + 2 * len(NOTEBOOKS)  # the notebooks and their executed copies
     for name in NOTEBOOKS:
         notebook = nbformat.read(str(clone / "notebooks" / f"{name}.ipynb"), as_version=4)
         assert ("colab.research.google.com/github/someone/htmlgen-fork/blob/dev/notebooks/" + name
@@ -267,3 +267,60 @@ def test_api_started_from_the_notebook_is_shown_through_the_colab_proxy(fake_col
     assert not api.thread.is_alive()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{api.url}/health", timeout=5)
+
+
+# ---------------------------------------------------------------------------------------------- 9. one place for settings
+def test_later_notebooks_read_the_run_directorys_settings(monkeypatch, capsys, tmp_path):
+    """The first notebook saves the run's settings; a later one (preset 'auto', none repeated) gets them back, with
+    only its own overrides on top, and says so."""
+    from htmlgen_utils.notebook import setup
+
+    fake_gpu(monkeypatch, None)
+    first = setup("tiny", str(tmp_path / "run"), overrides={"block_size": 512, "max_example_tokens": 512})
+    assert (tmp_path / "run" / "htmlgen_config.json").exists()
+    capsys.readouterr()
+    later = setup("auto", str(tmp_path / "run"), overrides={"max_new_tokens": 24})
+    assert "run directory's htmlgen_config.json" in capsys.readouterr().out
+    assert later.replace(max_new_tokens=0) == first and later.max_new_tokens == 24
+
+
+def test_auto_on_a_cpu_runtime_keeps_a_t4_run_and_colab_cpu_picks_the_t4_preset(fake_colab, monkeypatch, tmp_path):
+    """A learner saving GPU quota: on a Colab runtime without a GPU `auto` picks `colab-t4` (01-02 need only the
+    tokenizer), a run directory set up for a T4 keeps its settings there, and 03-05 say how to get a GPU."""
+    from htmlgen_utils.notebook import setup
+
+    fake_gpu(monkeypatch, None)
+    assert choose_preset()[0] == "colab-t4"
+    first = setup("auto", str(tmp_path / "t4-run"))
+    assert first.preset == "colab-t4" and first.block_size == 4096
+    monkeypatch.delitem(sys.modules, "google.colab")  # a CPU machine elsewhere: auto alone would say 'tiny'
+    assert choose_preset()[0] == "tiny"
+    assert setup("auto", str(tmp_path / "t4-run")) == first
+    with pytest.raises(RuntimeError, match="needs a GPU"):
+        setup("auto", str(tmp_path / "t4-run"), needs_gpu=True)
+
+
+def test_notebook_05_leaves_the_api_running_and_honours_its_overrides():
+    """Run all must not stop the server whose link it just printed; its generation settings come from `config`
+    (the run's settings with the notebook's overrides), not from the config notebook 04 saved."""
+    notebook = notebook_sources("05_evaluation_and_rendering")
+    code = "\n".join(c.source for c in notebook.cells if c.cell_type == "code")
+    assert "api.stop()" not in code.replace("# api.stop()", "")
+    assert "api.stop()" in notebook.cells[-1].source  # told, in words, how to stop it
+    assert "trained." not in code  # every setting is read from `config`
+
+
+def test_checkpoints_a_learner_can_count_on():
+    """The colab-t4 plan for the bundled data (162 blocks of 4,096 Llama-2 tokens, bench/results'
+    token_counts_llama2 file) writes at least 4 checkpoints before its last step, and validates a few times."""
+    from htmlgen_utils.train import cadence, describe_cadence, plan_steps
+
+    counts = json.loads(next((REPO_DIR / "bench" / "results").glob("*_token_counts_llama2_cpu.json")).read_text())
+    config = Config.from_preset("colab-t4")
+    _, _, total = plan_steps(counts["blocks"]["train"], config)
+    every, validate = cadence(config, total)
+    assert len(range(every, total, every)) >= 4 and 3 <= len(range(validate, total + 1, validate)) <= 5
+    assert config.checkpoint_minutes <= 10 and "10 minutes" in describe_cadence(config, total)
+    for steps in (5, 7, 40, 41, 333):
+        every, _ = cadence(config, steps)
+        assert len(range(every, steps, every)) >= 4, steps
