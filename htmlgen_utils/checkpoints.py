@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import Config
 from .distributed import SINGLE, Ranks, gather_to_main
 
 CHECKPOINT_DIR = "checkpoints"
@@ -96,3 +97,23 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, ranks: Rank
     scaler.load_state_dict(saved["scaler"])
     _set_rng_state(saved["rng_per_rank"][ranks.rank] if "rng_per_rank" in saved else saved["rng"])
     return TrainState(**saved["state"])
+
+
+def cadence(config: Config, total_steps: int) -> tuple[int, int]:
+    """(checkpoint every, validate every) in optimiser steps. `auto` (-1) checkpoints every fifth of the run, so a
+    run of 5 steps or more writes at least 4 checkpoints before it ends (a disconnect loses at most a fifth; the
+    `checkpoint_minutes` rule bounds it in time too), and validates every quarter (plus each epoch's end)."""
+    checkpoint = max(1, total_steps // 5) if config.checkpoint_every == -1 else config.checkpoint_every
+    validate = max(1, total_steps // 4) if config.eval_every == -1 else config.eval_every
+    return checkpoint, validate
+
+
+def describe_cadence(config: Config, total_steps: int) -> str:
+    """One line for the plan: when checkpoints and validation happen."""
+    checkpoint, validate = cadence(config, total_steps)
+    if not checkpoint:
+        saves = "no checkpoints (checkpoint_every=0): an interrupted run starts over"
+    else:
+        minutes = f" and after every {config.checkpoint_minutes:g} minutes" if config.checkpoint_minutes else ""
+        saves = f"a checkpoint every {checkpoint} step(s){minutes} (a restarted run resumes from the last)"
+    return f"{saves}; validation every {validate} step(s) and at the end"

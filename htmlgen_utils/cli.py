@@ -33,6 +33,9 @@ def config_from_args(argv: list[str] | None = None, description: str = "", train
                             help="forget a previous run in the run directory (checkpoints, adapter) and train anew")
     if pipeline:
         parser.add_argument("--notebooks", default="", help="run only these, by number: e.g. 04,05 (default: all)")
+        parser.add_argument("--publish", action="store_true",
+                            help="run the chain in a fresh folder and write the executed copies, outputs kept and "
+                                 "this machine's paths removed, to notebooks/executed/ (committed for readers)")
     args = parser.parse_args(argv)
     if args.debug:
         os.environ["HTMLGEN_DEBUG"] = "1"

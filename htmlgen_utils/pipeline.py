@@ -2,6 +2,7 @@
 
     python -m htmlgen_utils.pipeline --preset tiny --run-dir runs/tiny
     python -m htmlgen_utils.pipeline --dataset my_pages.json -p max_steps 20
+    python -m htmlgen_utils.pipeline --preset tiny --publish   # refresh notebooks/executed/ (committed copies)
 
 Executed copies go to `RUN_DIR/executed/`, every artifact (splits, packed blocks, adapter, history,
 plots, metrics.json) to RUN_DIR. The chain stops at the first failing notebook and names it and the
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -78,6 +80,63 @@ def run_pipeline(config: Config, notebooks: tuple[str, ...] = NOTEBOOKS, log_out
     return json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
 
 
+EXECUTED_DIR = REPO_DIR / "notebooks" / "executed"
+PUBLISHED_NOTE = (
+    "> **An executed copy, to read before you run anything.** The outputs below come from the `tiny` preset on a "
+    "CPU: a 4M-parameter Llama shipped with the package, fine-tuned on the bundled data in about a minute, made by "
+    "`python -m htmlgen_utils.pipeline --preset tiny --publish`. On a Colab T4 the same cells load Llama-2-7B in "
+    "4 bits: bigger numbers, minutes per training step, and pages from a real model. To run it, open "
+    "[the notebook itself](../{name}.ipynb).")
+
+
+def publish_executed(run_dir: Path, shown_run_dir: str, out_dir: Path = EXECUTED_DIR) -> list[Path]:
+    """Copy the executed notebooks of `run_dir/executed` to `out_dir` for readers: a first cell saying where the
+    outputs come from, papermill's injected parameters and timing metadata removed (the parameters cell shows the
+    defaults a reader starts from), and this machine's paths replaced (the run directory by `shown_run_dir`, the
+    repository by nothing)."""
+    import nbformat
+    import site
+
+    replacements = [(str(run_dir.resolve()), shown_run_dir), (str(REPO_DIR) + "/", ""), (str(REPO_DIR), "."),
+                    *((path + "/", "") for path in site.getsitepackages()), (tempfile.gettempdir() + "/", "")]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in NOTEBOOKS:
+        notebook = nbformat.read(str(run_dir / "executed" / f"{name}.ipynb"), as_version=4)
+        notebook.cells = [cell for cell in notebook.cells
+                          if "injected-parameters" not in cell.metadata.get("tags", [])]
+        for cell in notebook.cells:
+            cell.metadata.pop("papermill", None)
+            cell.metadata.pop("execution", None)
+            if cell.cell_type == "code":
+                cell.outputs = [_without_paths(output, replacements) for output in cell.outputs]
+        notebook.cells.insert(0, nbformat.v4.new_markdown_cell(PUBLISHED_NOTE.format(name=name)))
+        for index, cell in enumerate(notebook.cells):
+            cell["id"] = f"{name[:2]}-run-{index:02d}"
+        notebook.metadata.pop("papermill", None)
+        path = out_dir / f"{name}.ipynb"
+        nbformat.write(notebook, str(path))
+        written.append(path)
+    return written
+
+
+def _without_paths(output, replacements: list[tuple[str, str]]):
+    """A cell output with this machine's absolute paths replaced, in its text and its text-like data."""
+    def clean(text: str) -> str:
+        for old, new in replacements:
+            text = text.replace(old, new)
+        return text
+
+    if "text" in output:
+        output["text"] = clean(output["text"])
+    for key, value in output.get("data", {}).items():
+        if key.startswith("text/") and isinstance(value, str):
+            output["data"][key] = clean(value)
+    if "traceback" in output:
+        output["traceback"] = [clean(line) for line in output["traceback"]]
+    return output
+
+
 def main(argv: list[str] | None = None) -> int:
     from .cli import config_from_args
 
@@ -94,14 +153,25 @@ def main(argv: list[str] | None = None) -> int:
         print("Running the 'tiny' preset on the CPU: the small pre-trained Llama shipped with the package and "
               f"the {config.dataset!r} dataset.")
     started = time.perf_counter()
+    publishing = tempfile.TemporaryDirectory() if args.publish else None
+    if publishing is not None:  # a fresh run, whatever runs/ holds, so every notebook shows its outputs
+        config = config.replace(run_dir=str(Path(publishing.name) / config.preset))
     try:
         metrics = run_pipeline(config, notebooks)
+        if publishing is not None:
+            for path in publish_executed(Path(config.run_dir), f"runs/{config.preset}"):
+                print(f"published {path.relative_to(REPO_DIR)}")
     except NotebookFailed as error:
         print(f"\nFAILED: {error}", file=sys.stderr)
         return 1
+    finally:
+        if publishing is not None:
+            publishing.cleanup()
     keys = ("rouge1", "rouge2", "rougeL", "token_accuracy", "html_valid_rate", "eval_loss")
     print(json.dumps({k: metrics.get(k) for k in keys}, indent=2))
-    print(f"Chain finished in {time.perf_counter() - started:.0f} s; artifacts in {Path(config.run_dir).resolve()}")
+    where = EXECUTED_DIR.relative_to(REPO_DIR) if args.publish else Path(config.run_dir).resolve()
+    print(f"Chain finished in {time.perf_counter() - started:.0f} s; {'executed copies' if args.publish else 'artifacts'} "
+          f"in {where}")
     return 0
 
 

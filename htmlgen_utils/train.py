@@ -21,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .checkpoints import CHECKPOINT_DIR, TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import (CHECKPOINT_DIR, TrainState, cadence, describe_cadence, latest_checkpoint, load_checkpoint,
+                          save_checkpoint)
 from .config import Config
 from .distributed import (SINGLE, Ranks, any_rank, data_parallel, end_process_group, launched_ranks, main_rank_first,
                           mean_over_ranks, start_process_group)
@@ -79,26 +80,6 @@ def plan_steps(num_blocks: int, config: Config, world_size: int = 1) -> tuple[in
     steps_per_epoch = batches // accumulation
     total = config.max_steps if config.max_steps > 0 else steps_per_epoch * config.epochs
     return accumulation, steps_per_epoch, total
-
-
-def cadence(config: Config, total_steps: int) -> tuple[int, int]:
-    """(checkpoint every, validate every) in optimiser steps. `auto` (-1) checkpoints every fifth of the run, so a
-    run of 5 steps or more writes at least 4 checkpoints before it ends (a disconnect loses at most a fifth; the
-    `checkpoint_minutes` rule bounds it in time too), and validates every quarter (plus each epoch's end)."""
-    checkpoint = max(1, total_steps // 5) if config.checkpoint_every == -1 else config.checkpoint_every
-    validate = max(1, total_steps // 4) if config.eval_every == -1 else config.eval_every
-    return checkpoint, validate
-
-
-def describe_cadence(config: Config, total_steps: int) -> str:
-    """One line for the plan: when checkpoints and validation happen."""
-    checkpoint, validate = cadence(config, total_steps)
-    if not checkpoint:
-        saves = "no checkpoints (checkpoint_every=0): an interrupted run starts over"
-    else:
-        minutes = f" and after every {config.checkpoint_minutes:g} minutes" if config.checkpoint_minutes else ""
-        saves = f"a checkpoint every {checkpoint} step(s){minutes} (a restarted run resumes from the last)"
-    return f"{saves}; validation every {validate} step(s) and at the end"
 
 
 def micro_batch_groups(blocks, config: Config, accumulation: int, state: TrainState,
@@ -179,9 +160,13 @@ class TrainingRun:
     ranks: Ranks = SINGLE  # rank 0 validates and writes; every rank trains
     compiled: bool = False  # the first step of the process compiles the layers: its cost is printed
     first_step: int = 0  # the step this process started from (a resumed run starts past 0)
-    checkpoint_every: int = 0  # steps (`cadence`)
-    eval_every: int = 1
-    last_checkpoint: float = field(default_factory=lambda: time.monotonic())  # when the last checkpoint (or the run) began
+    checkpoint_every: int = field(init=False)  # optimiser steps (`cadence`)
+    eval_every: int = field(init=False)
+    last_checkpoint: float = field(init=False)  # when the last checkpoint was written (or the run began)
+
+    def __post_init__(self) -> None:
+        self.checkpoint_every, self.eval_every = cadence(self.config, self.total_steps)
+        self.last_checkpoint = time.monotonic()
 
 
 def after_step(run: TrainingRun, state: TrainState, record: dict, stop_when: Callable[[TrainState], bool] | None
@@ -225,6 +210,21 @@ def after_step(run: TrainingRun, state: TrainState, record: dict, stop_when: Cal
     return stop
 
 
+def step_gradients(run: TrainingRun, trainee, micro_batches: list[dict], step_targets: int,
+                   state: TrainState) -> torch.Tensor:
+    """`accumulate_gradients` for one step. In a compiled run's first step a failure of the compiled layers (the
+    compiler, Triton, a C toolchain) is said in one line and the step runs again on the plain layers."""
+    try:
+        return accumulate_gradients(trainee, micro_batches, run.scaler, step_targets, run.config, run.device)
+    except Exception as error:
+        if not (run.compiled and state.step == run.first_step):
+            raise
+        stop_compiling(run.model, error)
+        run.compiled = False
+        run.optimizer.zero_grad(set_to_none=True)
+        return accumulate_gradients(trainee, micro_batches, run.scaler, step_targets, run.config, run.device)
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 def train(model, tokenizer, packed, config: Config, run_dir: str | Path, resume: bool = True,
           stop_when: Callable[[TrainState], bool] | None = None) -> TrainState:
@@ -260,7 +260,6 @@ def train(model, tokenizer, packed, config: Config, run_dir: str | Path, resume:
                       total_steps, epoch_micro_batches, left_out, progress,
                       start_wandb(config, run_dir) if ranks.is_main else None, ranks,
                       compiled="compile_training" in levers, first_step=state.step)
-    run.checkpoint_every, run.eval_every = cadence(config, total_steps)
     if ranks.is_main:
         print(f"plan: {total_steps} optimiser steps; {describe_cadence(config, total_steps)}")
 
@@ -273,16 +272,7 @@ def train(model, tokenizer, packed, config: Config, run_dir: str | Path, resume:
             started = time.perf_counter()
             # every target token of the step weighs the same (of every process: DDP averages over them)
             step_targets = mean_over_ranks(count_targets(micro_batches), ranks)
-            try:
-                loss_sum = accumulate_gradients(trainee, micro_batches, scaler, step_targets, config, device)
-            except Exception as error:  # the compiled layers failed in their first step: train them eagerly
-                if not (run.compiled and state.step == run.first_step):
-                    raise
-                stop_compiling(model, error)
-                run.compiled = False
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum = accumulate_gradients(trainee, micro_batches, scaler, step_targets, config, device)
-            loss_sum = mean_over_ranks(loss_sum, ranks)
+            loss_sum = mean_over_ranks(step_gradients(run, trainee, micro_batches, step_targets, state), ranks)
             grad_norm, finite = optimizer_step(parameters, optimizer, scheduler, scaler, config.max_grad_norm,
                                                loss_sum)
             state.step += 1

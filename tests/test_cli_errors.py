@@ -1,14 +1,18 @@
 """A user's mistake at any entry point: one line naming the problem and the fix, a non-zero exit, no traceback.
 
-Each case runs the real command line in a subprocess."""
+Each case runs the real entry point as `python -m` would (`runpy`, as `__main__`, with its own argv), in this
+process to save each case a Python start: an exception that escaped the one-line handler would fail the test
+here as the traceback would show there. The working directory is a fresh folder, so the default run directory
+(`runs/<preset>`) is never a user's own."""
 import json
-import os
-import subprocess
+import runpy
 import sys
 
 import pytest
 
 from htmlgen_utils.config import REPO_DIR
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy re-runs a module
 
 GOOD_ROW = {"label": "A page", "html": "<!DOCTYPE html><html><head></head><body><p>hi</p></body></html>"}
 
@@ -62,16 +66,20 @@ CASES = [
 
 
 @pytest.mark.parametrize("name, command, code, words", CASES, ids=[c[0] for c in CASES])
-def test_a_mistake_gets_one_line_and_no_traceback(tmp_path, name, command, code, words):
+def test_a_mistake_gets_one_line_and_no_traceback(tmp_path, monkeypatch, capfd, name, command, code, words):
     args = command(tmp_path)
-    entry = [sys.executable, args[0]] if args[0].endswith(".py") else [sys.executable, "-m",
-                                                                        f"htmlgen_utils.{args[0]}"]
-    result = subprocess.run(entry + args[1:], capture_output=True, text=True, cwd=REPO_DIR, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    output = result.stdout + result.stderr
-    assert result.returncode == code, output[-2000:]
-    assert "Traceback" not in output
-    message = [line for line in result.stderr.splitlines() if line.startswith(("error:", "FAILED:"))]
-    assert len(message) == 1, result.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(sys, "argv", [args[0], *args[1:]])
+    with pytest.raises(SystemExit) as exit_info:
+        if args[0].endswith(".py"):
+            runpy.run_path(str(REPO_DIR / args[0]), run_name="__main__")
+        else:
+            runpy.run_module(f"htmlgen_utils.{args[0]}", run_name="__main__")
+    out, err = capfd.readouterr()
+    assert exit_info.value.code == code, (out + err)[-2000:]
+    assert "Traceback" not in out + err
+    message = [line for line in err.splitlines() if line.startswith(("error:", "FAILED:"))]
+    assert len(message) == 1, err[-2000:]
     for word in words:
         assert word.lower() in message[0].lower(), (word, message[0])

@@ -129,9 +129,10 @@ def test_setup_cell_installs_from_repo_url_with_visible_pip_output(fake_colab, m
     exec(source, {**namespace, "get_ipython": None})
 
 
-def test_run_dir_stays_on_the_runtime_disk_only_when_asked(fake_colab, capsys, tmp_path):
+def test_run_dir_stays_on_the_runtime_disk_only_when_asked(fake_colab, capsys, tmp_path, monkeypatch):
     from htmlgen_utils.notebook import setup
 
+    monkeypatch.chdir(tmp_path)  # the relative run directory (and the settings saved in it) land here
     config = setup("tiny", "local-run", use_drive=False)
     assert config.run_dir == "local-run" and fake_colab["mounted"] == []
     assert "lost on disconnect" in capsys.readouterr().out

@@ -8,24 +8,15 @@ from htmlgen_utils.config import TINY_BASE_DIR, Config
 from htmlgen_utils.generation import generate_pages, stream_page
 from htmlgen_utils.levers import column_words, decoding
 from htmlgen_utils.model import load_for_training
+from tests.models import adapted_tiny_model
 
 DESCRIPTIONS = ["A modern landing page for Acme in blue", "Build a retro 404 error page for Nova."]
 
 
 @pytest.fixture(scope="module")
 def plain_pages():
-    model, tokenizer = _adapted_model()
+    model, tokenizer = adapted_tiny_model()
     return generate_pages(model, tokenizer, DESCRIPTIONS, max_new_tokens=60).pages
-
-
-def _adapted_model():
-    """The tiny base with a LoRA that changes its pages (random B matrices), for generation."""
-    model, tokenizer = load_for_training(Config.from_preset("tiny"))
-    torch.manual_seed(0)
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            parameter.data.normal_(0, 0.02)
-    return model.eval(), tokenizer
 
 
 def _fail(message):
@@ -41,7 +32,7 @@ def _one_fallback_line(printed: str, lever: str) -> None:
 
 
 def test_a_failed_compile_of_the_batched_decode_step_generates_plainly(monkeypatch, capsys, plain_pages):
-    model, tokenizer = _adapted_model()
+    model, tokenizer = adapted_tiny_model()
     monkeypatch.setattr("htmlgen_utils.generation.generate_with_static_cache", _fail("inductor: compile failed"))
     pages = generate_pages(model, tokenizer, DESCRIPTIONS, max_new_tokens=60, batch_size=2, compile_decode=True).pages
     assert pages == plain_pages
@@ -56,7 +47,7 @@ def test_a_failed_compile_of_the_batched_decode_step_generates_plainly(monkeypat
 def test_a_failed_one_page_decode_step_generates_plainly(monkeypatch, capsys, plain_pages, where):
     """Graph capture fails as the step is built (`DecodeStep`); a kernel launch (the decode layout's Triton
     product, here its CPU form) fails at the first token."""
-    model, tokenizer = _adapted_model()
+    model, tokenizer = adapted_tiny_model()
     if where == "graph capture":
         monkeypatch.setattr(decoding.DecodeStep, "__init__", _fail("CUDA error: operation not permitted when stream "
                                                                    "is capturing"))
@@ -71,7 +62,7 @@ def test_a_failed_one_page_decode_step_generates_plainly(monkeypatch, capsys, pl
 
 
 def test_a_failed_layout_build_decodes_over_bitsandbytes_layout(monkeypatch, capsys):
-    model, tokenizer = _adapted_model()
+    model, tokenizer = adapted_tiny_model()
     ids = tokenizer(DESCRIPTIONS[0], return_tensors="pt").input_ids
     expected = list(decoding.decode_one(model, tokenizer, ids, 40, stop_at_html_end=False, column_words=False))
     monkeypatch.setattr(column_words.ColumnWords, "fits",
@@ -83,7 +74,7 @@ def test_a_failed_layout_build_decodes_over_bitsandbytes_layout(monkeypatch, cap
 
 
 def test_a_failed_streaming_decode_streams_plainly(monkeypatch, capsys):
-    model, tokenizer = _adapted_model()
+    model, tokenizer = adapted_tiny_model()
     expected = "".join(stream_page(model, tokenizer, DESCRIPTIONS[0], 40))
     monkeypatch.setattr(decoding.DecodeStep, "__init__", _fail("graph capture failed"))
     monkeypatch.setattr("htmlgen_utils.generation.decode_one", _raising_generator)
@@ -148,6 +139,6 @@ def test_unverified_paths_are_off_by_default_below_compute_capability_8(monkeypa
 def test_the_api_compiles_its_decode_step_before_the_first_request():
     from htmlgen_utils.serve import create_app
 
-    model, tokenizer = _adapted_model()
+    model, tokenizer = adapted_tiny_model()
     create_app(model, tokenizer, max_new_tokens_cap=32, compile_decode=True)
     assert model.__dict__.get("_htmlgen_decode_steps")  # built (on a GPU: compiled and captured) already

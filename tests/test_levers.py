@@ -15,6 +15,7 @@ from htmlgen_utils.levers.lookahead import LOOKAHEAD_TOKENS, PromptLookup
 from htmlgen_utils.loss import next_token_loss
 from htmlgen_utils.model import keep_frozen_embeddings_in, load_base_model, load_for_training, load_tokenizer
 from htmlgen_utils.packing import build_prompt, make_dataloader, pack_splits
+from tests.models import adapted_tiny_model
 
 
 BASE = str(TINY_BASE_DIR)  # trained weights: its attention matters, so a leak or a wrong mask would show
@@ -455,21 +456,11 @@ def test_one_token_lora_matrices_compute_what_linear_computes():
                if ".lora_A." in name or ".lora_B." in name)
 
 
-def _adapted_tiny_model():
-    """The tiny base with a LoRA that changes its pages (random B matrices), in eval mode, for generation."""
-    model, tokenizer = load_for_training(Config.from_preset("tiny"))
-    torch.manual_seed(0)
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            parameter.data.normal_(0, 0.02)
-    return model.eval(), tokenizer
-
-
 def test_own_decode_loop_with_a_trained_adapter_writes_what_generate_writes():
     """With LoRA adapters that change the pages (random B matrices), `decode_one` (one-query attention, one-token
     LoRA matrices, its `DecodeStep` from fixed token and position buffers) writes `generate`'s pages; a second
     page reuses the step its cache was built with."""
-    model, tokenizer = _adapted_tiny_model()
+    model, tokenizer = adapted_tiny_model()
     descriptions = ["A modern landing page for Acme in blue", "Build a retro 404 error page for Nova."]
     with model.disable_adapter():
         base_pages = generate_pages(model, tokenizer, descriptions, max_new_tokens=150).pages
@@ -585,7 +576,7 @@ def test_lookahead_decoding_writes_the_one_token_loops_pages():
     pieces are read back as the one-token loop reads them."""
     from htmlgen_utils.levers.decoding import STOP_CHECK_TOKENS, decode_one
 
-    model, tokenizer = _adapted_tiny_model()
+    model, tokenizer = adapted_tiny_model()
     for description in ("A modern landing page for Acme in blue", "A pricing table for Orbit with three plans"):
         ids = tokenizer(build_prompt(description), return_tensors="pt").input_ids
         plain = list(decode_one(model, tokenizer, ids, 200, stop_at_html_end=False, lookahead=0))
@@ -651,7 +642,7 @@ def test_decoding_over_the_column_words_layout_writes_the_same_pages(monkeypatch
 
     monkeypatch.setattr(column_words.ColumnWords, "fits",  # the layout is built on CUDA only; here on CPU too
                         staticmethod(lambda packed, state: column_words.ColumnWords.fits_format(state)))
-    model, tokenizer = _adapted_tiny_model()
+    model, tokenizer = adapted_tiny_model()
     ids = tokenizer(build_prompt("A modern landing page for Acme in blue"), return_tensors="pt").input_ids
     plain = list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False, column_words=False))
     groups = model.__dict__["_htmlgen_shared_inputs"]

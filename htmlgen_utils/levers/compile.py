@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 import torch._functorch.config as functorch_config
 
-# What a learner is told before a compile starts (the GPU benchmarks time it; bench/RESULTS.md)
-COMPILE_NOTE = "about a minute on a GPU machine's cores, several on Colab's 2 vCPUs"
+# What a learner is told before a compile starts (timed on two CPU cores with empty compiler caches, as a new Colab
+# runtime has them: bench/RESULTS.md)
+COMPILE_NOTE = "about a minute on two CPU cores, longer on a slower host"
 
 
 def compile_decoder_layers(model, activation_budget: float | None = None) -> None:

@@ -138,7 +138,13 @@ def compiled_decoding(model):
 
 def wants_compiled_decode(model, config) -> bool:
     """The config's `compile_generation` (`auto`: on GPUs of compute capability >= 8.0), on CUDA only (on CPU there
-    is nothing to gain from compiling)."""
+    is nothing to gain from compiling).
+
+    Off under `auto` on a T4 for two reasons: the compiled step has never run there, and it would not pay for
+    notebook 05's quick evaluation anyway. Timed on two cores with empty compiler caches (bench/RESULTS.md), the
+    batch of 8 compiles once for the fine-tuned pass and again for the base model's (`disable_adapter` changes
+    what the compiled graph guards on), and the tokens it then saves win that back only on pages longer than the
+    quick evaluation's 768 tokens."""
     return config.compiles("compile_generation") and next(model.parameters()).device.type == "cuda"
 
 
