@@ -107,7 +107,7 @@ def test_notebook_04_builds_one_step_by_hand_then_runs_the_package_loop(chain):
     text = _stream_text(run_dir, "04_training_loop")
     for piece in ("with autocast_context(config.precision, device):", "scaler.scale(loss_sum / step_targets).backward()",
                   "micro-batch 1/4: mean loss", "micro-batch 4/4", "scaler.unscale_(optimizer)", "gradient norm",
-                  "step taken", "loss scale", "def train(model", "for batch in micro_batches:  # gradient accumulation",
+                  "step taken", "loss scale", "def accumulate_gradients(", "for batch in micro_batches:  # gradient accumulation",
                   "estimate:", "median_tokens_per_s", "eval_loss"):
         assert piece in text, piece
 
@@ -125,6 +125,19 @@ def test_notebook_05_spells_out_each_score_and_the_base_comparison(chain):
     assert "ROUGE, as evaluate's rouge" in text and "share of valid pages" in text and "TreeBLEU" in text
     assert "description coverage" in text and "block_match" in text
     assert "tokens in" in text  # the API answered from the notebook
+
+
+def test_notebook_05_honours_its_own_overrides(chain, tmp_path):
+    """Generation settings given to notebook 05 apply over the settings the run was trained with."""
+    run_dir, _ = chain
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("executed", "checkpoints", "merged"))
+    run_pipeline(Config.from_preset("tiny", run_dir=str(copy), max_new_tokens=16, max_test_examples=3),
+                 notebooks=("05_evaluation_and_rendering",))
+    generation = json.loads((copy / "metrics.json").read_text())["generation"]
+    assert generation["max_new_tokens"] == 16 and generation["examples"] == 3
+    assert 0 < generation["new_tokens"] <= 16 * 3
+    assert "3 of 60 test descriptions; pages of up to 16 tokens" in _stream_text(copy, "05_evaluation_and_rendering")
 
 
 def test_a_finished_notebook_04_run_again_does_not_train_again(chain):
@@ -189,3 +202,20 @@ def test_merge_writes_a_16bit_model_equal_to_base_plus_adapter(chain):
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, unmerged(ids).logits, atol=1e-3)
     assert (merged_dir / "tokenizer.json").exists()
+
+
+def test_publishing_keeps_outputs_and_drops_this_machines_paths(chain, tmp_path):
+    """What `--publish` writes to notebooks/executed/: the outputs, a first cell saying where they come from, no
+    papermill parameters cell, and no path of the machine or the run directory that made them."""
+    from htmlgen_utils.pipeline import publish_executed
+
+    run_dir, _ = chain
+    raw = _outputs_text(nbformat.read(str(run_dir / "executed" / "04_training_loop.ipynb"), as_version=4))
+    assert str(run_dir) in raw  # the control: the executed notebook names its run directory
+    for path in publish_executed(run_dir, "runs/tiny", tmp_path):
+        notebook = nbformat.read(str(path), as_version=4)
+        text = _outputs_text(notebook)
+        assert str(run_dir) not in text and str(REPO_DIR) not in text, path.name
+        assert "--publish" in notebook.cells[0].source
+        assert not any("injected-parameters" in c.metadata.get("tags", []) for c in notebook.cells)
+    assert "runs/tiny" in _outputs_text(nbformat.read(str(tmp_path / "04_training_loop.ipynb"), as_version=4))
