@@ -23,6 +23,7 @@ if str(REPO) not in sys.path:
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768, rms_norm_eps=1e-5)
 T4_GIB = 15.0
+T4_USABLE_GIB = 14.5  # what a T4 leaves a process once the CUDA context is up (~14.7 GiB shown before it)
 
 
 def build_checkpoint(path: Path, smoke: bool = False, max_position_embeddings: int | None = None,

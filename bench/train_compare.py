@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from common import REPO, T4_GIB, build_checkpoint, cap_memory, free_memory, peak_gib, reset_peak, sync, versions, \
+from common import REPO, T4_GIB, T4_USABLE_GIB, build_checkpoint, cap_memory, free_memory, peak_gib, reset_peak, sync, versions, \
     write_report
 
 BLOCKS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -52,16 +52,36 @@ LEVERS = {  # each lever switched the other way, as Config overrides, and the bl
 }
 
 # ---------------------------------------------------------------------------------------------- data
-def blocks_for(block_size: int, model_path: str, work: Path) -> Path:
+def example_tokens(block_size: int, as_t4: bool) -> int:
+    """The longest example kept whole: the `colab-t4` preset's (the block) with `--as-t4`, else up to 2,048."""
+    return block_size if as_t4 else min(block_size, 2048)
+
+
+def data_dir_for(work: Path, block_size: int, as_t4: bool) -> Path:
+    return work / f"data-{block_size}{'-t4' if as_t4 else ''}"
+
+
+def blocks_for(block_size: int, model_path: str, work: Path, as_t4: bool = False) -> Path:
     """The bundled data packed by our code into `block_size` blocks; every system reads these."""
     from htmlgen_utils.config import Config
     from htmlgen_utils.stages import prepare_data
 
-    run_dir = work / f"data-{block_size}"
+    run_dir = data_dir_for(work, block_size, as_t4)
     if not (run_dir / "packed" / "dataset_dict.json").exists():
         prepare_data(Config.from_preset("colab-t4", model_id=model_path, run_dir=str(run_dir), block_size=block_size,
-                                        max_example_tokens=min(block_size, 2048), wandb_mode="disabled"))
+                                        max_example_tokens=example_tokens(block_size, as_t4), wandb_mode="disabled"))
     return run_dir
+
+
+def run_as_t4() -> None:
+    """This process as a T4 runs: our `auto` switches see compute capability 7.5 (so every path that has not run on
+    a T4 stays off), and SDPA has only the kernels a T4 has (memory-efficient and math: no FlashAttention, no cuDNN
+    attention). FlexAttention's `auto` already needs 8.0. The memory cap is set by the caller."""
+    import htmlgen_utils.config as config_module
+
+    config_module.gpu_capability = lambda: (7, 5)
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def examples_in(blocks) -> list[list[int]]:
@@ -179,7 +199,8 @@ def trl_sft(model_path: str, data_dir: Path, block_size: int, steps: int, precis
     return {"records": records, "final_loss": round(losses[-1], 4) if losses else None}
 
 
-def ours(model_path: str, data_dir: Path, block_size: int, steps: int, preset: str, overrides: dict) -> dict:
+def ours(model_path: str, data_dir: Path, block_size: int, steps: int, preset: str, overrides: dict,
+         as_t4: bool = False) -> dict:
     from htmlgen_utils.config import Config
     from htmlgen_utils.levers import apply_training_levers
     from htmlgen_utils.model import load_for_training
@@ -187,7 +208,8 @@ def ours(model_path: str, data_dir: Path, block_size: int, steps: int, preset: s
     from htmlgen_utils.train import train
 
     config = Config.from_preset(preset, model_id=model_path, run_dir=str(data_dir / f"ours-{preset}"),
-                                block_size=block_size, max_example_tokens=min(block_size, 2048), max_steps=steps,
+                                block_size=block_size, max_example_tokens=example_tokens(block_size, as_t4),
+                                max_steps=steps,
                                 eval_every=10_000, max_eval_batches=1, checkpoint_every=0, wandb_mode="disabled",
                                 warmup_steps=0, **overrides)
     model, tokenizer = load_for_training(config)
@@ -207,7 +229,9 @@ def ours(model_path: str, data_dir: Path, block_size: int, steps: int, preset: s
 # ---------------------------------------------------------------------------------------------- one process each
 def worker(args: argparse.Namespace) -> None:
     """Run one system over the given blocks (ascending) in this process; print one JSON line per block."""
-    cap_memory(None if args.uncapped or args.smoke else T4_GIB)
+    cap_memory(None if args.uncapped or args.smoke else T4_USABLE_GIB if args.as_t4 else T4_GIB)
+    if args.as_t4 and not args.smoke:
+        run_as_t4()
     precision = "fp32" if args.smoke else "fp16"
     overrides = json.loads(args.overrides)
     preset = "tiny" if args.smoke else args.preset
@@ -216,7 +240,7 @@ def worker(args: argparse.Namespace) -> None:
     for position, block in enumerate(int(b) for b in args.blocks.split(",")):
         steps = args.steps + 1 if block < 8192 else 2
         row = {"system": args.system, "block": block, "micro_batch": 1}
-        data_dir = Path(args.work) / f"data-{block}"
+        data_dir = data_dir_for(Path(args.work), block, args.as_t4)
         free_memory()
         reset_peak()
         try:
@@ -225,7 +249,7 @@ def worker(args: argparse.Namespace) -> None:
             elif args.system == "trl":
                 result = trl_sft(args.model, data_dir, block, steps, precision)
             else:
-                result = ours(args.model, data_dir, block, steps, preset, overrides)
+                result = ours(args.model, data_dir, block, steps, preset, overrides, args.as_t4)
             records = result.pop("records")
             peak = max(filter(None, (peak_gib(), result.get("peak_load_gib"))), default=None)
             row.update(tokens_per_s=measured(records, 1), peak_gib=peak, oom=False,
@@ -248,6 +272,7 @@ def run_worker(system: str, blocks: list[int], args: argparse.Namespace, model_p
                "--overrides", json.dumps(overrides or {})]
     command += ["--smoke"] if args.smoke else []
     command += ["--uncapped"] if uncapped else []
+    command += ["--as-t4"] if args.as_t4 else []
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     rows = [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")]
@@ -304,6 +329,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="measured optimiser steps for blocks below 8192")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each system, interleaved (A B C A B C ...)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, short blocks: checks the script")
+    parser.add_argument("--as-t4", action="store_true",
+                        help="as a T4 runs colab-t4: its usable memory as the cap, compute capability 7.5 for our "
+                             "auto switches, SDPA without FlashAttention/cuDNN, whole examples up to the block")
     # worker-only
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--system", help=argparse.SUPPRESS)
@@ -320,8 +348,9 @@ def main() -> None:
     systems = args.systems.split(",")
     model_path = build_checkpoint(args.work / "llama2-7b-shaped", smoke=args.smoke)
     for block in sorted(set(blocks + [2048])):
-        blocks_for(block, str(model_path), args.work)
-    report = {**versions(), "memory_cap_gib": None if args.smoke else T4_GIB, "smoke": args.smoke,
+        blocks_for(block, str(model_path), args.work, args.as_t4)
+    report = {**versions(), "memory_cap_gib": None if args.smoke else T4_USABLE_GIB if args.as_t4 else T4_GIB,
+              "smoke": args.smoke, "as_t4": args.as_t4,
               "recipe": "NF4 double-quant, LoRA r16/a64/0.05 all linear, paged AdamW8bit 2e-4, fp16 autocast + "
                         "GradScaler, gradient checkpointing, micro-batch 1, accumulation 4", "rows": []}
     rows = report["rows"]
