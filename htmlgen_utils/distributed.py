@@ -98,6 +98,15 @@ def data_parallel(model, ranks: Ranks, device: torch.device):
     return DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def describe_data_parallel(ranks: Ranks, config, accumulation: int, blocks: int) -> str:
+    """One line for the start of a data-parallel run: processes, backend, the global batch, blocks a rank."""
+    backend = dist.get_backend() if dist.is_initialized() else "not started"
+    per_step = config.micro_batch_size * accumulation * ranks.world_size
+    return (f"data-parallel: {ranks.world_size} processes ({backend}); a step = {config.micro_batch_size} block(s) x "
+            f"{accumulation} micro-batches x {ranks.world_size} processes = {per_step} blocks; {blocks // ranks.world_size} "
+            f"of the {blocks} training blocks a rank each epoch")
+
+
 def _collective_device() -> str:
     """Where tensors for a collective must live: on the GPU for NCCL, in CPU memory for gloo."""
     return "cuda" if dist.get_backend() == "nccl" else "cpu"

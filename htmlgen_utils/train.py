@@ -13,19 +13,21 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .checkpoints import (CHECKPOINT_DIR, TrainState, cadence, describe_cadence, latest_checkpoint, load_checkpoint,
                           save_checkpoint)
 from .config import Config
-from .distributed import (SINGLE, Ranks, any_rank, data_parallel, end_process_group, launched_ranks, main_rank_first,
-                          mean_over_ranks, start_process_group)
+from .distributed import (SINGLE, Ranks, any_rank, data_parallel, describe_data_parallel, end_process_group,
+                          launched_ranks, main_rank_first, mean_over_ranks, start_process_group)
 from .export import check_merge_possible, merge_to_16bit, push_adapter_to_hub, save_outputs
 from .levers import apply_training_levers, stop_compiling
 from .loss import count_targets, evaluate_blocks, next_token_loss
@@ -112,11 +114,13 @@ def forward_backward(model, batch: dict, scaler: torch.amp.GradScaler, step_targ
 
 def accumulate_gradients(model, micro_batches: list[dict], scaler: torch.amp.GradScaler, step_targets: int,
                          config: Config, device: torch.device) -> torch.Tensor:
-    """The micro-batches of one optimiser step, one `forward_backward` each: their gradients add up. Returns the
-    step's summed loss."""
+    """The micro-batches of one optimiser step, one `forward_backward` each: their gradients add up. Returns the step's
+    summed loss. In DDP the processes average their gradients once a step, in the last micro-batch's backward."""
     loss_sum = torch.zeros((), device=device)
-    for batch in micro_batches:  # gradient accumulation
-        loss_sum += forward_backward(model, batch, scaler, step_targets, config, device)
+    for index, batch in enumerate(micro_batches):  # gradient accumulation
+        last = index == len(micro_batches) - 1  # DDP's all-reduce: in the last backward only
+        with model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext():
+            loss_sum += forward_backward(model, batch, scaler, step_targets, config, device)
     return loss_sum
 
 
@@ -212,8 +216,7 @@ def after_step(run: TrainingRun, state: TrainState, record: dict, stop_when: Cal
 
 def step_gradients(run: TrainingRun, trainee, micro_batches: list[dict], step_targets: int,
                    state: TrainState) -> torch.Tensor:
-    """`accumulate_gradients` for one step. In a compiled run's first step a failure of the compiled layers (the
-    compiler, Triton, a C toolchain) is said in one line and the step runs again on the plain layers."""
+    """`accumulate_gradients`; if the compiled layers fail in a run's first step, once more on the plain layers."""
     try:
         return accumulate_gradients(trainee, micro_batches, run.scaler, step_targets, run.config, run.device)
     except Exception as error:
@@ -261,7 +264,9 @@ def train(model, tokenizer, packed, config: Config, run_dir: str | Path, resume:
                       start_wandb(config, run_dir) if ranks.is_main else None, ranks,
                       compiled="compile_training" in levers, first_step=state.step)
     if ranks.is_main:
-        print(f"plan: {total_steps} optimiser steps; {describe_cadence(config, total_steps)}")
+        print(f"plan: {total_steps} optimiser steps; {describe_cadence(config, total_steps)}"
+              + (f"\n{describe_data_parallel(ranks, config, accumulation, len(packed['train']))}"
+                 if ranks.distributed else ""))
 
     model.train()  # gradient checkpointing and LoRA dropout only act in train mode
     optimizer.zero_grad(set_to_none=True)
@@ -319,7 +324,8 @@ def finish_run(model, tokenizer, config: Config, state: TrainState, run_dir: str
     """Save the adapter, tokenizer, config and history; mark the run finished; merge and push when asked."""
     run_dir = Path(run_dir)
     adapter_dir = save_outputs(model, tokenizer, config, state, run_dir)
-    (run_dir / TRAINING_SUMMARY).write_text(json.dumps({"state": asdict(state)}) + "\n")
+    summary = {"state": asdict(state), "world_size": launched_ranks().world_size}
+    (run_dir / TRAINING_SUMMARY).write_text(json.dumps(summary) + "\n")
     if config.merge_after_training:
         merge_to_16bit(run_dir)
     if config.push_to_hub:

@@ -1,9 +1,12 @@
 """`python -m htmlgen_utils.train` as torchrun starts it on each rank, watched: every file or folder a rank other
 than 0 creates or opens for writing under the run directory is listed in HTMLGEN_TEST_WRITES/rank<N>.txt
-(Python's audit hooks see each open, mkdir, rename and removal, also those of the libraries), and with
-HTMLGEN_TEST_STOP_AT the run stops after that many steps, as an interrupted run would (`train`'s `stop_when`)."""
+(Python's audit hooks see each open, mkdir, rename and removal, also those of the libraries), each micro-batch
+run under DDP's `no_sync` adds a line to HTMLGEN_TEST_WRITES/no_sync_rank<N>.txt, and with HTMLGEN_TEST_STOP_AT
+the run stops after that many steps, as an interrupted run would (`train`'s `stop_when`)."""
 import os
 import sys
+
+from torch.nn.parallel import DistributedDataParallel
 
 from htmlgen_utils import train as train_module
 from htmlgen_utils.cli import run_cli
@@ -37,6 +40,17 @@ def watch(event: str, args: tuple) -> None:
 
 if rank != 0:
     sys.addaudithook(watch)
+
+real_no_sync = DistributedDataParallel.no_sync
+
+
+def counted_no_sync(self):
+    with open(os.path.join(os.environ["HTMLGEN_TEST_WRITES"], f"no_sync_rank{rank}.txt"), "a") as handle:
+        handle.write("no_sync\n")
+    return real_no_sync(self)
+
+
+DistributedDataParallel.no_sync = counted_no_sync
 
 if os.environ.get("HTMLGEN_TEST_STOP_AT"):
     stop_at = int(os.environ["HTMLGEN_TEST_STOP_AT"])

@@ -80,16 +80,27 @@ def test_each_rank_takes_its_own_blocks_and_together_they_take_each_once():
 
 def test_two_processes_train_the_adapter_one_process_trains_on_the_same_global_batches(prepared, tmp_path):
     two = fresh_run_dir(prepared, tmp_path, "two")
-    torchrun(two, tmp_path / "writes", lora_dropout=0.0)
+    result = torchrun(two, tmp_path / "writes", lora_dropout=0.0)
+    # it says what it does, once, and the summary records it
+    assert result.stdout.count("data-parallel: 2 processes (gloo); a step = 2 block(s) x 2 micro-batches x 2 "
+                               "processes = 8 blocks") == 1, result.stdout[-2000:]
+    assert json.loads((two / "training_summary.json").read_text())["world_size"] == 2
+    # one all-reduce a step: every micro-batch but a step's last ran under no_sync (4 steps x (2 - 1)), and the
+    # adapter below still equals one process's on the same global batches
+    for rank in (0, 1):
+        assert (tmp_path / "writes" / f"no_sync_rank{rank}.txt").read_text().split() == ["no_sync"] * 4
     one = fresh_run_dir(prepared, tmp_path, "one")
     run_training(Config.from_preset("tiny", run_dir=str(one), **SETTINGS, gradient_accumulation_steps=4,
                                     lora_dropout=0.0))
 
     assert step_losses(two) == pytest.approx(step_losses(one), rel=1e-5)
     a, b = adapter(two), adapter(one)
-    # fp32, the same to rounding: 8-bit AdamW quantises its moments, and a rounding-level difference in a
-    # gradient can move one to its neighbouring code, ~1% of the learning rate (2e-3) in that weight's step
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    # fp32, the same to rounding: the processes' gradients are summed in another order (one all-reduce a step, after
+    # both micro-batches), and 8-bit AdamW quantises its moments, so a rounding-level difference can move a moment
+    # to its neighbouring code and that weight's step by a fraction of the learning rate (2e-3). Measured: 7 of
+    # 315,392 weights differ by more than 1e-5 (at most 2.6e-4), the median by 2e-10
+    diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert int((diffs > 1e-5).sum()) <= 1e-4 * diffs.numel() and float(diffs.max()) < 2e-3
     # the adapter moved: the comparison above is not between two untrained adapters
     assert max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k) > 1e-3
     # rank 1 trained (the run ended) but wrote nothing under the run directory; rank 0 wrote the results
