@@ -103,8 +103,8 @@ def describe_data_parallel(ranks: Ranks, config, accumulation: int, blocks: int)
     backend = dist.get_backend() if dist.is_initialized() else "not started"
     per_step = config.micro_batch_size * accumulation * ranks.world_size
     return (f"data-parallel: {ranks.world_size} processes ({backend}); a step = {config.micro_batch_size} block(s) x "
-            f"{accumulation} micro-batches x {ranks.world_size} processes = {per_step} blocks; {blocks // ranks.world_size} "
-            f"of the {blocks} training blocks a rank each epoch")
+            f"{accumulation} micro-batches x {ranks.world_size} processes = {per_step} blocks; "
+            f"{blocks // ranks.world_size} of the {blocks} training blocks a rank each epoch")
 
 
 def _collective_device() -> str:

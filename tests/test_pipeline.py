@@ -107,8 +107,8 @@ def test_notebook_04_builds_one_step_by_hand_then_runs_the_package_loop(chain):
     text = _stream_text(run_dir, "04_training_loop")
     for piece in ("with autocast_context(config.precision, device):", "scaler.scale(loss_sum / step_targets).backward()",
                   "micro-batch 1/4: mean loss", "micro-batch 4/4", "scaler.unscale_(optimizer)", "gradient norm",
-                  "step taken", "loss scale", "def accumulate_gradients(", "for batch in micro_batches:  # gradient accumulation",
-                  "estimate:", "median_tokens_per_s", "eval_loss"):
+                  "step taken", "loss scale", "def accumulate_gradients(",
+                  "in enumerate(micro_batches):  # gradient accumulation", "estimate:", "median_tokens_per_s", "eval_loss"):
         assert piece in text, piece
 
 
