@@ -284,7 +284,8 @@ def load_trained(run_dir: str | Path, adapter: bool = True, config: Config | Non
     if adapter and not (adapter_dir / "adapter_config.json").exists():
         raise FileNotFoundError(f"No trained adapter in {adapter_dir}: run notebook 04_training_loop first with the "
                                 f"same run_dir (or python -m htmlgen_utils.train --run-dir {run_dir}); it trains the "
-                                f"adapter, the part of the series that takes longest (on a T4 see the README's time table)")
+                                f"adapter, the part of the series that takes longest (on a T4: the README's time "
+                                f"table)")
     config = config or Config.load(run_dir)
     tokenizer = load_tokenizer(str(adapter_dir) if adapter else config.model_id)
     model = load_base_model(config)

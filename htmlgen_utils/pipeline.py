@@ -169,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             publishing.cleanup()
     keys = ("rouge1", "rouge2", "rougeL", "token_accuracy", "html_valid_rate", "eval_loss")
     print(json.dumps({k: metrics.get(k) for k in keys}, indent=2))
-    where = EXECUTED_DIR.relative_to(REPO_DIR) if args.publish else Path(config.run_dir).resolve()
-    print(f"Chain finished in {time.perf_counter() - started:.0f} s; {'executed copies' if args.publish else 'artifacts'} "
-          f"in {where}")
+    what, where = (("executed copies", EXECUTED_DIR.relative_to(REPO_DIR)) if args.publish
+                   else ("artifacts", Path(config.run_dir).resolve()))
+    print(f"Chain finished in {time.perf_counter() - started:.0f} s; {what} in {where}")
     return 0
 
 

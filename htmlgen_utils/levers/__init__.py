@@ -27,16 +27,16 @@ from ..config import Config
 from .attention import (FLEX_ATTENTION, PACKED_ATTENTION, example_spans, packed_attention, use_flex_attention,
                         use_packed_attention, wants_flex_attention)
 from .compile import COMPILE_NOTE, compile_decoder_layers, uncompile_decoder_layers
-from .fallback import fall_back, has_failed
 from .decoding import compiled_decoding, decode_one, static_cache, wants_compiled_decode
+from .fallback import fall_back, has_failed
 from .offload import CheckpointsOnCPU, offload_checkpoints
 from .recompute import RecomputePlan, leave_layers_unchecked, plan_recompute
 
-__all__ = ["COMPILE_MIN_STEPS", "COMPILE_NOTE", "fall_back", "has_failed", "stop_compiling", "FLEX_ATTENTION", "PACKED_ATTENTION", "CheckpointsOnCPU", "RecomputePlan",
-           "apply_training_levers", "compile_decoder_layers", "compiled_decoding", "decode_one", "example_spans",
-           "leave_layers_unchecked", "memory_plan", "offload_checkpoints", "packed_attention", "plan_recompute",
-           "static_cache", "use_flex_attention", "use_packed_attention", "wants_compiled_decode",
-           "wants_flex_attention"]
+__all__ = ["COMPILE_MIN_STEPS", "COMPILE_NOTE", "FLEX_ATTENTION", "PACKED_ATTENTION", "CheckpointsOnCPU",
+           "RecomputePlan", "apply_training_levers", "fall_back", "has_failed", "stop_compiling",
+           "compile_decoder_layers", "compiled_decoding", "decode_one", "example_spans", "leave_layers_unchecked",
+           "memory_plan", "offload_checkpoints", "packed_attention", "plan_recompute", "static_cache",
+           "use_flex_attention", "use_packed_attention", "wants_compiled_decode", "wants_flex_attention"]
 
 # Compiling the layers takes ~15-20 s on an H200 and about a minute on a T4, once a process; compiled steps are
 # 1.3-1.65x as fast (bench/README.md), which on a T4 saves ~5-10 s a step of 4 x 4,096 tokens: a run of fewer

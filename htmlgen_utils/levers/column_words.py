@@ -1,30 +1,28 @@
 """A 4-bit layout made for batch-1 decoding: the same NF4 codes, laid out so one token's product reads fast.
 
 Batch-1 decoding reads every 4-bit weight once a token, and bitsandbytes' matrix-vector kernel reads its own
-layout (a weight row's codes contiguous, two a byte, the absmax double-quantised) at ~1 TB/s on an H200, a
-fifth of the memory's speed; our kernels over that layout got no further, even without the table lookup
-(bench/README.md, `four_bit_matvec*.py`). Here a stacked group's codes are laid out once more, for decoding
-alone ("column words"): eight consecutive codes of one output's weight row in a 32-bit word (code j in bits
-4j..4j+3), and the words of one input position for all outputs contiguous, so a tile of outputs reads whole
-cache lines; the absmax as the float32 values bitsandbytes dequantises with, laid out the same way. A program
-takes `BLOCK_K` inputs of `BLOCK_N` outputs with no loop, so all its loads are in flight at once, and adds its
-share of the sums into a float32 output (each layout has its own, all zeroed at once before a step).
+layout (a weight row's codes contiguous, two a byte, the absmax double-quantised) at a fraction of the memory's
+speed; our kernels over that layout got no further, even without the table lookup (bench/RESULTS.md). Here a
+stacked group's codes are laid out once more, for decoding alone ("column words"): eight consecutive codes of
+one output's weight row in a 32-bit word (code j in bits 4j..4j+3), and the words of one input position for all
+outputs contiguous, so a tile of outputs reads whole cache lines; the absmax as the float32 values bitsandbytes
+dequantises with, laid out the same way. A program takes `BLOCK_K` inputs of `BLOCK_N` outputs with no loop, so all
+its loads are in flight at once, and adds its share of the sums into a float32 output (each layout has its own,
+all zeroed at once before a step).
 
 The lookup decides the speed. Over this layout, with the codes themselves in place of their values (a wrong
-product), a 7B step's 128 products read at 1.8-2.3 TB/s on an H100 (bitsandbytes: 0.9-1.2); a load from a
-16-entry table in the L1 cache per code made it 1.55x *slower* than bitsandbytes. So on CUDA the codes are
-looked up in registers (`prmt_lookup_asm`): byte permutes over the table's 16 fp16 values, four codes at a
-time. That measured 1.98 against bitsandbytes' 3.25 ms a step on an H100 (1.64x as fast;
-bench/README.md, `column_words_matvec.py`). Triton's CPU interpreter cannot run PTX, so there (and in the CPU
+product), the products read about twice as fast as bitsandbytes'; a load from a 16-entry table in the L1 cache
+per code made them slower than bitsandbytes'. So on CUDA the codes are looked up in registers
+(`prmt_lookup_asm`): byte permutes over the table's 16 fp16 values, four codes at a time (bench/RESULTS.md,
+`column_words_matvec.py`). Triton's CPU interpreter cannot run PTX, so there (and in the CPU
 tests) the kernel takes the table-load form, the same sums; on CPU the op itself is those sums in tensor
 operations, which lets the tests run `decode_one` over the layout.
 
 The same weights; the product to fp16 rounding of the table's values (bitsandbytes rounds each dequantised
-weight to fp16). The price is memory: the copy is as large as the 4-bit weights (~3.6 GB for a 7B model), kept
-beside them because the prompt, training and the lookahead's check read bitsandbytes' layout; a group whose
-copy would not leave a quarter of the GPU's memory free keeps bitsandbytes' kernel. `decode_one` reads it by
-default: 234.6 tokens/s against 174.0 over bitsandbytes' layout on the 7B shape (1.34x, medians of four H100
-calls; `column_words=False` keeps that layout).
+weight to fp16). The price is memory: the copy is as large as the 4-bit weights, kept beside them because the
+prompt, training and the lookahead's check read bitsandbytes' layout; a group whose copy would not leave a
+quarter of the GPU's memory free keeps bitsandbytes' kernel. `decode_one` reads it by default on GPUs of compute
+capability 8.0 or newer (`column_words=False` keeps bitsandbytes' layout); its speed-up is in bench/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -202,6 +200,6 @@ class ColumnWords:
 
 def zero_outputs(layouts: list[ColumnWords]) -> None:
     """Zero the output buffers of all these layouts' products, for the next step: one kernel for all of them
-    (a fill each took 126 kernels a 7B step, ~0.12 ms of GPU time and the gaps between them)."""
+    (instead of a fill each, one kernel a layout, and the gaps between them)."""
     if layouts:
         torch._foreach_zero_([layout.out for layout in layouts])

@@ -7,10 +7,9 @@ every-token stop check (a host sync) cost more than the compiled step itself, so
 that looks at its tokens only every `STOP_CHECK_TOKENS`. Its step is built for one token: attention of one
 query as plain matmuls (`one_query_attention`), the LoRA matrices as multiply-and-sums the compiler fuses
 (`OneTokenLinear`), q/k/v and gate/up as one layer each (`stacking.stacked_layers`), and its own CUDA graph
-(`DecodeStep`); on the 7B shape that took it from 118 to ~176-184 tokens/s (bench/README.md), and what remained
-was mostly bitsandbytes' 4-bit matrix-vector kernel. Our own, over a second copy of the weights laid out for it
-(`column_words.py`), takes the step to ~235 tokens/s (1.34x, medians of four H100 calls) and is the default
-where the GPU has room for the copy. Greedy decoding can also look ahead
+(`DecodeStep`); what remained was mostly bitsandbytes' 4-bit matrix-vector kernel. Our own, over a second copy
+of the weights laid out for it (`column_words.py`), is the default where the kernel has run (compute capability
+8.0+) and the GPU has room for the copy. The figures are in bench/RESULTS.md. Greedy decoding can also look ahead
 (`lookahead.py`): a step that checks a continuation drafted from the text so far, several tokens in one pass
 over the weights.
 """
@@ -42,7 +41,7 @@ def one_query_attention(module, query, key, value, attention_mask, dropout: floa
 
     SDPA's kernels are built for many queries. A static cache needs a mask (its unfilled slots), which rules out
     FlashAttention, and SDPA's memory-efficient kernel then gives one query a whole tile of work: on the 7B
-    shape it took 54 us a layer, 1.7 ms of a 7.5 ms decode step. The plain form (what transformers' `eager`
+    shape nearly a quarter of a decode step (bench/RESULTS.md). The plain form (what transformers' `eager`
     attention computes) is two batched matrix-vector products and a softmax that the compiler fuses with the
     mask. Anything with more than `FEW_TOKENS` queries (a prompt), or several queries and no mask (SDPA would
     make them causal), goes to transformers' SDPA unchanged."""
@@ -77,7 +76,7 @@ class OneTokenLinear(torch.nn.Linear):
     """A LoRA matrix that multiplies a single token as a multiply-and-sum instead of a GEMM.
 
     At batch 1 each of a 7B model's 224 LoRA pairs is two tiny matrix products, and cuBLAS ran each as a gemv,
-    a dot and a reduce kernel: ~1,300 launches, 1.3 ms of a 7.5 ms decode step. Written as `(x * W).sum(-1)`
+    a dot and a reduce kernel: over a thousand launches a token, a sixth of a decode step. Written as `(x * W).sum(-1)`
     the compiler generates the kernels itself and fuses them with their neighbours (the casts, the scaling,
     the add onto the 4-bit layer's output). Anything with more than one token is `nn.Linear` unchanged."""
 
@@ -115,7 +114,7 @@ def compiled_decoding(model):
     A model prepared for training in this process carries transformers' hook that marks the embeddings'
     output as requiring grad (for gradient checkpointing); the compiler cannot trace it and would split the
     step in two graphs around it, so it is taken off for the call (no gradients are computed here) and put back.
-    Taking it off and putting it back walks all the model's modules (~3 ms with a 7B model's LoRA layers), so
+    Taking it off and putting it back walks all the model's modules (milliseconds with a 7B model's LoRA layers), so
     `decode_one` does it once per piece of `STOP_CHECK_TOKENS` tokens, not per token.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -320,13 +319,12 @@ def decode_one(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, d
     GPU instead of waiting for each; a page that ends mid-piece is cut where it ended (up to
     `STOP_CHECK_TOKENS` tokens were computed for nothing). With `lookahead` > 0 (e.g. `LOOKAHEAD_TOKENS`),
     greedy decoding with stacking checks drafts of that many tokens (`_decode_looking_ahead`); off by default,
-    as it measured 0.83x the one-token loop on an H200 (a check's 4-bit products cost 1.86x a step's, the check
-    ~2x a step end to end; bench/lookahead_decode.py). With `column_words` (default: on GPUs of compute capability
-    >= 8.0, where its kernel has run; on CUDA, with stacking)
-    the one-token step's 4-bit products read a copy of the weights laid out for decoding (`column_words.py`:
-    1.64x bitsandbytes' kernel on those products, 1.34x the whole step on an H100), built where the GPU keeps a
-    quarter of its memory free besides (~3.6 GB for a 7B model); `column_words=False` keeps bitsandbytes'
-    layout and that memory. `counts`, if given, receives its steps."""
+    as it measured slower than the one-token loop (a check costs about two steps; bench/RESULTS.md). With
+    `column_words` (default: on GPUs of compute capability >= 8.0, where its kernel has run; on CUDA, with
+    stacking) the one-token step's 4-bit products read a copy of the weights laid out for decoding
+    (`column_words.py`), built where the GPU keeps a quarter of its memory free besides (the copy is as large as
+    the 4-bit weights); `column_words=False` keeps bitsandbytes' layout and that memory. `counts`, if given,
+    receives its steps."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if column_words is None:  # on by default only where its kernel has run: compute capability >= 8.0
         column_words = gpu_is_verified()
@@ -379,7 +377,7 @@ def _decode_looking_ahead(step: DecodeStep, check: DecodeStep, tokenizer, input_
     model's own pick there. Every kept token is one the model picks greedily after the tokens before it, so
     the page is the one-token loop's page (up to floating-point ties between the two steps' arithmetic). With
     no draft, one ordinary step. The host reads each step's picks back before drafting the next, so the GPU
-    waits for it between steps (~0.1 ms)."""
+    waits for it between steps (a fraction of a millisecond)."""
     lookahead = check.token.shape[1] - 1
     length = input_ids.shape[1]
     token = int(logits.argmax(-1))  # the first new token: it goes into the cache at `position`

@@ -2,7 +2,7 @@
 
 Gradient checkpointing keeps only each decoder layer's input and runs the layer's forward again during the
 backward pass. With frozen 4-bit weights the backward needs one matmul per forward matmul, so the recompute is
-about a third of a step's matmul time (measured: 8.24 -> 5.37 ms a 7B layer at 4,096 tokens). A T4 is bound by
+about a third of a step's matmul time (bench/RESULTS.md). A T4 is bound by
 exactly that work. Two ways to spend memory on it:
 
 - leave a layer un-checkpointed: it keeps everything its backward needs (~29 hidden-size vectors a token);
@@ -13,8 +13,8 @@ exactly that work. Two ways to spend memory on it:
 
 `plan_recompute` is the memory model: from the block, the micro-batch and what is already on the GPU it estimates
 the step's peak for each way and picks the one that removes the most recompute under `Config.memory_budget_gib`.
-Its per-token figures were measured on the Llama-2-7B shape (bench/README.md: `recompute_calibration.py`,
-`layer_recompute.py`) and are expressed in hidden-size vectors, so they scale with the model.
+Its per-token constants were measured on the Llama-2-7B shape (`recompute_calibration.py`, `layer_recompute.py`;
+the results in bench/RESULTS.md) and are expressed in hidden-size vectors, so they scale with the model.
 `memory_budget_gib = 0` (the `colab-t4-low-memory` preset) checkpoints every layer: the least memory, for long
 blocks and small GPUs.
 """
@@ -29,12 +29,11 @@ import torch._functorch.config as functorch_config
 from ..config import Config
 
 GIB = 2**30
-# Of a step's matmul time, with every layer checkpointed: 7B at 4,096 tokens, 67.2 -> 46.4 us of matmul a token with
-# no checkpointing (bench/results/2026-12-06_profile_step_4096_recompute_h100.json).
+# Of a step's matmul time with every layer checkpointed, the share that is recompute (the 7B shape at 4,096 tokens,
+# against no checkpointing; bench/RESULTS.md).
 RECOMPUTE_SHARE = 0.31
 # Per token of a micro-batch, in hidden-size vectors of the compute dtype (8 KiB each for Llama-2-7B in fp16), the
-# larger of 2,048 and 4,096 tokens (bench/results/2026-11-29_recompute_calibration_h200.json and
-# 2026-11-29_layer_recompute_{2048,4096}_h200.json):
+# larger of 2,048 and 4,096 tokens (bench/RESULTS.md):
 STEP_OTHER_VECTORS = 30  # the step's peak above the weights besides the layers (loss chunk, head, allocator)
 MARGIN_GIB = 0.5  # allocator fragmentation and what the estimate leaves out
 
@@ -51,13 +50,13 @@ class LayerRecompute:
 
 
 UNCHECKPOINTED = LayerRecompute(None, 29.3, 47.7, 1.0)
-# With compiled layers (7B layer at 4,096: kept vectors; matmul ms 8.24 checkpointed, 5.37 un-checkpointed). The
-# share removed at 0.2 and 0.1 is what the whole model showed, below what one layer alone did: 28 layers at 0.2
-# removed 26% of the step's recompute, 25 at 0.8 79% (the same results file). That model ran block-sparse attention,
-# which a T4 does not; the lone layer, with plain causal attention, showed 0.48 at 0.2, so on a T4 this may be low.
-BUDGETED = [LayerRecompute(0.8, 20.2, 44.0, 0.97),  # 5.45 ms alone
-            LayerRecompute(0.2, 5.8, 42.7, 0.30),  # 6.85 ms alone (0.48)
-            LayerRecompute(0.1, 2.8, 42.7, 0.17)]  # 7.44 ms alone (0.28), scaled as 0.2's was
+# With compiled layers (a 7B layer at 4,096 tokens). The share removed at 0.2 and 0.1 is what the whole model
+# showed, below what one layer alone did (0.1's scaled as 0.2's was). That model ran block-sparse attention, which a
+# T4 does not; the lone layer, with plain causal attention, removed more, so on a T4 these may be low
+# (bench/RESULTS.md).
+BUDGETED = [LayerRecompute(0.8, 20.2, 44.0, 0.97),
+            LayerRecompute(0.2, 5.8, 42.7, 0.30),
+            LayerRecompute(0.1, 2.8, 42.7, 0.17)]
 CHECKPOINTED_BACKWARD_PEAK = 47.4  # a checkpointed layer's backward: its recompute's activations and gradients
 
 
@@ -99,8 +98,8 @@ def plan_recompute(model, config: Config, device: torch.device, checkpoints_offl
                    compiled: bool | None = None) -> RecomputePlan:
     """The layers to leave un-checkpointed under `config.memory_budget_gib`, and how (0 on CPU, without
     checkpointing, with a zero budget, or when the checkpoints are offloaded: that is for memory that is short).
-    `compiled` (default: whether `config.compile_training` is on here) says whether the layers will be compiled, which allows the
-    compiler's activation budgets."""
+    `compiled` (default: whether `config.compile_training` is on here) says whether the layers will be compiled,
+    which allows the compiler's activation budgets."""
     layers = len(_decoder_layers(model))
     budget = float(config.memory_budget_gib)
     if (budget <= 0 or not config.gradient_checkpointing or device.type != "cuda" or checkpoints_offloaded):
