@@ -139,8 +139,9 @@ def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: in
             ids = tokenizer(prompts[rows[0]], return_tensors="pt").input_ids.to(device)
             tokens = []
             try:
-                for piece in decode_one(model, tokenizer, ids, max_new_tokens, do_sample, temperature, top_p,
-                                        stop_at_html_end):
+                pieces = decode_one(model, tokenizer, ids, max_new_tokens, do_sample, temperature, top_p,
+                                    stop_at_html_end, repetition_penalty, no_repeat_ngram_size)
+                for piece in pieces:
                     tokens += piece
                     if stop_on_repetition and is_looping(tokenizer.decode(tokens[-512:], skip_special_tokens=True)):
                         looping[rows[0]] = True

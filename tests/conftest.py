@@ -10,7 +10,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from htmlgen_utils.config import BUNDLED_DATA_FILE, Config  # noqa: E402
+from htmlgen_utils.config import BUNDLED_DATA_FILE, TINY_BASE_DIR, Config  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +35,35 @@ def tiny_config(tmp_path, random_tiny_model):
     return Config.from_preset("tiny", model_id=random_tiny_model, run_dir=str(tmp_path / "run"), block_size=1024,
                               max_example_tokens=1024, micro_batch_size=1, max_steps=8, eval_every=4,
                               checkpoint_every=4, max_eval_batches=4)
+
+
+BASE = str(TINY_BASE_DIR)  # trained weights: its attention matters, so a leak or a wrong mask would show
+
+
+@pytest.fixture(scope="session")
+def packed_batch(bundled_rows):
+    """Two packed blocks of several examples each (pages cut to 300 tokens; position ids restart per example)."""
+    import datasets
+
+    from htmlgen_utils.levers import example_spans
+    from htmlgen_utils.model import load_tokenizer
+    from htmlgen_utils.packing import make_dataloader, pack_splits
+
+    config = Config.from_preset("tiny", block_size=1024, max_example_tokens=300, run_dir="unused")
+    rows = [{"label": r["label"], "html": r["html"]} for r in bundled_rows[:40]]
+    splits = datasets.DatasetDict({name: datasets.Dataset.from_list(rows) for name in ("train", "validation", "test")})
+    packed, _ = pack_splits(splits, load_tokenizer(BASE), config)
+    batch = next(iter(make_dataloader(packed["train"], 2)))
+    assert all(len(spans) >= 4 for spans in example_spans(batch["position_ids"]))  # 3+ examples, then padding
+    return batch
+
+
+@pytest.fixture
+def training_model(tiny_config):
+    """The 4-bit tiny Llama with LoRA, checkpointing on and dropout off, so two passes are comparable."""
+    from htmlgen_utils.model import load_for_training
+
+    config = tiny_config.replace(model_id=BASE, gradient_checkpointing=True, lora_dropout=0.0)
+    model, _ = load_for_training(config)
+    model.train()
+    return model

@@ -1,23 +1,19 @@
 """Speed and memory levers, kept apart from the plain 4-bit + LoRA path they accelerate.
 
-Each lever gives the plain path's numbers (a CPU test checks loss, gradients or pages) and has a `Config`
-switch; `bench/README.md` measures each. Training turns them on with one call, `apply_training_levers`;
-generation asks for compiled decoding per call (`generate_pages(..., compile_decode=True)`).
+Each lever computes what the plain path computes (a test compares loss, gradients or pages) and has a `Config`
+switch. Training turns them on with one call, `apply_training_levers`; generation asks for compiled decoding per
+call (`generate_pages(..., compile_decode=True)`). bench/RESULTS.md has what each measured.
 
-    attention  per-example attention for packed blocks, no block x block mask   (`packed_attention`)
-               block-sparse FlexAttention for packed blocks                    (`flex_attention`)
-    offload    layer checkpoints parked in CPU memory during the forward       (`offload_activations`)
-    recompute  less checkpoint recompute where memory allows: un-checkpointed   (`memory_budget_gib`)
-               layers, the compiler's activation budget
-    compile    regional torch.compile of the decoder layers                    (`compile_training`)
-    decoding   static KV cache, compiled decode step, our own batch-1 loop     (`compile_generation`)
-    stacking   q/k/v and gate/up as one layer each in the batch-1 step       (part of `decoding`)
-    lookahead  greedy batch-1 decoding checks drafted tokens in one step      (`decode_one(lookahead=)`)
-    few_tokens a 4-bit kernel that reads each weight once for a few tokens    (the lookahead's check)
-    column_words a 4-bit layout and kernel made for one token's products     (`decode_one(column_words=)`)
-
-The chunked loss (`loss_chunk_tokens`) and the half-precision frozen embeddings (`embeddings_in_compute_dtype`)
-live where they act, in `loss.next_token_loss` and `model.prepare_4bit_for_training`.
+    attention     per-example attention for long packed blocks, no block x block mask   (`packed_attention`)
+                  block-sparse FlexAttention for packed blocks                          (`flex_attention`)
+    offload       layer checkpoints parked in CPU memory during the forward             (`offload_activations`)
+    recompute     un-checkpointed layers and the compiler's activation budget where     (`memory_budget_gib`)
+                  memory allows
+    compile       regional torch.compile of the decoder layers                          (`compile_training`)
+    decoding      static KV cache, compiled decode step, our own batch-1 loop           (`compile_generation`)
+    stacking      q/k/v and gate/up as one layer each in the batch-1 step               (part of `decoding`)
+    column_words  a 4-bit layout and kernel made for one token's products               (`decode_one(column_words=)`)
+    fallback      one line, then the plain path, when a compiled or captured path fails
 """
 from __future__ import annotations
 
@@ -38,9 +34,8 @@ __all__ = ["COMPILE_MIN_STEPS", "COMPILE_NOTE", "FLEX_ATTENTION", "PACKED_ATTENT
            "memory_plan", "offload_checkpoints", "packed_attention", "plan_recompute", "static_cache",
            "use_flex_attention", "use_packed_attention", "wants_compiled_decode", "wants_flex_attention"]
 
-# Compiling the layers takes ~15-20 s on an H200 and about a minute on a T4, once a process; compiled steps are
-# 1.3-1.65x as fast (bench/README.md), which on a T4 saves ~5-10 s a step of 4 x 4,096 tokens: a run of fewer
-# optimiser steps than this would not win its compile time back, and runs eagerly.
+# Compiling the layers costs up to a minute once a process: a run of fewer optimiser steps than this would not win
+# that time back from its faster steps, and runs eagerly.
 COMPILE_MIN_STEPS = 10
 
 

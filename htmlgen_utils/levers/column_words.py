@@ -1,28 +1,18 @@
 """A 4-bit layout made for batch-1 decoding: the same NF4 codes, laid out so one token's product reads fast.
 
 Batch-1 decoding reads every 4-bit weight once a token, and bitsandbytes' matrix-vector kernel reads its own
-layout (a weight row's codes contiguous, two a byte, the absmax double-quantised) at a fraction of the memory's
-speed; our kernels over that layout got no further, even without the table lookup (bench/RESULTS.md). Here a
-stacked group's codes are laid out once more, for decoding alone ("column words"): eight consecutive codes of
-one output's weight row in a 32-bit word (code j in bits 4j..4j+3), and the words of one input position for all
-outputs contiguous, so a tile of outputs reads whole cache lines; the absmax as the float32 values bitsandbytes
-dequantises with, laid out the same way. A program takes `BLOCK_K` inputs of `BLOCK_N` outputs with no loop, so all
-its loads are in flight at once, and adds its share of the sums into a float32 output (each layout has its own,
-all zeroed at once before a step).
+layout at a fraction of the memory's speed. Here a stacked group's codes are laid out once more, for decoding
+alone ("column words"): eight consecutive codes of one output's weight row in a 32-bit word (code j in bits
+4j..4j+3), the words of one input position for all outputs contiguous, so a tile of outputs reads whole cache
+lines; the absmax as float32, laid out the same way. A program takes `BLOCK_K` inputs of `BLOCK_N` outputs with no
+loop, so all its loads are in flight at once, and adds its share into a float32 output (zeroed before a step).
 
-The lookup decides the speed. Over this layout, with the codes themselves in place of their values (a wrong
-product), the products read about twice as fast as bitsandbytes'; a load from a 16-entry table in the L1 cache
-per code made them slower than bitsandbytes'. So on CUDA the codes are looked up in registers
-(`prmt_lookup_asm`): byte permutes over the table's 16 fp16 values, four codes at a time (bench/RESULTS.md,
-`column_words_matvec.py`). Triton's CPU interpreter cannot run PTX, so there (and in the CPU
-tests) the kernel takes the table-load form, the same sums; on CPU the op itself is those sums in tensor
-operations, which lets the tests run `decode_one` over the layout.
+On CUDA the codes are looked up in registers (`prmt_lookup_asm`: byte permutes over the table's 16 fp16 values);
+a load from a table per code was slower than bitsandbytes. Triton's CPU interpreter cannot run PTX, so there
+the kernel loads from the table, the same sums; on CPU the op itself is those sums in tensor operations.
 
-The same weights; the product to fp16 rounding of the table's values (bitsandbytes rounds each dequantised
-weight to fp16). The price is memory: the copy is as large as the 4-bit weights, kept beside them because the
-prompt, training and the lookahead's check read bitsandbytes' layout; a group whose copy would not leave a
-quarter of the GPU's memory free keeps bitsandbytes' kernel. `decode_one` reads it by default on GPUs of compute
-capability 8.0 or newer (`column_words=False` keeps bitsandbytes' layout); its speed-up is in bench/RESULTS.md.
+The same weights; the product to fp16 rounding of the table's values. The price is memory: the copy is as large
+as the 4-bit weights, kept beside them because prompts and training read bitsandbytes' layout.
 """
 from __future__ import annotations
 
@@ -130,13 +120,20 @@ def _kernel():
     return nf4_column_words
 
 
-# (BLOCK_N, BLOCK_K, warps): the fastest of bench/column_words_matvec.py's sweeps for each 7B shape (H100: 1024 or
-# 512 x 32 with 4 warps), their neighbours, and deeper tiles (64 and 128 inputs) for GPUs where the atomic adds
-# cost more (each output gets cols / BLOCK_K of them: ~200 million a 7B token at 32, a quarter at 128; a T4's L2
-# has far less room for them than an H100's, not measured), timed once a matrix shape when the first step runs
-# (Triton's autotuner); BLOCK_K divides any row of whole 64-blocks
+# (BLOCK_N, BLOCK_K, warps): the fastest tiles of the 7B shapes, their neighbours, and deeper tiles (fewer atomic
+# adds an output) for GPUs where those cost more; Triton's autotuner times them once a matrix shape
 CONFIGS = ((512, 32, 2), (512, 32, 4), (256, 32, 2), (512, 64, 2), (1024, 32, 4), (1024, 32, 8), (512, 16, 2),
-           (512, 64, 4), (256, 128, 4))
+           (512, 64, 4), (256, 128, 4))  # fmt: skip
+
+
+def tiles_for(cols: int) -> list[tuple[int, int, int]]:
+    """The tiles that cover `cols` inputs exactly: a program reads `BLOCK_K` inputs unmasked, so a tile whose
+    `BLOCK_K` does not divide `cols` would drop the last inputs (704 = 11 x 64 is no multiple of 128)."""
+    return [tile for tile in CONFIGS if cols % tile[1] == 0]
+
+
+def grid(rows: int, cols: int, block_n: int, block_k: int) -> tuple[int, int]:
+    return -(-rows // block_n), cols // block_k
 
 
 @functools.cache
@@ -144,7 +141,14 @@ def _tuned():
     import triton
 
     configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=1) for n, k, w in CONFIGS]
-    return triton.autotune(configs=configs, key=["rows", "cols"], reset_to_zero=["out_ptr"])(_kernel())
+
+    def covering(configs, named_args, **kwargs):
+        return [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) in
+                tiles_for(named_args["cols"])]  # fmt: skip
+
+    return triton.autotune(
+        configs=configs, key=["rows", "cols"], reset_to_zero=["out_ptr"], prune_configs_by={"early_config_prune": covering}
+    )(_kernel())
 
 
 @torch.library.custom_op("htmlgen::nf4_column_words_add", mutates_args=("out",))
@@ -153,9 +157,8 @@ def _nf4_column_words_add(out: torch.Tensor, x: torch.Tensor, words: torch.Tenso
     # adds the product into `out` (float32, zeroed by the caller): the kernel's programs each add their share,
     # and zeroing every group's output in one kernel (`zero_outputs`) saves a fill kernel a product
     cols, rows = words.shape[0] * WORD_CODES, words.shape[1]
-    grid = lambda meta: (-(-rows // meta["BLOCK_N"]), cols // meta["BLOCK_K"])  # noqa: E731
     with torch.cuda.device(x.device):
-        _tuned()[grid](x.reshape(cols).contiguous(), words, absmax, table, out, rows, cols, ASM=asm)
+        _tuned()[lambda meta: grid(rows, cols, meta["BLOCK_N"], meta["BLOCK_K"])](x.reshape(cols).contiguous(), words, absmax, table, out, rows, cols, ASM=asm)
 
 
 @_nf4_column_words_add.register_kernel("cpu")

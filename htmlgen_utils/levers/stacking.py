@@ -1,22 +1,16 @@
 """Stacked projections for batch-1 decoding: a layer's q, k and v (and its gate and up) as one layer.
 
-Part of the compiled batch-1 decode step (`decoding.DecodeStep`): q/k/v read the same input, as do gate/up,
-so for one token (or the few of a lookahead check) each group runs one 4-bit product, one LoRA-A and one LoRA-B
-multiply-and-sum and one add, instead of one of each per member. bitsandbytes' kernel reads a larger matrix
-faster (q, k and v as one 12288 x 4096 product took 24.75 us against 3 x 10.25 on an H200) and every kernel of
-a one-token step costs latency: on the 7B shape the step became ~1.09x as fast (bench/README.md,
-`decode_tuning.py`). o and down are groups of one, so that every 4-bit product of a lookahead check goes
-through `few_tokens.few_token_product`.
+Part of the one-token decode step (`decoding.DecodeStep`). q/k/v read the same input, as do gate/up, so for one
+token each group runs one 4-bit product, one LoRA-A and one LoRA-B multiply-and-sum and one add, instead of one of
+each per member: fewer, larger kernels, and every kernel of a one-token step costs latency. o and down are groups
+of one, so that their products read the decode layout (`column_words.py`) too.
 
-How: a `SharedInput` group lays its members' packed 4-bit weights one after the other in one buffer (a
-matrix's rows are contiguous bytes, so stacking is concatenation) and makes each member's weight a view into
-it, so no weight is stored twice. Each weight's absmax is nested (quantised per matrix), so the group keeps
-the float32 values bitsandbytes dequantises with, unnested (~0.28 GB for a 7B model): the same weights exactly.
-The LoRA matrices and scalings are copied into stacked buffers, refreshed in place before each decode
-(`refresh`), so a captured CUDA graph reads the adapter as it is now. While `stacked_layers` is active, the
-first member of a group computes the whole group's output for a one-token input and every member returns its
-slice; anything else (a prompt, training, another adapter) runs the member's own forward. A group of one keeps
-its weight and quant state as loaded (nothing is copied but its LoRA matrices).
+A group lays its members' packed 4-bit weights one after the other in one buffer (a matrix's rows are contiguous
+bytes, so stacking is concatenation) and makes each member's weight a view into it: no weight is stored twice.
+The absmax is kept unnested (float32, ~0.28 GB for a 7B model), the values bitsandbytes dequantises with. The
+LoRA matrices are copied into stacked buffers, refreshed in place before each decode, so a captured graph reads
+the adapter as it is now. While `stacked_layers` is active, the first member computes the group's output for a
+one-token input and every member returns its slice; anything else runs the member's own forward.
 """
 from __future__ import annotations
 
@@ -26,7 +20,6 @@ from contextlib import contextmanager
 import torch
 
 from .column_words import ColumnWords, column_words_bytes, zero_outputs
-from .few_tokens import FEW_TOKENS, few_token_product
 
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
           ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
@@ -110,13 +103,15 @@ class SharedInput:
             part.fill_(float(member.scaling[self.adapter]))
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
-        """All members' outputs for one token (or a few), one after the other along the last dimension: the
-        4-bit product plus the LoRA product (B A x, scaled), where each output row meets its own member's part
-        of `A x`. The LoRA part runs as multiply-and-sums, in the LoRA weights' dtype, as `OneTokenLinear` does."""
-        if self.use_columns and self.columns is not None and x.shape[:-1].numel() == 1:
+        """All members' outputs for one token, one after the other along the last dimension: the 4-bit product
+        plus the LoRA product (B A x, scaled), each output row meeting its own member's part of `A x`."""
+        if self.use_columns and self.columns is not None:
             base = self.columns.product(x).to(x.dtype)
         else:
-            base = few_token_product(x.to(self.compute_dtype or x.dtype), self.weight, self.state).to(x.dtype)
+            import bitsandbytes as bnb
+
+            x_in = x.to(self.compute_dtype or x.dtype)
+            base = bnb.matmul_4bit(x_in, self.weight.view(-1, 1), quant_state=self.state).to(x.dtype)
         low_rank = (x.to(self.lora_a.dtype).unsqueeze(-2) * self.lora_a).sum(-1)  # (..., sum of ranks)
         spread = torch.cat([part.unsqueeze(-2).expand(*part.shape[:-1], rows, part.shape[-1])
                             for part, rows in zip(low_rank.split(self.ranks, -1), self.rows)], -2)
@@ -130,12 +125,12 @@ class SharedInput:
 
 
 class StackedLora:
-    """Mixed into a member's own (peft) class while `stacked_layers` is active: for up to `FEW_TOKENS` tokens the
-    first member computes the whole group's output and every member returns its slice."""
+    """Mixed into a member's own (peft) class while `stacked_layers` is active: for one token the first member
+    computes the whole group's output and every member returns its slice."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         group, index = self._stacked_group
-        if (x.shape[:-1].numel() > FEW_TOKENS or self.training or self.disable_adapters or self.merged or args or kwargs
+        if (x.shape[:-1].numel() != 1 or self.training or self.disable_adapters or self.merged or args or kwargs
                 or list(self.active_adapters) != [group.adapter]):
             return super().forward(x, *args, **kwargs)
         if index == 0:

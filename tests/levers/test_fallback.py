@@ -94,8 +94,8 @@ def test_a_failed_compile_of_the_decoder_layers_trains_eagerly_to_the_same_adapt
     from peft import get_peft_model_state_dict
 
     from htmlgen_utils.levers import compile as compile_module
-    from htmlgen_utils.stages import prepare_data
     from htmlgen_utils.packing import load_packed
+    from htmlgen_utils.stages import prepare_data
     from htmlgen_utils.train import train
 
     config = tiny_config.replace(model_id=str(TINY_BASE_DIR), max_steps=10, gradient_accumulation_steps=1,
