@@ -2,9 +2,9 @@
 
     PYTHONPATH=$PWD python bench/column_words_matvec.py --out $OUT   # one CUDA GPU with Triton, ~3 minutes
 
-`four_bit_matvec.py` and `four_bit_matvec_words.py` read bitsandbytes' NF4 layout as stored (a weight row's
-codes contiguous, two a byte) and met bitsandbytes' ~1 TB/s, even with the table lookup taken out: a kernel
-that walks a row in a loop keeps too little memory traffic in flight. Here the same codes are re-laid once
+Kernels that read bitsandbytes' NF4 layout as stored (a weight row's codes contiguous, two a byte) met
+bitsandbytes' speed and no more, even with the table lookup taken out (bench/RESULTS.md): a kernel that walks a
+row in a loop keeps too little memory traffic in flight. Here the same codes are re-laid once
 ("column words"): eight consecutive codes of a weight row in one 32-bit word (code j in bits 4j..4j+3), the
 words of one input position for all outputs contiguous, so that a tile of outputs reads whole cache lines; the
 absmax dequantised to float32, laid out the same way. A program takes BLOCK_K inputs of BLOCK_N outputs with no
@@ -20,7 +20,7 @@ All three are the package's kernel (`htmlgen_utils.levers.column_words`), told w
 
 For each stacked 7B matrix (q/k/v, o, gate/up, down) every tile shape is timed once, then bitsandbytes and the
 best of each lookup `--repeats` times, interleaved. Times are in CUDA graphs; bytes read per second; every
-lookup but `raw` is checked against `nf4_matvec` before it is timed.
+lookup but `raw` is checked against the dequantised product before it is timed.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from common import REPO, interleaved_graph_times, versions, write_report
-from four_bit_matvec import random_layer_and_token
+from common import random_layer_and_token
 
 from htmlgen_utils.levers.column_words import _kernel, column_words, prmt_lookup_asm
 from htmlgen_utils.levers.stacking import unnested_absmax

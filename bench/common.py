@@ -196,3 +196,45 @@ class CompilerLog(logging.Handler):
         message = record.getMessage()[:400]
         if message not in self.messages and len(self.messages) < 40:
             self.messages.append(message)
+
+
+def load_model(model_path: Path, smoke: bool):
+    """The 4-bit base with a fresh, unmerged LoRA, as after training (`tiny` preset with `smoke`, else `colab-t4`)."""
+    from htmlgen_utils.config import Config
+    from htmlgen_utils.model import load_for_training
+
+    config = Config.from_preset("tiny" if smoke else "colab-t4", model_id=str(model_path), run_dir="/tmp/unused")
+    model, tokenizer = load_for_training(config)
+    model.eval()
+    model.config.use_cache = True
+    return model, tokenizer, config
+
+
+def one_prompt_model(work: Path, smoke: bool, layers: int | None = None):
+    """What the batch-1 decode benchmarks run: the model (7B shape under a T4's cap, `layers` of its 32 decoder
+    layers if given, or the tiny one with `smoke`), its tokenizer, and the first test description's prompt."""
+    from htmlgen_utils.config import Config
+    from htmlgen_utils.data import load_splits
+    from htmlgen_utils.packing import build_prompt
+
+    name = f"llama2-7b-shaped{f'-{layers}-layers' if layers else ''}"
+    model_path = build_checkpoint(work / name, smoke=smoke, layers=layers)
+    cap_memory(None if smoke else T4_GIB)
+    description = load_splits(Config.from_preset("colab-t4"))[0]["test"]["label"][0]
+    model, tokenizer, _ = load_model(model_path, smoke)
+    device = next(model.parameters()).device
+    return model, tokenizer, tokenizer([build_prompt(description)], return_tensors="pt").input_ids.to(device)
+
+
+def random_layer_and_token(rows: int, cols: int, dtype: torch.dtype):
+    """A bitsandbytes NF4 layer (double-quantised, as the model loads them) of random weights on the GPU, a random
+    token for it, and their product with the dequantised weight (the reference a kernel is checked against)."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(cols, rows, bias=False, compute_dtype=dtype, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(rows, cols, dtype=dtype) * 0.02, requires_grad=False,
+                                     quant_type="nf4", compress_statistics=True)  # fmt: skip
+    layer = layer.cuda()
+    x = torch.randn(1, 1, cols, dtype=dtype, device="cuda")
+    weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    return layer, x, (x.float() @ weight.float().t()).to(dtype)

@@ -84,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
-    from generation_compare import one_prompt_model
+    from common import one_prompt_model
     from htmlgen_utils.generation import _generation_kwargs
     from htmlgen_utils.levers.decoding import decode_one, generate_with_static_cache, static_cache
 
