@@ -15,8 +15,7 @@ if ! python -c "import torch" 2>/dev/null; then
     pip install -q torch==2.13.0 || pip install -q torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-pip install -q -r requirements.txt
-pip install -q --no-deps -e .
+pip install -q -e ".[dev,browser]"  # the package with its dependencies, as Colab's %pip install git+... gets them
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi

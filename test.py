@@ -7,6 +7,7 @@
 Uses only the standard library, so it runs anywhere. Exits non-zero with a clear message when the server
 cannot be reached, times out, or answers with an error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,21 +20,33 @@ import webbrowser
 from pathlib import Path
 
 
-def query(api_url: str, user_prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
-          timeout: float = 300.0) -> dict:
+def query(
+    api_url: str,
+    user_prompt: str,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    timeout: float = 300.0,
+) -> dict:
     body = {"user_prompt": user_prompt}
     if max_new_tokens is not None:
         body["max_new_tokens"] = max_new_tokens
     if temperature is not None:
         body["temperature"] = temperature
-    request = urllib.request.Request(api_url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        api_url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read().decode())
 
 
-def query_stream(api_url: str, user_prompt: str, max_new_tokens: int | None = None,
-                 temperature: float | None = None, timeout: float = 300.0, show=print) -> dict:
+def query_stream(
+    api_url: str,
+    user_prompt: str,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    timeout: float = 300.0,
+    show=print,
+) -> dict:
     """Ask for a streamed answer (server-sent events); `show` each piece of text as it arrives; return the final
     event's {"html", "tokens", "seconds"}."""
     body = {"user_prompt": user_prompt, "stream": True}
@@ -41,16 +54,20 @@ def query_stream(api_url: str, user_prompt: str, max_new_tokens: int | None = No
         body["max_new_tokens"] = max_new_tokens
     if temperature is not None:
         body["temperature"] = temperature
-    request = urllib.request.Request(api_url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+    request = urllib.request.Request(
+        api_url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+    )
     event = "message"
     with urllib.request.urlopen(request, timeout=timeout) as response:
         for raw in response:
             line = raw.decode("utf-8").rstrip("\n")
             if line.startswith("event:"):
-                event = line[len("event:"):].strip()
+                event = line[len("event:") :].strip()
             elif line.startswith("data:"):
-                data = json.loads(line[len("data:"):])
+                data = json.loads(line[len("data:") :])
                 if event == "done":
                     return data
                 if event == "error":
@@ -71,13 +88,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream", action="store_true", help="print the page as it is written")
     args = parser.parse_args(argv)
     if not args.api_url.startswith(("http://", "https://")):
-        print(f"error: --api_url {args.api_url!r} must start with http:// or https:// "
-              f"(e.g. http://127.0.0.1:8888/query)", file=sys.stderr)
+        print(
+            f"error: --api_url {args.api_url!r} must start with http:// or https:// (e.g. http://127.0.0.1:8888/query)",
+            file=sys.stderr,
+        )
         return 2
     try:
         if args.stream:
-            answer = query_stream(args.api_url, args.user_prompt, args.max_new_tokens, args.temperature,
-                                  args.timeout, show=lambda text: print(text, end="", flush=True))
+            answer = query_stream(
+                args.api_url,
+                args.user_prompt,
+                args.max_new_tokens,
+                args.temperature,
+                args.timeout,
+                show=lambda text: print(text, end="", flush=True),
+            )
             print()
         else:
             answer = query(args.api_url, args.user_prompt, args.max_new_tokens, args.temperature, args.timeout)
@@ -90,10 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except urllib.error.URLError as error:
         if isinstance(error.reason, (socket.timeout, TimeoutError)):
-            print(f"error: no answer from {args.api_url} within {args.timeout:.0f} s (raise --timeout)", file=sys.stderr)
+            print(
+                f"error: no answer from {args.api_url} within {args.timeout:.0f} s (raise --timeout)", file=sys.stderr
+            )
         else:
-            print(f"error: could not connect to {args.api_url} ({error.reason}). Is the server running? Start it with "
-                  f"`python -m htmlgen_utils.serve --run-dir RUN_DIR`", file=sys.stderr)
+            print(
+                f"error: could not connect to {args.api_url} ({error.reason}). Is the server running? Start it with "
+                f"`python -m htmlgen_utils.serve --run-dir RUN_DIR`",
+                file=sys.stderr,
+            )
         return 3
     except (socket.timeout, TimeoutError):
         print(f"error: no answer from {args.api_url} within {args.timeout:.0f} s (raise --timeout)", file=sys.stderr)

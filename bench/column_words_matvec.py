@@ -22,6 +22,7 @@ For each stacked 7B matrix (q/k/v, o, gate/up, down) every tile shape is timed o
 best of each lookup `--repeats` times, interleaved. Times are in CUDA graphs; bytes read per second; every
 lookup but `raw` is checked against the dequantised product before it is timed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,14 +31,17 @@ import json
 from pathlib import Path
 
 import torch
-from common import REPO, interleaved_graph_times, versions, write_report
-from common import random_layer_and_token
+from common import REPO, interleaved_graph_times, random_layer_and_token, versions, write_report
 
 from htmlgen_utils.levers.column_words import _kernel, column_words, prmt_lookup_asm
 from htmlgen_utils.levers.stacking import unnested_absmax
 
-SHAPES = {"q/k/v stacked": (12288, 4096), "o": (4096, 4096), "gate/up stacked": (22016, 4096),
-          "down": (4096, 11008)}  # each once a layer
+SHAPES = {
+    "q/k/v stacked": (12288, 4096),
+    "o": (4096, 4096),
+    "gate/up stacked": (22016, 4096),
+    "down": (4096, 11008),
+}  # each once a layer
 LOOKUPS = ("prmt", "table", "raw")
 
 
@@ -63,8 +67,9 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--lookups", default=",".join(LOOKUPS))
     parser.add_argument("--quick", action="store_true", help="18 tile shapes instead of 48 (compiles faster)")
-    parser.add_argument("--tiles", help='the tiles to sweep instead, as "BLOCK_Ns/BLOCK_Ks/warps", e.g. '
-                                        '"512,1024,2048/16,32/4,8"')
+    parser.add_argument(
+        "--tiles", help='the tiles to sweep instead, as "BLOCK_Ns/BLOCK_Ks/warps", e.g. "512,1024,2048/16,32/4,8"'
+    )
     args = parser.parse_args()
     import triton
     from triton.testing import do_bench_cudagraph
@@ -72,8 +77,9 @@ def main() -> None:
     kernel = _kernel()
     report = {**versions(), "rows": {}}
     torch.manual_seed(0)
-    tiles = ((128, 256, 512), (32, 64, 128), (2, 4)) if args.quick else ((64, 128, 256, 512), (32, 64, 128, 256),
-                                                                        (1, 2, 4))
+    tiles = (
+        ((128, 256, 512), (32, 64, 128), (2, 4)) if args.quick else ((64, 128, 256, 512), (32, 64, 128, 256), (1, 2, 4))
+    )
     if args.tiles:
         tiles = tuple(tuple(int(n) for n in part.split(",")) for part in args.tiles.split("/"))
     lookups = args.lookups.split(",")
@@ -91,8 +97,20 @@ def main() -> None:
         def ours(config):
             block_n, block_k, warps, lookup = config
             grid = (triton.cdiv(rows, block_n), cols // block_k)
-            return lambda: kernel[grid](token, words, absmax, table, out, rows, cols, BLOCK_N=block_n,
-                                        BLOCK_K=block_k, ASM=asm[lookup], num_warps=warps, num_stages=1)
+            return lambda: kernel[grid](
+                token,
+                words,
+                absmax,
+                table,
+                out,
+                rows,
+                cols,
+                BLOCK_N=block_n,
+                BLOCK_K=block_k,
+                ASM=asm[lookup],
+                num_warps=warps,
+                num_stages=1,
+            )
 
         sweep = {}
         with torch.no_grad():
@@ -113,8 +131,10 @@ def main() -> None:
             ways = {"bitsandbytes": lambda: layer(x), **{lookup: ours(best[lookup]) for lookup in best}}
             times = interleaved_graph_times(ways, args.repeats)
         packed = layer.weight.numel() + 4 * absmax.numel()
-        row = {"best": {k: list(v) for k, v in best.items()},
-               "top": sorted(((round(t, 2), list(c)) for c, t in sweep.items()))[:12]}
+        row = {
+            "best": {k: list(v) for k, v in best.items()},
+            "top": sorted(((round(t, 2), list(c)) for c, t in sweep.items()))[:12],
+        }
         for way, time in times.items():
             row[way] = {**time, "gb_per_s": round(packed / time["us"] / 1e3)}
             step[way] = step.get(way, 0.0) + 32 * time["us"] / 1e3

@@ -4,6 +4,7 @@ Weights are random (the hub is out of reach on the benchmark machine; values cha
 The checkpoint gets the tiny base's tokenizer: its ids are < 32000 and BOS/EOS are 1/2 like Llama's, so the
 bundled data tokenises into the same kind of blocks a Llama tokenizer gives (fewer tokens per page).
 """
+
 from __future__ import annotations
 
 import gc
@@ -20,14 +21,23 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768, rms_norm_eps=1e-5)
+LLAMA2_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-5,
+)
 T4_GIB = 15.0
 T4_USABLE_GIB = 14.5  # what a T4 leaves a process once the CUDA context is up (~14.7 GiB shown before it)
 
 
-def build_checkpoint(path: Path, smoke: bool = False, max_position_embeddings: int | None = None,
-                     layers: int | None = None) -> Path:
+def build_checkpoint(
+    path: Path, smoke: bool = False, max_position_embeddings: int | None = None, layers: int | None = None
+) -> Path:
     """A random-weight Llama-2-7B-shaped checkpoint in fp16 (or, with `smoke`, the tiny base itself); its context
     is 32,768 unless `max_position_embeddings` says otherwise (Llama-2's own is 4,096), its decoder layers 32
     unless `layers` says otherwise."""
@@ -40,10 +50,18 @@ def build_checkpoint(path: Path, smoke: bool = False, max_position_embeddings: i
     if (path / "config.json").exists():
         return path
     tokenizer = AutoTokenizer.from_pretrained(TINY_BASE_DIR)
-    shape = {**LLAMA2_7B, **({"max_position_embeddings": max_position_embeddings} if max_position_embeddings else {}),
-             **({"num_hidden_layers": layers} if layers else {})}
-    config = LlamaConfig(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    shape = {
+        **LLAMA2_7B,
+        **({"max_position_embeddings": max_position_embeddings} if max_position_embeddings else {}),
+        **({"num_hidden_layers": layers} if layers else {}),
+    }
+    config = LlamaConfig(
+        **shape,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float16)
     with torch.device("cuda"):
@@ -88,9 +106,14 @@ def versions() -> dict:
     import peft
     import transformers
 
-    info = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+    info = {
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
     try:
         import trl
 
@@ -110,8 +133,10 @@ def interleaved_graph_times(ways: dict, repeats: int, rep: int = 40) -> dict[str
     for _ in range(repeats):
         for way, run in ways.items():
             times[way].append(do_bench_cudagraph(run, rep=rep) * 1e3)
-    return {way: {"us": round(statistics.median(values), 2), "min": round(min(values), 2),
-                  "max": round(max(values), 2)} for way, values in times.items()}
+    return {
+        way: {"us": round(statistics.median(values), 2), "min": round(min(values), 2), "max": round(max(values), 2)}
+        for way, values in times.items()
+    }
 
 
 def write_report(report: dict, out_dir: Path, name: str, quiet: bool = False) -> Path:
@@ -147,8 +172,11 @@ def gpu_timeline(profiler, trace_path: Path, steps: int) -> dict:
     once, so it can be set against the wall time: the rest is the GPU waiting for the host), kernels and
     copies per step, and the time by kind of kernel."""
     profiler.export_chrome_trace(str(trace_path))
-    events = [e for e in json.loads(trace_path.read_text())["traceEvents"]
-              if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    events = [
+        e
+        for e in json.loads(trace_path.read_text())["traceEvents"]
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+    ]
     busy, end = 0.0, float("-inf")
     for event in sorted(events, key=lambda e: e["ts"]):
         start, stop = event["ts"], event["ts"] + event.get("dur", 0)
@@ -165,21 +193,27 @@ def gpu_timeline(profiler, trace_path: Path, steps: int) -> dict:
         kind = "copies" if event["cat"] != "kernel" else kernel_kind(event["name"])
         kinds[kind] = kinds.get(kind, 0.0) + event.get("dur", 0)
     trace_path.unlink()
-    return {"gpu_busy_s": round(busy / 1e6, 3),
-            "kernels_per_step": round(sum(e["cat"] == "kernel" for e in events) / steps),
-            "copies_per_step": round(sum(e["cat"] == "gpu_memcpy" for e in events) / steps),
-            "seconds_by_kind": {k: round(v / 1e6, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-            "top_kernels": [{"name": name, "per_step": round(n / steps, 1), "us_per_step": round(us / steps, 1)}
-                            for name, (n, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:12]]}
+    return {
+        "gpu_busy_s": round(busy / 1e6, 3),
+        "kernels_per_step": round(sum(e["cat"] == "kernel" for e in events) / steps),
+        "copies_per_step": round(sum(e["cat"] == "gpu_memcpy" for e in events) / steps),
+        "seconds_by_kind": {k: round(v / 1e6, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [
+            {"name": name, "per_step": round(n / steps, 1), "us_per_step": round(us / steps, 1)}
+            for name, (n, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:12]
+        ],
+    }
 
 
 def compiler_counters() -> dict:
     """torch.compile's own account: graphs compiled, graph breaks (with reasons), CUDA-graph skips."""
     from torch._dynamo.utils import counters
 
-    return {"unique_graphs": counters["stats"].get("unique_graphs", 0),
-            "graph_breaks": {reason[:200]: n for reason, n in counters["graph_break"].items()},
-            "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0)}
+    return {
+        "unique_graphs": counters["stats"].get("unique_graphs", 0),
+        "graph_breaks": {reason[:200]: n for reason, n in counters["graph_break"].items()},
+        "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0),
+    }
 
 
 class CompilerLog(logging.Handler):

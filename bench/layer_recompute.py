@@ -11,6 +11,7 @@ the way training loads it, compiled, fp16 autocast, one block of `--block` token
 `saved_vectors` from the tensors saved for backward, also on CPU), the backward's peak above that, the
 forward + backward time (median and min-max of `--repeats`), and the GPU time by kind from one profiled pass.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,11 +23,20 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import REPO, build_checkpoint, kernel_kind, sync, versions, write_report
 
-WAYS = ["checkpointed", "unchecked", "budget-0.1", "budget-0.2", "budget-0.3", "budget-0.4", "budget-0.5",
-        "budget-0.6", "budget-0.7", "budget-0.8"]
+WAYS = [
+    "checkpointed",
+    "unchecked",
+    "budget-0.1",
+    "budget-0.2",
+    "budget-0.3",
+    "budget-0.4",
+    "budget-0.5",
+    "budget-0.6",
+    "budget-0.7",
+    "budget-0.8",
+]
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -35,8 +45,13 @@ def worker(args: argparse.Namespace) -> None:
     from htmlgen_utils.model import load_for_training
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = Config.from_preset("tiny" if args.smoke else "colab-t4", model_id=args.model, precision="fp16" if
-                                device.type == "cuda" else "fp32", gradient_checkpointing=True, wandb_mode="disabled")
+    config = Config.from_preset(
+        "tiny" if args.smoke else "colab-t4",
+        model_id=args.model,
+        precision="fp16" if device.type == "cuda" else "fp32",
+        gradient_checkpointing=True,
+        wandb_mode="disabled",
+    )
     model, _ = load_for_training(config)
     model.train()
     decoder = model.get_base_model().model
@@ -47,8 +62,14 @@ def worker(args: argparse.Namespace) -> None:
 
     hidden = model.config.hidden_size
     torch.manual_seed(0)
-    x = torch.randn(1, args.block, hidden, device=device, dtype=torch.float16 if device.type == "cuda" else
-                    torch.float32, requires_grad=True)
+    x = torch.randn(
+        1,
+        args.block,
+        hidden,
+        device=device,
+        dtype=torch.float16 if device.type == "cuda" else torch.float32,
+        requires_grad=True,
+    )
     positions = torch.arange(args.block, device=device)[None]
     rotary = decoder.rotary_emb(x, positions)
     grad = torch.randn_like(x)
@@ -92,8 +113,11 @@ def worker(args: argparse.Namespace) -> None:
         del out
         x.grad = None
         model.zero_grad(set_to_none=True)
-        row.update(kept_vectors=round(kept / vector_bytes, 2), forward_peak_vectors=round(forward_peak / vector_bytes, 2),
-                   backward_peak_vectors=round(backward_peak / vector_bytes, 2))
+        row.update(
+            kept_vectors=round(kept / vector_bytes, 2),
+            forward_peak_vectors=round(forward_peak / vector_bytes, 2),
+            backward_peak_vectors=round(backward_peak / vector_bytes, 2),
+        )
     times = []
     for _ in range(args.repeats):
         sync()
@@ -137,8 +161,19 @@ def main() -> None:
     rows = []
     for way in args.ways.split(","):
         started = time.perf_counter()
-        command = [sys.executable, __file__, "--worker", "--way", way, "--model", str(model_path),
-                   "--block", str(block), "--repeats", str(2 if args.smoke else args.repeats)]
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--way",
+            way,
+            "--model",
+            str(model_path),
+            "--block",
+            str(block),
+            "--repeats",
+            str(2 if args.smoke else args.repeats),
+        ]
         command += ["--smoke"] if args.smoke else []
         done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
         found = [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")]

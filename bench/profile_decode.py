@@ -15,6 +15,7 @@ each: wall time per token against the time the GPU was busy per token (the rest 
 host), kernels per token, GPU time by kind. torch.compile's graph breaks and CUDA-graph skips
 come last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,17 @@ import time
 from pathlib import Path
 
 import torch
-
-from common import (REPO, CompilerLog, compiler_counters, gpu_timeline, peak_gib, reset_peak, sync, versions,
-                    write_report)
+from common import (
+    REPO,
+    CompilerLog,
+    compiler_counters,
+    gpu_timeline,
+    peak_gib,
+    reset_peak,
+    sync,
+    versions,
+    write_report,
+)
 
 
 def decode_one_as_before(model, tokenizer, input_ids, max_new_tokens: int, levers: bool) -> int:
@@ -53,8 +62,9 @@ def decode_one_as_before(model, tokenizer, input_ids, max_new_tokens: int, lever
         step = base.get_compiled_call(CompileConfig())
         positions = torch.arange(length + max_new_tokens, device=input_ids.device)
         new = torch.empty((1, max_new_tokens), dtype=torch.long, device=input_ids.device)
-        logits = base(input_ids=input_ids, **{name: cache}, cache_position=positions[:length], use_cache=True,
-                      logits_to_keep=1).logits[:, -1]
+        logits = base(
+            input_ids=input_ids, **{name: cache}, cache_position=positions[:length], use_cache=True, logits_to_keep=1
+        ).logits[:, -1]
         for start in range(0, max_new_tokens, decoding.STOP_CHECK_TOKENS):
             stop = min(start + decoding.STOP_CHECK_TOKENS, max_new_tokens)
             with decoding.compiled_decoding(model):
@@ -63,9 +73,14 @@ def decode_one_as_before(model, tokenizer, input_ids, max_new_tokens: int, lever
                     new[:, i] = token[:, 0]
                     if i + 1 < max_new_tokens:
                         torch.compiler.cudagraph_mark_step_begin()
-                        position = positions[length + i:length + i + 1]
-                        logits = step(input_ids=token, **{name: cache}, cache_position=position,
-                                      position_ids=position[None], use_cache=True).logits[:, -1]
+                        position = positions[length + i : length + i + 1]
+                        logits = step(
+                            input_ids=token,
+                            **{name: cache},
+                            cache_position=position,
+                            position_ids=position[None],
+                            use_cache=True,
+                        ).logits[:, -1]
             new[0, start:stop].tolist()  # the read-back every piece
         return max_new_tokens
     finally:
@@ -77,14 +92,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--work", type=Path, default=Path("/tmp/htmlgen-bench"))
     parser.add_argument("--tokens", type=int, default=256, help="new tokens in each timed run")
-    parser.add_argument("--ways", default="plain,static,before,levers,bnb-layout,ours",
-                        help="which of plain, static, before, levers, bnb-layout, ours to run")
+    parser.add_argument(
+        "--ways",
+        default="plain,static,before,levers,bnb-layout,ours",
+        help="which of plain, static, before, levers, bnb-layout, ours to run",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each way, interleaved")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
+    from common import one_prompt_model
     from torch.profiler import ProfilerActivity, profile
 
-    from common import one_prompt_model
     from htmlgen_utils.generation import _generation_kwargs
     from htmlgen_utils.levers.decoding import decode_one, generate_with_static_cache, static_cache
 
@@ -102,21 +120,36 @@ def main() -> None:
         return tokens
 
     def ours(tokens: int, column_words: bool = True) -> int:
-        return sum(len(piece) for piece in decode_one(model, tokenizer, input_ids, tokens, stop_at_html_end=False,
-                                                      column_words=column_words))
+        return sum(
+            len(piece)
+            for piece in decode_one(
+                model, tokenizer, input_ids, tokens, stop_at_html_end=False, column_words=column_words
+            )
+        )
 
-    ways = {"plain generate": plain_generate, "generate, static cache + compiled step": compiled_generate,
-            "before: compiled step (CUDA-graph trees), SDPA, cuBLAS LoRA":
-                lambda tokens: decode_one_as_before(model, tokenizer, input_ids, tokens, levers=False),
-            "levers: the same with one-query attention and one-token LoRA":
-                lambda tokens: decode_one_as_before(model, tokenizer, input_ids, tokens, levers=True),
-            "bnb-layout: decode_one(column_words=False), levers + DecodeStep, bitsandbytes' 4-bit kernel":
-                lambda tokens: ours(tokens, column_words=False),
-            "ours: decode_one, the 4-bit products over the decode layout": ours}
+    ways = {
+        "plain generate": plain_generate,
+        "generate, static cache + compiled step": compiled_generate,
+        "before: compiled step (CUDA-graph trees), SDPA, cuBLAS LoRA": lambda tokens: decode_one_as_before(
+            model, tokenizer, input_ids, tokens, levers=False
+        ),
+        "levers: the same with one-query attention and one-token LoRA": lambda tokens: decode_one_as_before(
+            model, tokenizer, input_ids, tokens, levers=True
+        ),
+        "bnb-layout: decode_one(column_words=False), levers + DecodeStep, bitsandbytes' 4-bit kernel": lambda tokens: (
+            ours(tokens, column_words=False)
+        ),
+        "ours: decode_one, the 4-bit products over the decode layout": ours,
+    }
     chosen = dict(zip(("plain", "static", "before", "levers", "bnb-layout", "ours"), ways))
     ways = {chosen[key]: ways[chosen[key]] for key in args.ways.split(",")}
-    report = {**versions(), "smoke": args.smoke, "prompt_tokens": input_ids.shape[1], "repeats": args.repeats,
-              "rows": {}}
+    report = {
+        **versions(),
+        "smoke": args.smoke,
+        "prompt_tokens": input_ids.shape[1],
+        "repeats": args.repeats,
+        "rows": {},
+    }
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     rates: dict[str, list[float]] = {name: [] for name in ways}
     with torch.no_grad():
@@ -136,9 +169,13 @@ def main() -> None:
                 report["rows"][name]["peak_gib"] = max(report["rows"][name].get("peak_gib") or 0, peak_gib() or 0)
         for name, run in ways.items():
             row = report["rows"][name]
-            row.update(tokens_per_s=round(statistics.median(rates[name]), 2), new_tokens=args.tokens,
-                       tokens_per_s_min=round(min(rates[name]), 2), tokens_per_s_max=round(max(rates[name]), 2),
-                       wall_ms_per_token=round(1e3 / statistics.median(rates[name]), 2))
+            row.update(
+                tokens_per_s=round(statistics.median(rates[name]), 2),
+                new_tokens=args.tokens,
+                tokens_per_s_min=round(min(rates[name]), 2),
+                tokens_per_s_max=round(max(rates[name]), 2),
+                wall_ms_per_token=round(1e3 / statistics.median(rates[name]), 2),
+            )
             profiled_tokens = max(args.tokens // 4, 8)
             with profile(activities=activities) as profiler:
                 sync()
@@ -149,25 +186,35 @@ def main() -> None:
             row["profiled_ms_per_token"] = round(1e3 * seconds / tokens, 2)
             if torch.cuda.is_available():
                 timeline = gpu_timeline(profiler, args.work / "trace.json", tokens)
-                row.update(gpu_busy_ms_per_token=round(1e3 * timeline.pop("gpu_busy_s") / tokens, 2),
-                           kernels_per_token=timeline.pop("kernels_per_step"),
-                           copies_per_token=timeline.pop("copies_per_step"),
-                           ms_per_token_by_kind={k: round(1e3 * v / tokens, 3)
-                                                 for k, v in timeline["seconds_by_kind"].items()},
-                           top_kernels=timeline["top_kernels"])
-            host_ops = sorted((e for e in profiler.key_averages() if e.device_type.name == "CPU"),
-                              key=lambda e: e.self_cpu_time_total, reverse=True)
-            row["top_host_ops"] = [{"name": e.key[:80], "calls": e.count,
-                                    "self_ms": round(e.self_cpu_time_total / 1e3, 1)} for e in host_ops[:8]]
+                row.update(
+                    gpu_busy_ms_per_token=round(1e3 * timeline.pop("gpu_busy_s") / tokens, 2),
+                    kernels_per_token=timeline.pop("kernels_per_step"),
+                    copies_per_token=timeline.pop("copies_per_step"),
+                    ms_per_token_by_kind={
+                        k: round(1e3 * v / tokens, 3) for k, v in timeline["seconds_by_kind"].items()
+                    },
+                    top_kernels=timeline["top_kernels"],
+                )
+            host_ops = sorted(
+                (e for e in profiler.key_averages() if e.device_type.name == "CPU"),
+                key=lambda e: e.self_cpu_time_total,
+                reverse=True,
+            )
+            row["top_host_ops"] = [
+                {"name": e.key[:80], "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 1)}
+                for e in host_ops[:8]
+            ]
             print(name, {k: v for k, v in row.items() if k != "top_host_ops"}, flush=True)
     if "plain generate" in report["rows"]:
         plain = report["rows"]["plain generate"]["tokens_per_s"]
-        report["speedup_vs_plain_generate"] = {name: round(row["tokens_per_s"] / plain, 2)
-                                               for name, row in report["rows"].items()}
+        report["speedup_vs_plain_generate"] = {
+            name: round(row["tokens_per_s"] / plain, 2) for name, row in report["rows"].items()
+        }
     if "before" in args.ways.split(","):
         before = report["rows"][chosen["before"]]["tokens_per_s"]
-        report["speedup_vs_before"] = {name: round(row["tokens_per_s"] / before, 2)
-                                       for name, row in report["rows"].items()}
+        report["speedup_vs_before"] = {
+            name: round(row["tokens_per_s"] / before, 2) for name, row in report["rows"].items()
+        }
     if {"bnb-layout", "ours"} <= set(args.ways.split(",")):
         bnb_rate = report["rows"][chosen["bnb-layout"]]["tokens_per_s"]
         report["column_words_speedup"] = round(report["rows"][chosen["ours"]]["tokens_per_s"] / bnb_rate, 3)

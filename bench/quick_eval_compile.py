@@ -16,6 +16,7 @@ exactly `--tokens` tokens a page. The modes run interleaved (plain, compiled, pl
 The summary gives medians and ranges, and the quick evaluation's arithmetic: plain = 2 passes x 768 tokens at
 the plain step time; compiled = the compile times + 2 x 768 tokens at the compiled step time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import REPO, T4_USABLE_GIB, build_checkpoint, cap_memory, versions, write_report
 
 QUICK_PAGES, QUICK_TOKENS = 8, 768  # notebook 05's quick evaluation (notebook.evaluation_settings)
@@ -50,8 +50,13 @@ def worker(args: argparse.Namespace) -> None:
     model.eval()
     loaded = time.perf_counter() - started
     descriptions = load_splits(Config.from_preset("colab-t4"))[0]["test"]["label"][:QUICK_PAGES]
-    settings = dict(max_new_tokens=args.tokens, batch_size=QUICK_PAGES, compile_decode=compiled,
-                    stop_at_html_end=False, stop_on_repetition=False)
+    settings = dict(
+        max_new_tokens=args.tokens,
+        batch_size=QUICK_PAGES,
+        compile_decode=compiled,
+        stop_at_html_end=False,
+        stop_on_repetition=False,
+    )
     passes = []
     for adapter in (True, False, True):
         if adapter:
@@ -62,11 +67,15 @@ def worker(args: argparse.Namespace) -> None:
         passes.append({"adapter": adapter, "seconds": round(result.seconds, 2), "new_tokens": sum(result.new_tokens)})
         print(passes[-1], flush=True)
     steady = passes[2]["seconds"]
-    row = {"mode": args.mode, "load_s": round(loaded, 1), "passes": passes,
-           "first_pass_overhead_s": round(passes[0]["seconds"] - steady, 2),
-           "adapter_off_overhead_s": round(passes[1]["seconds"] - steady, 2),
-           "step_ms": round(1000 * steady / args.tokens, 2),
-           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None}
+    row = {
+        "mode": args.mode,
+        "load_s": round(loaded, 1),
+        "passes": passes,
+        "first_pass_overhead_s": round(passes[0]["seconds"] - steady, 2),
+        "adapter_off_overhead_s": round(passes[1]["seconds"] - steady, 2),
+        "step_ms": round(1000 * steady / args.tokens, 2),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+    }
     print("ROW " + json.dumps(row), flush=True)
 
 
@@ -78,20 +87,31 @@ def summarise(rows: list[dict]) -> dict:
     for mode in ("plain", "compiled"):
         runs = [r for r in rows if r.get("mode") == mode]
         if runs:
-            out[mode] = {key: spread([r[key] for r in runs]) for key in
-                         ("step_ms", "first_pass_overhead_s", "adapter_off_overhead_s", "load_s")}
+            out[mode] = {
+                key: spread([r[key] for r in runs])
+                for key in ("step_ms", "first_pass_overhead_s", "adapter_off_overhead_s", "load_s")
+            }
             out[mode]["runs"] = len(runs)
     if "plain" in out and "compiled" in out:
         plain_s = 2 * QUICK_TOKENS * out["plain"]["step_ms"]["median"] / 1000
-        compiled_s = (out["compiled"]["first_pass_overhead_s"]["median"] + out["compiled"]["adapter_off_overhead_s"][
-            "median"] + 2 * QUICK_TOKENS * out["compiled"]["step_ms"]["median"] / 1000)
+        compiled_s = (
+            out["compiled"]["first_pass_overhead_s"]["median"]
+            + out["compiled"]["adapter_off_overhead_s"]["median"]
+            + 2 * QUICK_TOKENS * out["compiled"]["step_ms"]["median"] / 1000
+        )
         out["quick_evaluation_arithmetic"] = {
-            "pages": QUICK_PAGES, "tokens_a_page": QUICK_TOKENS, "plain_s": round(plain_s, 1),
+            "pages": QUICK_PAGES,
+            "tokens_a_page": QUICK_TOKENS,
+            "plain_s": round(plain_s, 1),
             "compiled_s": round(compiled_s, 1),
             "break_even_tokens_a_page": round(
-                (out["compiled"]["first_pass_overhead_s"]["median"] + out["compiled"]["adapter_off_overhead_s"][
-                    "median"]) / max(1e-9, 2 * (out["plain"]["step_ms"]["median"]
-                                                - out["compiled"]["step_ms"]["median"]) / 1000))}
+                (
+                    out["compiled"]["first_pass_overhead_s"]["median"]
+                    + out["compiled"]["adapter_off_overhead_s"]["median"]
+                )
+                / max(1e-9, 2 * (out["plain"]["step_ms"]["median"] - out["compiled"]["step_ms"]["median"]) / 1000)
+            ),
+        }
     return out
 
 
@@ -111,13 +131,32 @@ def main() -> None:
     started = time.perf_counter()
     model = build_checkpoint(args.work / "llama2-7b-shaped", smoke=args.smoke)
     pin = ["taskset", "-c", "0,1"] if shutil.which("taskset") else []
-    report = {**versions(), "memory_cap_gib": None if args.smoke else T4_USABLE_GIB, "cores": "taskset -c 0,1",
-              "tokens_a_pass": args.tokens, "smoke": args.smoke, "rows": []}
+    report = {
+        **versions(),
+        "memory_cap_gib": None if args.smoke else T4_USABLE_GIB,
+        "cores": "taskset -c 0,1",
+        "tokens_a_pass": args.tokens,
+        "smoke": args.smoke,
+        "rows": [],
+    }
     modes = ["plain"] if args.smoke and not torch.cuda.is_available() else ["plain", "compiled"]
     for repeat in range(args.repeats):
         for mode in modes:
-            command = pin + [sys.executable, __file__, "--worker", "--mode", mode, "--model", str(model),
-                             "--tokens", str(args.tokens)] + (["--smoke"] if args.smoke else [])
+            command = (
+                pin
+                + [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    "--mode",
+                    mode,
+                    "--model",
+                    str(model),
+                    "--tokens",
+                    str(args.tokens),
+                ]
+                + (["--smoke"] if args.smoke else [])
+            )
             run_started = time.perf_counter()
             with tempfile.TemporaryDirectory() as caches:  # cold compiler caches, as in a new Colab runtime
                 env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": caches, "TRITON_CACHE_DIR": f"{caches}/triton"}

@@ -9,6 +9,7 @@ previous is answered) and records every answer's status and latency. Systems are
 `--repeats` rounds; the report gives medians and min-max. Then one batched round mixes in malformed requests (a
 quarter of the traffic) and counts the 2xx/4xx/5xx answers. Prints one JSON table last and writes it to --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,14 @@ from pathlib import Path
 
 from common import write_report
 
-MALFORMED = [(b"{", 400), (b'{"user_prompt": "   "}', 422), (b'{"user_prompt": 3}', 422),
-             (b'{"user_prompt": "a page", "max_new_tokens": 0}', 422), (b"[]", 422),
-             (b'{"user_prompt": "a page", "surprise": true}', 422)]
+MALFORMED = [
+    (b"{", 400),
+    (b'{"user_prompt": "   "}', 422),
+    (b'{"user_prompt": 3}', 422),
+    (b'{"user_prompt": "a page", "max_new_tokens": 0}', 422),
+    (b"[]", 422),
+    (b'{"user_prompt": "a page", "surprise": true}', 422),
+]
 
 
 def _free_port() -> int:
@@ -54,12 +60,17 @@ def load(url: str, bodies: list[bytes], clients: int) -> dict:
     seconds = time.perf_counter() - started
     latencies = sorted(latency for status, latency in results if status == 200)
     statuses = [status for status, _ in results]
-    return {"requests": len(bodies), "answered": len(results), "seconds": round(seconds, 2),
-            "ok": statuses.count(200), "4xx": sum(400 <= s < 500 for s in statuses),
-            "5xx": sum(s >= 500 for s in statuses),
-            "pages_per_s": round(statuses.count(200) / seconds, 3),
-            "p50_s": round(latencies[len(latencies) // 2], 3) if latencies else None,
-            "p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3) if latencies else None}
+    return {
+        "requests": len(bodies),
+        "answered": len(results),
+        "seconds": round(seconds, 2),
+        "ok": statuses.count(200),
+        "4xx": sum(400 <= s < 500 for s in statuses),
+        "5xx": sum(s >= 500 for s in statuses),
+        "pages_per_s": round(statuses.count(200) / seconds, 3),
+        "p50_s": round(latencies[len(latencies) // 2], 3) if latencies else None,
+        "p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3) if latencies else None,
+    }
 
 
 def summarise(rounds: list[dict]) -> dict:
@@ -88,14 +99,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, tokenizer, config = load_trained(args.run_dir)
     descriptions = [d for split in load_saved_splits(args.run_dir).values() for d in split["label"]]
-    bodies = [json.dumps({"user_prompt": descriptions[i % len(descriptions)],
-                          "max_new_tokens": args.max_new_tokens}).encode() for i in range(args.requests)]
+    bodies = [
+        json.dumps({"user_prompt": descriptions[i % len(descriptions)], "max_new_tokens": args.max_new_tokens}).encode()
+        for i in range(args.requests)
+    ]
     systems = {"batched": args.max_batch, "one at a time": 1}
     rounds: dict[str, list[dict]] = {name: [] for name in systems}
     for repeat in range(args.repeats):
         for name, max_batch in systems.items():  # interleaved: A B A B ...
-            app = create_app(model, tokenizer, max_new_tokens_cap=max(args.max_new_tokens, 32),
-                             max_waiting=args.clients + 1, max_batch=max_batch)
+            app = create_app(
+                model,
+                tokenizer,
+                max_new_tokens_cap=max(args.max_new_tokens, 32),
+                max_waiting=args.clients + 1,
+                max_batch=max_batch,
+            )
             server = BackgroundServer(app, port=_free_port())
             try:
                 result = load(f"{server.url}/query", bodies, args.clients)
@@ -106,8 +124,13 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"round {repeat + 1} {name}: {result}", flush=True)
     mixed_bodies = [MALFORMED[i % len(MALFORMED)][0] if i % 4 == 3 else body for i, body in enumerate(bodies)]
     expected = [MALFORMED[i % len(MALFORMED)][1] if i % 4 == 3 else 200 for i in range(len(bodies))]
-    app = create_app(model, tokenizer, max_new_tokens_cap=max(args.max_new_tokens, 32), max_waiting=args.clients + 1,
-                     max_batch=args.max_batch)
+    app = create_app(
+        model,
+        tokenizer,
+        max_new_tokens_cap=max(args.max_new_tokens, 32),
+        max_waiting=args.clients + 1,
+        max_batch=args.max_batch,
+    )
     server = BackgroundServer(app, port=_free_port())
     try:
         url = f"{server.url}/query"
@@ -115,17 +138,33 @@ def main(argv: list[str] | None = None) -> dict:
             statuses = [status for status, _ in pool.map(lambda body: _post(url, body), mixed_bodies)]
     finally:
         server.stop()
-    mixed = {"requests": len(statuses), "malformed": expected.count(400) + expected.count(422),
-             "2xx": sum(s < 300 for s in statuses), "4xx": sum(400 <= s < 500 for s in statuses),
-             "5xx": sum(s >= 500 for s in statuses), "each_as_expected": statuses == expected}
+    mixed = {
+        "requests": len(statuses),
+        "malformed": expected.count(400) + expected.count(422),
+        "2xx": sum(s < 300 for s in statuses),
+        "4xx": sum(400 <= s < 500 for s in statuses),
+        "5xx": sum(s >= 500 for s in statuses),
+        "each_as_expected": statuses == expected,
+    }
     summary = {name: summarise(results) for name, results in rounds.items()}
-    report = {"setup": {"run_dir": str(args.run_dir), "model": config.model_id, "requests": args.requests,
-                        "clients": args.clients, "repeats": args.repeats, "max_new_tokens": args.max_new_tokens,
-                        "max_batch": args.max_batch, "device": str(next(model.parameters()).device)},
-              "rounds": rounds, "summary": summary,
-              "batched_over_one_at_a_time_pages_per_s": round(
-                  summary["batched"]["pages_per_s"]["median"] / summary["one at a time"]["pages_per_s"]["median"], 2),
-              "mixed_traffic_batched": mixed}
+    report = {
+        "setup": {
+            "run_dir": str(args.run_dir),
+            "model": config.model_id,
+            "requests": args.requests,
+            "clients": args.clients,
+            "repeats": args.repeats,
+            "max_new_tokens": args.max_new_tokens,
+            "max_batch": args.max_batch,
+            "device": str(next(model.parameters()).device),
+        },
+        "rounds": rounds,
+        "summary": summary,
+        "batched_over_one_at_a_time_pages_per_s": round(
+            summary["batched"]["pages_per_s"]["median"] / summary["one at a time"]["pages_per_s"]["median"], 2
+        ),
+        "mixed_traffic_batched": mixed,
+    }
     write_report(report, Path(args.out or "/tmp"), "serve_load.json")
     return report
 

@@ -7,6 +7,7 @@ public repositories such as karpathy/llama2.c) and a `tokenizer_config.json` nam
 needs `sentencepiece` and `protobuf`. The hub is not needed. The counts feed README's T4 time table and notebook
 04's estimate arithmetic (the training-time estimate with Llama-2-7B's 6.74e9 parameters, 32 layers, hidden 4,096).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,19 +42,28 @@ def main() -> None:
         packed, stats = pack_splits(splits, tokenizer, config)
     accumulation, steps_per_epoch, total = plan_steps(len(packed["train"]), config)
     checkpoint_every, eval_every = cadence(config, total)
-    estimate = estimate_training_time(config, len(packed["train"]), LLAMA2_7B_PARAMETERS,
-                                      layers=LLAMA2_7B_LAYERS, hidden=LLAMA2_7B_HIDDEN)
+    estimate = estimate_training_time(
+        config, len(packed["train"]), LLAMA2_7B_PARAMETERS, layers=LLAMA2_7B_LAYERS, hidden=LLAMA2_7B_HIDDEN
+    )
     report = {
-        "tokenizer": "Llama-2 (tokenizer.model, SentencePiece, 32,000 tokens)", "preset": args.preset,
-        "block_size": config.block_size, "rows": {name: len(split) for name, split in splits.items()},
-        "train_example_tokens": {"median": statistics.median(lengths), "max": max(lengths),
-                                 "over_block": sum(n > config.block_size for n in lengths)},
+        "tokenizer": "Llama-2 (tokenizer.model, SentencePiece, 32,000 tokens)",
+        "preset": args.preset,
+        "block_size": config.block_size,
+        "rows": {name: len(split) for name, split in splits.items()},
+        "train_example_tokens": {
+            "median": statistics.median(lengths),
+            "max": max(lengths),
+            "over_block": sum(n > config.block_size for n in lengths),
+        },
         "blocks": {name: len(split) for name, split in packed.items()},
         "packing": {name: s.to_dict() for name, s in stats.items()},
-        "accumulation": accumulation, "steps_per_epoch": steps_per_epoch, "planned_steps": total,
-        "tokens_per_step": estimate["tokens_per_step"], "checkpoint_every": checkpoint_every,
-        "eval_every": eval_every, "estimate_at_20_tflops": {k: round(v, 2) if isinstance(v, float) else v
-                                                           for k, v in estimate.items()},
+        "accumulation": accumulation,
+        "steps_per_epoch": steps_per_epoch,
+        "planned_steps": total,
+        "tokens_per_step": estimate["tokens_per_step"],
+        "checkpoint_every": checkpoint_every,
+        "eval_every": eval_every,
+        "estimate_at_20_tflops": {k: round(v, 2) if isinstance(v, float) else v for k, v in estimate.items()},
     }
     write_report(report, args.out, "token_counts_llama2.json")
 

@@ -27,6 +27,7 @@ one JSON table last and writes it to --out.
 
 - `low-memory`: the `colab-t4-low-memory` preset (every layer checkpointed, checkpoints offloaded to CPU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,19 @@ import time
 from pathlib import Path
 
 import torch
-
-from common import REPO, T4_GIB, T4_USABLE_GIB, build_checkpoint, cap_memory, free_memory, peak_gib, reset_peak, sync, versions, \
-    write_report
+from common import (
+    REPO,
+    T4_GIB,
+    T4_USABLE_GIB,
+    build_checkpoint,
+    cap_memory,
+    free_memory,
+    peak_gib,
+    reset_peak,
+    sync,
+    versions,
+    write_report,
+)
 
 BLOCKS = (1024, 2048, 4096, 8192, 16384, 32768)
 LEVERS = {  # each lever switched the other way, as Config overrides, and the blocks where that is measured
@@ -50,6 +61,7 @@ LEVERS = {  # each lever switched the other way, as Config overrides, and the bl
     "fp32 embeddings/head (embeddings_in_compute_dtype=false)": ({"embeddings_in_compute_dtype": False}, (2048,)),
     "per-example attention (packed_attention=on)": ({"packed_attention": "on"}, (2048,)),
 }
+
 
 # ---------------------------------------------------------------------------------------------- data
 def example_tokens(block_size: int, as_t4: bool) -> int:
@@ -68,8 +80,16 @@ def blocks_for(block_size: int, model_path: str, work: Path, as_t4: bool = False
 
     run_dir = data_dir_for(work, block_size, as_t4)
     if not (run_dir / "packed" / "dataset_dict.json").exists():
-        prepare_data(Config.from_preset("colab-t4", model_id=model_path, run_dir=str(run_dir), block_size=block_size,
-                                        max_example_tokens=example_tokens(block_size, as_t4), wandb_mode="disabled"))
+        prepare_data(
+            Config.from_preset(
+                "colab-t4",
+                model_id=model_path,
+                run_dir=str(run_dir),
+                block_size=block_size,
+                max_example_tokens=example_tokens(block_size, as_t4),
+                wandb_mode="disabled",
+            )
+        )
     return run_dir
 
 
@@ -114,15 +134,24 @@ def seed_style(model_path: str, data_dir: Path, block_size: int, steps: int, pre
     dtype = torch.float16 if precision == "fp16" else torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=dtype, device_map={"": 0} if device == "cuda" else "cpu",
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
+        model_path,
+        dtype=dtype,
+        device_map={"": 0} if device == "cuda" else "cpu",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        ),
+    )
     model = prepare_model_for_kbit_training(model)  # its defaults: fp32 non-quantised weights, checkpointing
     torch.manual_seed(42)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=64, lora_dropout=0.05, bias="none",
-                                             task_type="CAUSAL_LM", target_modules="all-linear"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=16, lora_alpha=64, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM", target_modules="all-linear"
+        ),
+    )
     optimizer = (bnb.optim.PagedAdamW8bit if device == "cuda" else bnb.optim.AdamW8bit)(
-        [p for p in model.parameters() if p.requires_grad], lr=2e-4)
+        [p for p in model.parameters() if p.requires_grad], lr=2e-4
+    )
     scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
     blocks = load_packed(data_dir)["train"]
     model.train()
@@ -161,21 +190,44 @@ def trl_sft(model_path: str, data_dir: Path, block_size: int, steps: int, precis
     dtype = torch.float16 if precision == "fp16" else torch.float32
     on_gpu = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=dtype, device_map={"": 0} if on_gpu else "cpu",
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
+        model_path,
+        dtype=dtype,
+        device_map={"": 0} if on_gpu else "cpu",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        ),
+    )
     train = datasets.Dataset.from_dict({"input_ids": examples_in(load_packed(data_dir)["train"])})
-    args = SFTConfig(output_dir=str(data_dir / "trl"), per_device_train_batch_size=1, gradient_accumulation_steps=4,
-                     max_steps=steps, learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0,
-                     fp16=precision == "fp16", bf16=False, optim="paged_adamw_8bit" if on_gpu else "adamw_torch",
-                     gradient_checkpointing=True, packing=True, max_length=block_size, logging_steps=1,
-                     save_strategy="no", report_to=[], seed=42, dataloader_num_workers=0, max_grad_norm=1.0,
-                     include_num_input_tokens_seen=True, use_cpu=not on_gpu)
+    args = SFTConfig(
+        output_dir=str(data_dir / "trl"),
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=4,
+        max_steps=steps,
+        learning_rate=2e-4,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        fp16=precision == "fp16",
+        bf16=False,
+        optim="paged_adamw_8bit" if on_gpu else "adamw_torch",
+        gradient_checkpointing=True,
+        packing=True,
+        max_length=block_size,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=42,
+        dataloader_num_workers=0,
+        max_grad_norm=1.0,
+        include_num_input_tokens_seen=True,
+        use_cpu=not on_gpu,
+    )
     torch.manual_seed(42)
-    lora = LoraConfig(r=16, lora_alpha=64, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
-                      target_modules="all-linear")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, peft_config=lora,
-                         processing_class=load_tokenizer(model_path))
+    lora = LoraConfig(
+        r=16, lora_alpha=64, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM", target_modules="all-linear"
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=train, peft_config=lora, processing_class=load_tokenizer(model_path)
+    )
     for parameter in trainer.model.parameters():  # TRL leaves LoRA weights in half precision; GradScaler needs fp32
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
@@ -199,19 +251,29 @@ def trl_sft(model_path: str, data_dir: Path, block_size: int, steps: int, precis
     return {"records": records, "final_loss": round(losses[-1], 4) if losses else None}
 
 
-def ours(model_path: str, data_dir: Path, block_size: int, steps: int, preset: str, overrides: dict,
-         as_t4: bool = False) -> dict:
+def ours(
+    model_path: str, data_dir: Path, block_size: int, steps: int, preset: str, overrides: dict, as_t4: bool = False
+) -> dict:
     from htmlgen_utils.config import Config
     from htmlgen_utils.levers import apply_training_levers
     from htmlgen_utils.model import load_for_training
     from htmlgen_utils.packing import load_packed
     from htmlgen_utils.train import train
 
-    config = Config.from_preset(preset, model_id=model_path, run_dir=str(data_dir / f"ours-{preset}"),
-                                block_size=block_size, max_example_tokens=example_tokens(block_size, as_t4),
-                                max_steps=steps,
-                                eval_every=10_000, max_eval_batches=1, checkpoint_every=0, wandb_mode="disabled",
-                                warmup_steps=0, **overrides)
+    config = Config.from_preset(
+        preset,
+        model_id=model_path,
+        run_dir=str(data_dir / f"ours-{preset}"),
+        block_size=block_size,
+        max_example_tokens=example_tokens(block_size, as_t4),
+        max_steps=steps,
+        eval_every=10_000,
+        max_eval_batches=1,
+        checkpoint_every=0,
+        wandb_mode="disabled",
+        warmup_steps=0,
+        **overrides,
+    )
     model, tokenizer = load_for_training(config)
     after_load = peak_gib()
     reset_peak()
@@ -220,10 +282,15 @@ def ours(model_path: str, data_dir: Path, block_size: int, steps: int, preset: s
     levers = apply_training_levers(model, config, device)
     state = train(model, tokenizer, load_packed(data_dir), config, config.run_dir, resume=False)
     steps_log = [h for h in state.history if "tokens_per_s" in h]
-    return {"records": [(h["tokens_per_s"] * h["seconds"], h["seconds"]) for h in steps_log],
-            "final_loss": round(steps_log[-1]["loss"], 4), "skipped_steps": state.skipped_steps,
-            "micro_batch": config.micro_batch_size, "peak_load_gib": after_load,
-            "peak_training_gib": peak_gib(), "levers": levers}
+    return {
+        "records": [(h["tokens_per_s"] * h["seconds"], h["seconds"]) for h in steps_log],
+        "final_loss": round(steps_log[-1]["loss"], 4),
+        "skipped_steps": state.skipped_steps,
+        "micro_batch": config.micro_batch_size,
+        "peak_load_gib": after_load,
+        "peak_training_gib": peak_gib(),
+        "levers": levers,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- one process each
@@ -252,24 +319,59 @@ def worker(args: argparse.Namespace) -> None:
                 result = ours(args.model, data_dir, block, steps, preset, overrides, args.as_t4)
             records = result.pop("records")
             peak = max(filter(None, (peak_gib(), result.get("peak_load_gib"))), default=None)
-            row.update(tokens_per_s=measured(records, 1), peak_gib=peak, oom=False,
-                       measured_steps=len(records) - 1, **result)
+            row.update(
+                tokens_per_s=measured(records, 1), peak_gib=peak, oom=False, measured_steps=len(records) - 1, **result
+            )
         except torch.OutOfMemoryError:
             row.update(tokens_per_s=None, peak_gib=peak_gib(), oom=True)
         print("ROW " + json.dumps(row), flush=True)
         if row["oom"]:
-            for larger in args.blocks.split(",")[position + 1:]:
-                print("ROW " + json.dumps({"system": args.system, "block": int(larger), "oom": True,
-                                           "note": f"not run: {block} already out of memory"}), flush=True)
+            for larger in args.blocks.split(",")[position + 1 :]:
+                print(
+                    "ROW "
+                    + json.dumps(
+                        {
+                            "system": args.system,
+                            "block": int(larger),
+                            "oom": True,
+                            "note": f"not run: {block} already out of memory",
+                        }
+                    ),
+                    flush=True,
+                )
             return
         free_memory()
 
 
-def run_worker(system: str, blocks: list[int], args: argparse.Namespace, model_path: Path, preset: str = "colab-t4",
-               overrides: dict | None = None, uncapped: bool = False, label: str | None = None) -> list[dict]:
-    command = [sys.executable, __file__, "--worker", "--system", system, "--blocks", ",".join(map(str, blocks)),
-               "--model", str(model_path), "--work", str(args.work), "--steps", str(args.steps), "--preset", preset,
-               "--overrides", json.dumps(overrides or {})]
+def run_worker(
+    system: str,
+    blocks: list[int],
+    args: argparse.Namespace,
+    model_path: Path,
+    preset: str = "colab-t4",
+    overrides: dict | None = None,
+    uncapped: bool = False,
+    label: str | None = None,
+) -> list[dict]:
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--system",
+        system,
+        "--blocks",
+        ",".join(map(str, blocks)),
+        "--model",
+        str(model_path),
+        "--work",
+        str(args.work),
+        "--steps",
+        str(args.steps),
+        "--preset",
+        preset,
+        "--overrides",
+        json.dumps(overrides or {}),
+    ]
     command += ["--smoke"] if args.smoke else []
     command += ["--uncapped"] if uncapped else []
     command += ["--as-t4"] if args.as_t4 else []
@@ -294,10 +396,13 @@ def summarise(rows: list[dict]) -> dict:
             rates = [r["tokens_per_s"] for r in runs if r.get("tokens_per_s")]
             peaks = [r["peak_gib"] for r in runs if r.get("peak_gib")]
             table.setdefault(system, {})[str(block)] = {
-                "runs": len(runs), "oom": sum(bool(r.get("oom")) for r in runs),
+                "runs": len(runs),
+                "oom": sum(bool(r.get("oom")) for r in runs),
                 "tokens_per_s_median": round(statistics.median(rates), 1) if rates else None,
-                "tokens_per_s_min": min(rates, default=None), "tokens_per_s_max": max(rates, default=None),
-                "peak_gib": max(peaks, default=None)}
+                "tokens_per_s_min": min(rates, default=None),
+                "tokens_per_s_max": max(rates, default=None),
+                "peak_gib": max(peaks, default=None),
+            }
     for system, blocks in table.items():
         for block, cell in blocks.items():
             for other in ("seed-style", "trl"):
@@ -322,16 +427,21 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/htmlgen-bench"))
     parser.add_argument("--blocks", default=",".join(map(str, BLOCKS)))
     parser.add_argument("--systems", default="seed-style,trl,ours,low-memory,levers,bf16")
-    parser.add_argument("--levers", default="",
-                        help="run only the levers whose name contains one of these comma-separated texts")
-    parser.add_argument("--variants", default="{}",
-                        help='more rows of ours: JSON {"label": {Config overrides}}, run at every --blocks')
+    parser.add_argument(
+        "--levers", default="", help="run only the levers whose name contains one of these comma-separated texts"
+    )
+    parser.add_argument(
+        "--variants", default="{}", help='more rows of ours: JSON {"label": {Config overrides}}, run at every --blocks'
+    )
     parser.add_argument("--steps", type=int, default=4, help="measured optimiser steps for blocks below 8192")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each system, interleaved (A B C A B C ...)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, short blocks: checks the script")
-    parser.add_argument("--as-t4", action="store_true",
-                        help="as a T4 runs colab-t4: its usable memory as the cap, compute capability 7.5 for our "
-                             "auto switches, SDPA without FlashAttention/cuDNN, whole examples up to the block")
+    parser.add_argument(
+        "--as-t4",
+        action="store_true",
+        help="as a T4 runs colab-t4: its usable memory as the cap, compute capability 7.5 for our "
+        "auto switches, SDPA without FlashAttention/cuDNN, whole examples up to the block",
+    )
     # worker-only
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--system", help=argparse.SUPPRESS)
@@ -349,17 +459,23 @@ def main() -> None:
     model_path = build_checkpoint(args.work / "llama2-7b-shaped", smoke=args.smoke)
     for block in sorted(set(blocks + [2048])):
         blocks_for(block, str(model_path), args.work, args.as_t4)
-    report = {**versions(), "memory_cap_gib": None if args.smoke else T4_USABLE_GIB if args.as_t4 else T4_GIB,
-              "smoke": args.smoke, "as_t4": args.as_t4,
-              "recipe": "NF4 double-quant, LoRA r16/a64/0.05 all linear, paged AdamW8bit 2e-4, fp16 autocast + "
-                        "GradScaler, gradient checkpointing, micro-batch 1, accumulation 4", "rows": []}
+    report = {
+        **versions(),
+        "memory_cap_gib": None if args.smoke else T4_USABLE_GIB if args.as_t4 else T4_GIB,
+        "smoke": args.smoke,
+        "as_t4": args.as_t4,
+        "recipe": "NF4 double-quant, LoRA r16/a64/0.05 all linear, paged AdamW8bit 2e-4, fp16 autocast + "
+        "GradScaler, gradient checkpointing, micro-batch 1, accumulation 4",
+        "rows": [],
+    }
     rows = report["rows"]
     for repeat in range(args.repeats):  # A B C, A B C, ...: the GPU's drift touches every system alike
         for system in ("seed-style", "trl", "ours", "low-memory"):
             if system in systems:
                 preset = "colab-t4-low-memory" if system == "low-memory" else "colab-t4"
-                found = run_worker("ours" if system == "low-memory" else system, blocks, args, model_path,
-                                   preset=preset, label=system)
+                found = run_worker(
+                    "ours" if system == "low-memory" else system, blocks, args, model_path, preset=preset, label=system
+                )
                 rows += [{**row, "repeat": repeat} for row in found]
                 report["summary"] = summarise(rows)
                 write_report(report, args.out, "train_compare.json", quiet=True)  # partial results survive a timeout
@@ -374,8 +490,9 @@ def main() -> None:
         rows += run_worker("ours", blocks, args, model_path, overrides=overrides, label=f"ours, {label}")
         write_report(report, args.out, "train_compare.json", quiet=True)
     if "bf16" in systems:
-        rows += run_worker("ours", [2048], args, model_path, preset="ampere-bf16", uncapped=True,
-                           label="ours bf16 preset (uncapped)")
+        rows += run_worker(
+            "ours", [2048], args, model_path, preset="ampere-bf16", uncapped=True, label="ours bf16 preset (uncapped)"
+        )
     report["summary"] = summarise(rows)
     report.update(longest_blocks(rows))
     report["total_s"] = round(time.perf_counter() - started, 1)

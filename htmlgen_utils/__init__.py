@@ -25,4 +25,5 @@ _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
 # Offline (HF_HUB_OFFLINE: the CPU chain, the tests), the `kernels` package that bitsandbytes' import asks for its
 # hub-hosted kernels logs that it skips a publisher check it cannot make offline: nothing a user can act on.
 _logging.getLogger("kernels._internals.hf_hub").addFilter(
-    lambda record: "Skipping publisher trust check" not in record.getMessage())
+    lambda record: "Skipping publisher trust check" not in record.getMessage()
+)

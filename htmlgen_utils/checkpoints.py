@@ -3,6 +3,7 @@
 A checkpoint holds the adapter, the optimiser, the schedule, the GradScaler, every RNG and the position in the
 data; it is written to a temporary folder and renamed into place, so an interruption never leaves half of one.
 """
+
 from __future__ import annotations
 
 import random
@@ -47,8 +48,9 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, state: TrainState,
-                    ranks: Ranks = SINGLE) -> Path | None:
+def save_checkpoint(
+    run_dir: Path, model, optimizer, scheduler, scaler, state: TrainState, ranks: Ranks = SINGLE
+) -> Path | None:
     """Adapter + optimiser + schedule + scaler + RNG + data position, written to a temporary folder and
     renamed into place, so an interruption never leaves a half-written checkpoint behind.
 
@@ -62,9 +64,17 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, state: T
     tmp = root / f".tmp-step-{state.step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng_per_rank": rng, "world_size": ranks.world_size,
-                "state": asdict(state)}, tmp / TRAINING_STATE)
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng_per_rank": rng,
+            "world_size": ranks.world_size,
+            "state": asdict(state),
+        },
+        tmp / TRAINING_STATE,
+    )
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in root.glob("step-*"):  # keep only the newest checkpoint
@@ -88,9 +98,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, ranks: Rank
     saved = torch.load(path / TRAINING_STATE, weights_only=False)
     written_by = saved.get("world_size", 1)
     if written_by != ranks.world_size:
-        raise ValueError(f"The checkpoint {path} was written by a run on {written_by} process(es) and this run has "
-                         f"{ranks.world_size}: resume with the same number (torchrun --nproc_per_node {written_by} "
-                         f"..., or without torchrun for 1), or train anew with --fresh-start")
+        raise ValueError(
+            f"The checkpoint {path} was written by a run on {written_by} process(es) and this run has "
+            f"{ranks.world_size}: resume with the same number (torchrun --nproc_per_node {written_by} "
+            f"..., or without torchrun for 1), or train anew with --fresh-start"
+        )
     set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])

@@ -1,5 +1,6 @@
 """The command line every entry point shares: --preset, --dataset, --run-dir, -p KEY VALUE; and mistakes answered
 with one line instead of a traceback."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,35 +8,55 @@ import os
 import sys
 from typing import Callable
 
-from .config import Config, PRESETS, default_preset
+from .config import PRESETS, Config, default_preset
 
 # What a user's mistake raises (a bad value, a missing file, a gated model): one line. Anything else is a bug
 # and keeps its traceback.
 USER_ERRORS = (ValueError, OSError)  # OSError: missing files, gated models; ValueError: bad values, bad data
 
 
-def config_from_args(argv: list[str] | None = None, description: str = "", training: bool = False,
-                     pipeline: bool = False) -> tuple[Config, argparse.Namespace]:
+def config_from_args(
+    argv: list[str] | None = None, description: str = "", training: bool = False, pipeline: bool = False
+) -> tuple[Config, argparse.Namespace]:
     """Parse the shared options (and, with `training`, --no-resume / --fresh-start; with `pipeline`, --notebooks)
     into a `Config`."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--preset", default=None, help=f"{' | '.join(PRESETS)} (default: the one that fits this "
-                                                      f"machine; tiny without a GPU)")
-    parser.add_argument("--dataset", default=None, help="'bundled', a named corpus (websight-described, jawerty-html), "
-                                                        "a hub id, or a local .json/.jsonl/.csv file")
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help=f"{' | '.join(PRESETS)} (default: the one that fits this machine; tiny without a GPU)",
+    )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="'bundled', a named corpus (websight-described, jawerty-html), "
+        "a hub id, or a local .json/.jsonl/.csv file",
+    )
     parser.add_argument("--run-dir", default=None, help="where every artifact goes")
-    parser.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                        help="override any Config field, e.g. -p max_steps 20")
+    parser.add_argument(
+        "-p",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("KEY", "VALUE"),
+        help="override any Config field, e.g. -p max_steps 20",
+    )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     if training:
         parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints in the run directory")
-        parser.add_argument("--fresh-start", action="store_true",
-                            help="forget a previous run in the run directory (checkpoints, adapter) and train anew")
+        parser.add_argument(
+            "--fresh-start",
+            action="store_true",
+            help="forget a previous run in the run directory (checkpoints, adapter) and train anew",
+        )
     if pipeline:
         parser.add_argument("--notebooks", default="", help="run only these, by number: e.g. 04,05 (default: all)")
-        parser.add_argument("--publish", action="store_true",
-                            help="run the chain in a fresh folder and write the executed copies, outputs kept and "
-                                 "this machine's paths removed, to notebooks/executed/ (committed for readers)")
+        parser.add_argument(
+            "--publish",
+            action="store_true",
+            help="run the chain in a fresh folder and write the executed copies, outputs kept and "
+            "this machine's paths removed, to notebooks/executed/ (committed for readers)",
+        )
     args = parser.parse_args(argv)
     if args.debug:
         os.environ["HTMLGEN_DEBUG"] = "1"

@@ -4,6 +4,7 @@ Each notebook opened from a Colab badge runs in its own runtime with its own dis
 Colab the run directory lives on Google Drive (`MyDrive/htmlgen/<run name>`), where every notebook of the series
 and every later session finds it. Everything here is a no-op elsewhere; tests fake `google.colab`.
 """
+
 from __future__ import annotations
 
 import sys
@@ -38,8 +39,10 @@ def flush_drive(run_dir: str) -> None:
     from google.colab import drive  # type: ignore
 
     drive.flush_and_unmount()
-    print(f"Google Drive: {run_dir} written and unmounted; the next notebook can start (run this notebook's setup "
-          f"cell again to use Drive here)")
+    print(
+        f"Google Drive: {run_dir} written and unmounted; the next notebook can start (run this notebook's setup "
+        f"cell again to use Drive here)"
+    )
 
 
 def colab_secret(name: str) -> str | None:

@@ -3,6 +3,7 @@
 Every artifact the pipeline writes is saved next to the exact `htmlgen_config.json` that produced it,
 so a run directory can always be reproduced or served later.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -97,7 +98,9 @@ class Config:
     max_nan_steps: int = 5  # consecutive non-finite steps before the run stops with an error
     seed: int = 42
     # --- generation ---
-    max_new_tokens: int = 0  # 0 = auto: the longest kept page of the data, in tokens, plus a margin (<= max_example_tokens)
+    max_new_tokens: int = (
+        0  # 0 = auto: the longest kept page of the data, in tokens, plus a margin (<= max_example_tokens)
+    )
     generation_batch_size: int = 8
     repetition_penalty: float = 1.0  # >1 discourages repeated tokens; HTML repeats legitimately (measured: 1.0 best)
     no_repeat_ngram_size: int = 0  # forbid repeating any n-gram of this size; 0 = off (HTML repeats its tags)
@@ -123,27 +126,46 @@ class Config:
         def fail(name: str, why: str) -> None:
             raise ValueError(f"Config.{name}={getattr(self, name)!r} is invalid: {why}")
 
-        for name in ("block_size", "max_example_tokens", "lora_r", "lora_alpha", "micro_batch_size",
-                     "gradient_accumulation_steps", "epochs", "generation_batch_size",
-                     "max_test_examples", "max_eval_batches", "max_nan_steps"):
+        for name in (
+            "block_size",
+            "max_example_tokens",
+            "lora_r",
+            "lora_alpha",
+            "micro_batch_size",
+            "gradient_accumulation_steps",
+            "epochs",
+            "generation_batch_size",
+            "max_test_examples",
+            "max_eval_batches",
+            "max_nan_steps",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(name, "must be a whole number >= 1")
-        for name in ("warmup_steps", "seed", "loss_chunk_tokens", "max_new_tokens",
-                     "no_repeat_ngram_size"):
+        for name in ("warmup_steps", "seed", "loss_chunk_tokens", "max_new_tokens", "no_repeat_ngram_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 fail(name, "must be a whole number >= 0")
         if not isinstance(self.max_steps, int) or (self.max_steps < 1 and self.max_steps != -1):
             fail("max_steps", "must be -1 (use epochs) or a whole number >= 1")
-        if not isinstance(self.eval_every, int) or isinstance(self.eval_every, bool) or self.eval_every in (0,) \
-                or self.eval_every < -1:
+        if (
+            not isinstance(self.eval_every, int)
+            or isinstance(self.eval_every, bool)
+            or self.eval_every in (0,)
+            or self.eval_every < -1
+        ):
             fail("eval_every", "must be -1 (auto: a quarter of the run) or a whole number >= 1")
-        if not isinstance(self.checkpoint_every, int) or isinstance(self.checkpoint_every, bool) or \
-                self.checkpoint_every < -1:
+        if (
+            not isinstance(self.checkpoint_every, int)
+            or isinstance(self.checkpoint_every, bool)
+            or self.checkpoint_every < -1
+        ):
             fail("checkpoint_every", "must be -1 (auto: a fifth of the run), 0 (never) or a whole number >= 1")
-        if not isinstance(self.checkpoint_minutes, (int, float)) or isinstance(self.checkpoint_minutes, bool) or \
-                self.checkpoint_minutes < 0:
+        if (
+            not isinstance(self.checkpoint_minutes, (int, float))
+            or isinstance(self.checkpoint_minutes, bool)
+            or self.checkpoint_minutes < 0
+        ):
             fail("checkpoint_minutes", "must be a number of minutes >= 0 (0 = by steps only)")
         if self.block_size < 16:
             fail("block_size", "must be at least 16 tokens")
@@ -161,8 +183,11 @@ class Config:
             fail("repetition_penalty", "must be a number from 1.0 (off) to 2.0")
         if self.rope_scaling not in ROPE_SCALING:
             fail("rope_scaling", f"must be one of {ROPE_SCALING}")
-        if not isinstance(self.memory_budget_gib, (int, float)) or isinstance(self.memory_budget_gib, bool) or \
-                self.memory_budget_gib < 0:
+        if (
+            not isinstance(self.memory_budget_gib, (int, float))
+            or isinstance(self.memory_budget_gib, bool)
+            or self.memory_budget_gib < 0
+        ):
             fail("memory_budget_gib", "must be a number of GiB >= 0 (0 = checkpoint every layer)")
         if self.max_grad_norm <= 0:
             fail("max_grad_norm", "must be positive")
@@ -239,7 +264,9 @@ class Config:
         if path.is_dir():
             path = path / "htmlgen_config.json"
         if not path.exists():
-            raise FileNotFoundError(f"No config at {path}: run the training notebook (04) or `python -m htmlgen_utils.train` first")
+            raise FileNotFoundError(
+                f"No config at {path}: run the training notebook (04) or `python -m htmlgen_utils.train` first"
+            )
         data = json.loads(path.read_text())
         unknown = set(data) - set(cls.field_names())
         if unknown:
@@ -268,8 +295,10 @@ def choose_preset() -> tuple[str, str]:
         import sys
 
         if "google.colab" in sys.modules:  # a CPU runtime on Colab: notebooks 01-02 need only the tokenizer
-            return "colab-t4", ("no GPU in this Colab runtime: the T4 preset's tokenizer and blocks, so notebooks 01 "
-                                "and 02 can run here; 03-05 need a T4 runtime")
+            return "colab-t4", (
+                "no GPU in this Colab runtime: the T4 preset's tokenizer and blocks, so notebooks 01 "
+                "and 02 can run here; 03-05 need a T4 runtime"
+            )
         return "tiny", "no CUDA GPU: the tiny CPU model and the bundled data"
     major, minor = torch.cuda.get_device_capability(0)
     gpu = f"{torch.cuda.get_device_name(0)} (compute capability {major}.{minor})"
@@ -309,27 +338,53 @@ PRESETS: dict[str, dict[str, Any]] = {  # each lists only what it changes from t
     # tokens; a T4 is bound by arithmetic, so memory up to 13 GiB (of ~14.6 usable) buys layers without checkpoint
     # recompute.
     "colab-t4": dict(
-        precision="fp16", block_size=4096, max_example_tokens=4096, compile_training="auto", memory_budget_gib=13.0,
-        compile_generation="auto", run_dir="runs/colab-t4",
+        precision="fp16",
+        block_size=4096,
+        max_example_tokens=4096,
+        compile_training="auto",
+        memory_budget_gib=13.0,
+        compile_generation="auto",
+        run_dir="runs/colab-t4",
     ),
     # The T4 preset in the least memory (under 5 GiB at 2,048 tokens): every layer checkpointed, the checkpoints
     # parked in CPU memory. For long examples (RoPE scaling: one of 24,576 tokens trains in 15 GiB) and small GPUs.
     "colab-t4-low-memory": dict(
-        precision="fp16", block_size=4096, max_example_tokens=4096, compile_training="auto",
-        offload_activations="on", compile_generation="auto", run_dir="runs/colab-t4",
+        precision="fp16",
+        block_size=4096,
+        max_example_tokens=4096,
+        compile_training="auto",
+        offload_activations="on",
+        compile_generation="auto",
+        run_dir="runs/colab-t4",
     ),
     # Ampere or newer (A100, L4, H100): bf16 needs no loss scaling, so a bigger micro-batch.
     "ampere-bf16": dict(
-        precision="bf16", micro_batch_size=4, generation_batch_size=32, compile_training="auto",
-        memory_budget_gib=20.0, compile_generation="auto", run_dir="runs/ampere-bf16",
+        precision="bf16",
+        micro_batch_size=4,
+        generation_batch_size=32,
+        compile_training="auto",
+        memory_budget_gib=20.0,
+        compile_generation="auto",
+        run_dir="runs/ampere-bf16",
     ),
     # The small pre-trained Llama shipped with the package, on CPU: what tests, CI and GPU-less machines run.
     # Blocks of 1,024 tokens: twice the optimiser steps of 2,048 in the same time, which is what teaches it to
     # follow the description (measured: description coverage 0.05 -> 0.11 on the 12 test prompts, base 0.01).
     "tiny": dict(
-        model_id=str(TINY_BASE_DIR), precision="fp32", gradient_checkpointing=False, block_size=1024,
-        max_example_tokens=1024, learning_rate=2e-3, warmup_steps=3, max_steps=32, eval_every=16, max_eval_batches=6,
-        checkpoint_every=16, max_test_examples=12, generation_batch_size=12, run_dir="runs/tiny",
+        model_id=str(TINY_BASE_DIR),
+        precision="fp32",
+        gradient_checkpointing=False,
+        block_size=1024,
+        max_example_tokens=1024,
+        learning_rate=2e-3,
+        warmup_steps=3,
+        max_steps=32,
+        eval_every=16,
+        max_eval_batches=6,
+        checkpoint_every=16,
+        max_test_examples=12,
+        generation_batch_size=12,
+        run_dir="runs/tiny",
         wandb_mode="disabled",
     ),
     # The tiny chain on long pages (`bundled-long`, 5k-33k characters), on the tiny base that has also seen long
@@ -337,9 +392,20 @@ PRESETS: dict[str, dict[str, Any]] = {  # each lists only what it changes from t
     # for testing (7 of 36, which its pre-training left out) and 128 steps (measured: after 32 no page ended
     # before the token limit).
     "tiny-long": dict(
-        model_id=str(TINY_LONG_BASE_DIR), dataset=BUNDLED_LONG_DATASET, test_fraction=0.2, precision="fp32",
-        gradient_checkpointing=False, learning_rate=2e-3, warmup_steps=3,
-        max_steps=128, eval_every=32, max_eval_batches=6, checkpoint_every=32, max_test_examples=12,
-        generation_batch_size=12, run_dir="runs/tiny-long", wandb_mode="disabled",
+        model_id=str(TINY_LONG_BASE_DIR),
+        dataset=BUNDLED_LONG_DATASET,
+        test_fraction=0.2,
+        precision="fp32",
+        gradient_checkpointing=False,
+        learning_rate=2e-3,
+        warmup_steps=3,
+        max_steps=128,
+        eval_every=32,
+        max_eval_batches=6,
+        checkpoint_every=32,
+        max_test_examples=12,
+        generation_batch_size=12,
+        run_dir="runs/tiny-long",
+        wandb_mode="disabled",
     ),
 }

@@ -5,6 +5,7 @@ Sources: the bundled dataset (`"bundled"`), a local `.json` / `.jsonl` / `.csv` 
 two string columns, `label` and `html`, and `train` / `validation` / `test` splits: the test split
 is held out for the final evaluation and never used for validation during training.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,11 +36,21 @@ class DatasetProfile:
 
 DATASET_PROFILES = {
     "websight-described": DatasetProfile(
-        "HuggingFaceM4/WebSight", "v0.1", "llm_generated_idea", "text", "CC BY 4.0",
-        "synthetic pages (Tailwind CSS) with the natural-language website idea each was written from"),
+        "HuggingFaceM4/WebSight",
+        "v0.1",
+        "llm_generated_idea",
+        "text",
+        "CC BY 4.0",
+        "synthetic pages (Tailwind CSS) with the natural-language website idea each was written from",
+    ),
     "jawerty-html": DatasetProfile(
-        "jawerty/html_dataset", None, "label", "html", "none stated on its card: check before redistributing",
-        "43 scraped real-world pages with short descriptions (long pages: see the long-page policy)"),
+        "jawerty/html_dataset",
+        None,
+        "label",
+        "html",
+        "none stated on its card: check before redistributing",
+        "43 scraped real-world pages with short descriptions (long pages: see the long-page policy)",
+    ),
 }
 
 
@@ -53,8 +64,10 @@ def rows_from_profile(profile: DatasetProfile, source: str | None = None, encodi
             stream = datasets.load_dataset(profile.hub_id, profile.config_name, split="train", streaming=True)
             rows = [dict(row) for _, row in zip(range(profile.max_rows), stream)]
         except Exception as error:
-            raise ValueError(f"Could not stream {profile.hub_id} from the Hugging Face hub ({type(error).__name__}: "
-                             f"{error}). It needs the network (Colab has it).") from None
+            raise ValueError(
+                f"Could not stream {profile.hub_id} from the Hugging Face hub ({type(error).__name__}: "
+                f"{error}). It needs the network (Colab has it)."
+            ) from None
     missing = [c for c in (profile.label_column, profile.html_column) if rows and c not in rows[0]]
     if missing:
         raise ValueError(f"{profile.hub_id} rows have no column(s) {missing}; it has {list(rows[0])}")
@@ -96,9 +109,11 @@ def _codec(encoding: str) -> str:
 
 
 def _not_text(path: Path, encoding: str, byte: int, line: int) -> ValueError:
-    return ValueError(f"Dataset file {path} is not {encoding} text (byte 0x{byte:02x} on line {line}). Give its "
-                      f"encoding, e.g. -p dataset_encoding latin-1 (in a notebook: overrides="
-                      f"{{\"dataset_encoding\": \"latin-1\"}}), or convert it: iconv -f latin1 -t utf-8")
+    return ValueError(
+        f"Dataset file {path} is not {encoding} text (byte 0x{byte:02x} on line {line}). Give its "
+        f"encoding, e.g. -p dataset_encoding latin-1 (in a notebook: overrides="
+        f'{{"dataset_encoding": "latin-1"}}), or convert it: iconv -f latin1 -t utf-8'
+    )
 
 
 def _decode(path: Path, encoding: str) -> str:
@@ -110,15 +125,16 @@ def _decode(path: Path, encoding: str) -> str:
     try:
         return data.decode(_codec(encoding))
     except UnicodeDecodeError as error:
-        raise _not_text(path, encoding, data[error.start], data[:error.start].count(b"\n") + 1) from None
+        raise _not_text(path, encoding, data[error.start], data[: error.start].count(b"\n") + 1) from None
 
 
 def _check_encoding(encoding: str) -> None:
     try:
         "".encode(encoding)
     except LookupError:
-        raise ValueError(f"dataset_encoding {encoding!r} is not an encoding Python knows (e.g. utf-8, latin-1, "
-                         f"cp1252)") from None
+        raise ValueError(
+            f"dataset_encoding {encoding!r} is not an encoding Python knows (e.g. utf-8, latin-1, cp1252)"
+        ) from None
 
 
 def _jsonl_lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
@@ -141,12 +157,16 @@ def _jsonl_rows(path: Path, encoding: str) -> Iterator[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"Dataset file {path}, line {number}: not a JSON object ({error.msg} at column "
-                             f"{error.colno}). Each line must be one object like {{\"label\": ..., "
-                             f"\"html\": ...}}") from None
+            raise ValueError(
+                f"Dataset file {path}, line {number}: not a JSON object ({error.msg} at column "
+                f'{error.colno}). Each line must be one object like {{"label": ..., '
+                f'"html": ...}}'
+            ) from None
         if not isinstance(row, dict):
-            raise ValueError(f"Dataset file {path}: entry {number} is {type(row).__name__}, expected an object with "
-                             f"a description and a page, e.g. {{\"label\": ..., \"html\": ...}}")
+            raise ValueError(
+                f"Dataset file {path}: entry {number} is {type(row).__name__}, expected an object with "
+                f'a description and a page, e.g. {{"label": ..., "html": ...}}'
+            )
         yield row
 
 
@@ -172,17 +192,22 @@ def _json_rows(path: Path, encoding: str) -> list[dict]:
         data = json.loads(_decode(path, encoding))
     except json.JSONDecodeError as error:
         hint = " (one object per line is .jsonl: rename the file)" if "Extra data" in error.msg else ""
-        raise ValueError(f"Dataset file {path} is not valid JSON: {error.msg} at line {error.lineno}, column "
-                         f"{error.colno}{hint}") from None
+        raise ValueError(
+            f"Dataset file {path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}{hint}"
+        ) from None
     if isinstance(data, dict):
         lists = [key for key, value in data.items() if isinstance(value, list)]
         where = f" (its key {lists[0]!r} holds a list: save that list alone)" if lists else ""
-        raise ValueError(f"Dataset file {path} holds a JSON object; expected a list of objects "
-                         f"[{{\"label\": ..., \"html\": ...}}, ...]{where}")
+        raise ValueError(
+            f"Dataset file {path} holds a JSON object; expected a list of objects "
+            f'[{{"label": ..., "html": ...}}, ...]{where}'
+        )
     bad = next((i for i, row in enumerate(data) if not isinstance(row, dict)), None)
     if bad is not None:
-        raise ValueError(f"Dataset file {path}: entry {bad + 1} is {type(data[bad]).__name__}, expected an object "
-                         f"with a description and a page, e.g. {{\"label\": ..., \"html\": ...}}")
+        raise ValueError(
+            f"Dataset file {path}: entry {bad + 1} is {type(data[bad]).__name__}, expected an object "
+            f'with a description and a page, e.g. {{"label": ..., "html": ...}}'
+        )
     return data
 
 
@@ -217,8 +242,9 @@ def load_raw(source: str, encoding: str = "utf-8") -> datasets.Dataset | Iterabl
     path = Path(source).expanduser()
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         if not path.exists():
-            raise FileNotFoundError(f"Dataset file {path} does not exist: check the --dataset path (or the dataset "
-                                    f"parameter)")
+            raise FileNotFoundError(
+                f"Dataset file {path} does not exist: check the --dataset path (or the dataset parameter)"
+            )
         if path.is_dir() or path.suffix.lower() not in LOCAL_SUFFIXES:
             raise ValueError(f"Unsupported dataset file {path}: give a .json, .jsonl or .csv file")
         return FileRows(path, encoding)
@@ -251,8 +277,9 @@ def arrow_dataset(rows: Iterable[dict], features: datasets.Features) -> datasets
 PAIR_FEATURES = datasets.Features({"label": datasets.Value("string"), "html": datasets.Value("string")})
 
 
-def validate_and_clean(raw: datasets.Dataset | Iterable[dict], label_column: str = "label", html_column: str = "html",
-                       source: str = "") -> tuple[datasets.Dataset, DataReport]:
+def validate_and_clean(
+    raw: datasets.Dataset | Iterable[dict], label_column: str = "label", html_column: str = "html", source: str = ""
+) -> tuple[datasets.Dataset, DataReport]:
     """Check columns and types, normalise text, drop empty rows and exact duplicates, in one pass over the rows
     (duplicates are found by a hash of each pair, so only the hashes are held in memory)."""
     import hashlib
@@ -260,8 +287,11 @@ def validate_and_clean(raw: datasets.Dataset | Iterable[dict], label_column: str
 
     rows = iter(raw)
     first = list(itertools.islice(rows, 1000))
-    columns = raw.column_names if isinstance(raw, datasets.Dataset) else list(
-        dict.fromkeys(key for row in first for key in row))
+    columns = (
+        raw.column_names
+        if isinstance(raw, datasets.Dataset)
+        else list(dict.fromkeys(key for row in first for key in row))
+    )
     missing = [c for c in (label_column, html_column) if c not in columns]
     if missing and first:
         raise ValueError(
@@ -298,13 +328,19 @@ def validate_and_clean(raw: datasets.Dataset | Iterable[dict], label_column: str
         raise ValueError(f"Dataset {source!r} has zero rows: nothing to train on")
     if len(clean) == 0:
         raise ValueError(f"Dataset {source!r}: all {counts['loaded']} rows have an empty description or page")
-    report = DataReport(source=source, rows_loaded=counts["loaded"], empty_dropped=counts["empty"],
-                        duplicates_dropped=counts["duplicates"], rows_kept=len(clean))
+    report = DataReport(
+        source=source,
+        rows_loaded=counts["loaded"],
+        empty_dropped=counts["empty"],
+        duplicates_dropped=counts["duplicates"],
+        rows_kept=len(clean),
+    )
     return clean, report
 
 
-def split_dataset(dataset: datasets.Dataset, validation_fraction: float, test_fraction: float,
-                  seed: int) -> datasets.DatasetDict:
+def split_dataset(
+    dataset: datasets.Dataset, validation_fraction: float, test_fraction: float, seed: int
+) -> datasets.DatasetDict:
     """Deterministic train / validation / test split (same seed, same rows in each split)."""
     n = len(dataset)
     if n < 3:
@@ -315,11 +351,13 @@ def split_dataset(dataset: datasets.Dataset, validation_fraction: float, test_fr
     n_val = max(1, round(n * validation_fraction))
     if n - n_test - n_val < 1:
         n_test, n_val = 1, 1
-    return datasets.DatasetDict({
-        "test": dataset.select(order[:n_test]),
-        "validation": dataset.select(order[n_test:n_test + n_val]),
-        "train": dataset.select(order[n_test + n_val:]),
-    })
+    return datasets.DatasetDict(
+        {
+            "test": dataset.select(order[:n_test]),
+            "validation": dataset.select(order[n_test : n_test + n_val]),
+            "train": dataset.select(order[n_test + n_val :]),
+        }
+    )
 
 
 def load_splits(config: Config) -> tuple[datasets.DatasetDict, DataReport]:
@@ -328,9 +366,11 @@ def load_splits(config: Config) -> tuple[datasets.DatasetDict, DataReport]:
     columns = ("label", "html") if config.dataset in DATASET_PROFILES else (config.label_column, config.html_column)
     clean, report = validate_and_clean(raw, *columns, config.dataset)
     if len(clean) < 3:
-        raise ValueError(f"Dataset {config.dataset!r}: {report.rows_loaded} rows, {report.empty_dropped} empty and "
-                         f"{report.duplicates_dropped} duplicates dropped, {len(clean)} distinct left; train, "
-                         f"validation and test need at least 3 (better hundreds)")
+        raise ValueError(
+            f"Dataset {config.dataset!r}: {report.rows_loaded} rows, {report.empty_dropped} empty and "
+            f"{report.duplicates_dropped} duplicates dropped, {len(clean)} distinct left; train, "
+            f"validation and test need at least 3 (better hundreds)"
+        )
     splits = split_dataset(clean, config.validation_fraction, config.test_fraction, config.seed)
     report.train, report.validation, report.test = (len(splits[s]) for s in ("train", "validation", "test"))
     return splits, report
@@ -353,5 +393,6 @@ def load_saved_splits(run_dir: str | Path) -> datasets.DatasetDict:
     missing = [str(p) for p in files.values() if not p.exists()]
     if missing:
         raise FileNotFoundError(f"Missing {missing}: run notebook 01_dataset_exploration first (same run_dir)")
-    return datasets.DatasetDict({name: arrow_dataset(_jsonl_rows(path, "utf-8"), PAIR_FEATURES)
-                                 for name, path in files.items()})  # read a line at a time, "\n" only
+    return datasets.DatasetDict(
+        {name: arrow_dataset(_jsonl_rows(path, "utf-8"), PAIR_FEATURES) for name, path in files.items()}
+    )  # read a line at a time, "\n" only

@@ -11,6 +11,7 @@ divide `gradient_accumulation_steps` by N. Rank 0 alone logs, validates and writ
 
 Started without torchrun (a notebook, `python -m ...`), everything here is a no-op for a world of one.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,9 @@ SINGLE = Ranks()
 
 def launched_ranks() -> Ranks:
     """The ranks torchrun (or `accelerate launch`) put in the environment; a world of one without them."""
-    return Ranks(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-                 int(os.environ.get("LOCAL_RANK", "0")))
+    return Ranks(
+        int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    )
 
 
 def start_process_group() -> Ranks:
@@ -54,9 +56,11 @@ def start_process_group() -> Ranks:
     if ranks.distributed and not dist.is_initialized():
         if torch.cuda.is_available():
             if ranks.local_rank >= torch.cuda.device_count():
-                raise ValueError(f"torchrun started {ranks.world_size} processes on this machine but it has "
-                                 f"{torch.cuda.device_count()} GPU(s): use --nproc_per_node "
-                                 f"{torch.cuda.device_count()} or fewer")
+                raise ValueError(
+                    f"torchrun started {ranks.world_size} processes on this machine but it has "
+                    f"{torch.cuda.device_count()} GPU(s): use --nproc_per_node "
+                    f"{torch.cuda.device_count()} or fewer"
+                )
             torch.cuda.set_device(ranks.local_rank)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return ranks
@@ -102,9 +106,11 @@ def describe_data_parallel(ranks: Ranks, config, accumulation: int, blocks: int)
     """One line for the start of a data-parallel run: processes, backend, the global batch, blocks a rank."""
     backend = dist.get_backend() if dist.is_initialized() else "not started"
     per_step = config.micro_batch_size * accumulation * ranks.world_size
-    return (f"data-parallel: {ranks.world_size} processes ({backend}); a step = {config.micro_batch_size} block(s) x "
-            f"{accumulation} micro-batches x {ranks.world_size} processes = {per_step} blocks; "
-            f"{blocks // ranks.world_size} of the {blocks} training blocks a rank each epoch")
+    return (
+        f"data-parallel: {ranks.world_size} processes ({backend}); a step = {config.micro_batch_size} block(s) x "
+        f"{accumulation} micro-batches x {ranks.world_size} processes = {per_step} blocks; "
+        f"{blocks // ranks.world_size} of the {blocks} training blocks a rank each epoch"
+    )
 
 
 def _collective_device() -> str:
@@ -121,7 +127,7 @@ def mean_over_ranks(value: float | torch.Tensor, ranks: Ranks) -> float | torch.
     if not ranks.distributed:
         return value
     is_tensor = isinstance(value, torch.Tensor)
-    total = (value.detach().double() if is_tensor else torch.tensor(float(value), dtype=torch.float64))
+    total = value.detach().double() if is_tensor else torch.tensor(float(value), dtype=torch.float64)
     total = total.to(_collective_device())
     dist.all_reduce(total)
     total /= ranks.world_size

@@ -16,6 +16,7 @@ no reference page. (Scores of the *rendered* pages are in `layout`.) README's ev
 * No reference needed: `description_coverage`, `repetition` (and a runaway flag), `ends_with_html`.
 * token accuracy / loss: next-token accuracy on the held-out *test* split under teacher forcing (`loss`).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -27,8 +28,9 @@ from pathlib import Path
 import numpy as np
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-VOID_ELEMENTS = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
-                           "track", "wbr"})
+VOID_ELEMENTS = frozenset(
+    {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+)
 
 
 # ---------------------------------------------------------------------------------------------- ROUGE
@@ -61,8 +63,11 @@ class _TagCollector(HTMLParser):
         self._skip_text = 0
 
     def _keep_attributes(self, attrs):
-        self.attribute_values += [value for name, value in attrs
-                                  if value and name not in ("style", "href", "src", "action") and not name.startswith("on")]
+        self.attribute_values += [
+            value
+            for name, value in attrs
+            if value and name not in ("style", "href", "src", "action") and not name.startswith("on")
+        ]
 
     def handle_decl(self, decl):
         self.events.append(("decl", decl.strip().lower()))
@@ -142,7 +147,7 @@ def html_problems(page: str) -> list[str]:
             elif stack[-1] != value:
                 problems.append(f"</{value}> closes <{stack[-1]}>: improper nesting or a missing </{stack[-1]}>")
                 if value in stack:  # recover so one mistake is reported once
-                    del stack[len(stack) - 1 - stack[::-1].index(value):]
+                    del stack[len(stack) - 1 - stack[::-1].index(value) :]
             else:
                 stack.pop()
                 if value == "html" and not stack:
@@ -216,6 +221,7 @@ def tree_bleu(generated: str, reference: str) -> float:
     """TreeBLEU (WebCode2M, Gui et al. 2024): the share of the reference DOM's height-1 subtrees -- an element
     with the ordered tags of its element children -- that the generated DOM also has. 1.0 = every parent-children
     pattern of the reference is there."""
+
     def subtrees(page: str) -> set[tuple]:
         found = set()
         for node in _elements(dom_tree(page)):
@@ -258,10 +264,12 @@ def tree_edit_similarity(generated: str, reference: str, max_nodes: int = TREE_E
 
 # ---------------------------------------------------------------------------------------------- no reference needed
 # Words of a description that say what to do, not what the page is about
-INSTRUCTION_WORDS = frozenset("""a an the and or of for with to in on at by from as is are be it its this that my our
+INSTRUCTION_WORDS = frozenset(
+    """a an the and or of for with to in on at by from as is are be it its this that my our
 your me i we you please create make build write code generate design give need want show produce html page website
 web site simple some using use which should would like can could just new one has have add include includes
-including featuring style look colour colours color colors scheme theme""".split())
+including featuring style look colour colours color colors scheme theme""".split()
+)
 
 
 def content_words(description: str) -> list[str]:
@@ -295,12 +303,15 @@ def repetition(page: str) -> dict[str, float | bool]:
         run = run + 1 if index and line == lines[index - 1] else 1
         longest_run = max(longest_run, run)
     tokens = re.findall(r"<[^>]*>|[^\s<>]+", page)
-    grams = [tuple(tokens[i:i + 4]) for i in range(max(0, len(tokens) - 3))]
+    grams = [tuple(tokens[i : i + 4]) for i in range(max(0, len(tokens) - 3))]
     repeated_grams = len(grams) - len(set(grams))
     line_share = repeated_lines / len(lines) if lines else 0.0
     gram_share = repeated_grams / len(grams) if grams else 0.0
-    return {"repeated_line_share": line_share, "repeated_4gram_share": gram_share,
-            "runaway": longest_run >= 8 or gram_share >= 0.8}
+    return {
+        "repeated_line_share": line_share,
+        "repeated_4gram_share": gram_share,
+        "runaway": longest_run >= 8 or gram_share >= 0.8,
+    }
 
 
 def ends_with_html(page: str) -> bool:
@@ -311,8 +322,9 @@ def ends_with_html(page: str) -> bool:
 LAYOUT_KEYS = ("block_match", "text_similarity", "position_similarity", "color_similarity")
 
 
-def score_pages(descriptions: list[str], generated: list[str], references: list[str], layout: bool = True,
-                visual: bool = False):
+def score_pages(
+    descriptions: list[str], generated: list[str], references: list[str], layout: bool = True, visual: bool = False
+):
     """A per-page DataFrame of every score, and the means (rates for yes/no checks) over the pages.
 
     `layout` adds the rendered-page scores (Design2Code's four, and whether the page renders non-blank) when a
@@ -324,29 +336,40 @@ def score_pages(descriptions: list[str], generated: list[str], references: list[
     per_rouge = rouge_per_example(generated, references)
     text_rouge = rouge_per_example([visible_text(p) for p in generated], [visible_text(p) for p in references])
     repeats = [repetition(p) for p in generated]
-    table = pd.DataFrame({
-        "description": descriptions, "reference": references, "generated": generated,
-        **{t: per_rouge[t] for t in ("rouge1", "rouge2", "rougeL")},
-        "text_rougeL": text_rouge["rougeL"],
-        "valid_html": [is_valid_html(p) for p in generated],
-        "well_formed": [is_well_formed(p) for p in generated],
-        "problems": ["; ".join(spec_errors(p)[:3]) if p.strip() else "empty page" for p in generated],
-        "tag_similarity": [tag_similarity(g, r) for g, r in zip(generated, references)],
-        "tree_bleu": [tree_bleu(g, r) for g, r in zip(generated, references)],
-        "tree_edit_similarity": [tree_edit_similarity(g, r) for g, r in zip(generated, references)],
-        "description_coverage": [description_coverage(d, p) for d, p in zip(descriptions, generated)],
-        "repeated_4gram_share": [r["repeated_4gram_share"] for r in repeats],
-        "runaway_repetition": [r["runaway"] for r in repeats],
-        "ends_with_html": [ends_with_html(p) for p in generated],
-        "generated_chars": [len(p) for p in generated], "reference_chars": [len(p) for p in references],
-    })
+    table = pd.DataFrame(
+        {
+            "description": descriptions,
+            "reference": references,
+            "generated": generated,
+            **{t: per_rouge[t] for t in ("rouge1", "rouge2", "rougeL")},
+            "text_rougeL": text_rouge["rougeL"],
+            "valid_html": [is_valid_html(p) for p in generated],
+            "well_formed": [is_well_formed(p) for p in generated],
+            "problems": ["; ".join(spec_errors(p)[:3]) if p.strip() else "empty page" for p in generated],
+            "tag_similarity": [tag_similarity(g, r) for g, r in zip(generated, references)],
+            "tree_bleu": [tree_bleu(g, r) for g, r in zip(generated, references)],
+            "tree_edit_similarity": [tree_edit_similarity(g, r) for g, r in zip(generated, references)],
+            "description_coverage": [description_coverage(d, p) for d, p in zip(descriptions, generated)],
+            "repeated_4gram_share": [r["repeated_4gram_share"] for r in repeats],
+            "runaway_repetition": [r["runaway"] for r in repeats],
+            "ends_with_html": [ends_with_html(p) for p in generated],
+            "generated_chars": [len(p) for p in generated],
+            "reference_chars": [len(p) for p in references],
+        }
+    )
     summary = {t: float(np.mean(per_rouge[t])) for t in ROUGE_TYPES}
-    for column, name in (("text_rougeL", "text_rougeL"), ("valid_html", "html_valid_rate"),
-                         ("well_formed", "html_well_formed_rate"), ("tag_similarity", "tag_similarity"),
-                         ("tree_bleu", "tree_bleu"), ("tree_edit_similarity", "tree_edit_similarity"),
-                         ("description_coverage", "description_coverage"),
-                         ("repeated_4gram_share", "repeated_4gram_share"),
-                         ("runaway_repetition", "runaway_repetition_rate"), ("ends_with_html", "ends_with_html_rate")):
+    for column, name in (
+        ("text_rougeL", "text_rougeL"),
+        ("valid_html", "html_valid_rate"),
+        ("well_formed", "html_well_formed_rate"),
+        ("tag_similarity", "tag_similarity"),
+        ("tree_bleu", "tree_bleu"),
+        ("tree_edit_similarity", "tree_edit_similarity"),
+        ("description_coverage", "description_coverage"),
+        ("repeated_4gram_share", "repeated_4gram_share"),
+        ("runaway_repetition", "runaway_repetition_rate"),
+        ("ends_with_html", "ends_with_html_rate"),
+    ):
         summary[name] = float(table[column].mean())
     summary["examples"] = len(table)
     chromium = rendered.find_chromium() if layout or visual else None
@@ -355,7 +378,7 @@ def score_pages(descriptions: list[str], generated: list[str], references: list[
         print(f"layout scores skipped: {rendered.NO_CHROMIUM}")
     elif layout:
         pages = rendered.render_pages(list(generated) + list(references), chromium)
-        gen_pages, ref_pages = pages[:len(generated)], pages[len(generated):]
+        gen_pages, ref_pages = pages[: len(generated)], pages[len(generated) :]
         scores = [rendered.layout_scores(g, r) for g, r in zip(gen_pages, ref_pages)]
         for key in LAYOUT_KEYS:
             table[key] = [s[key] for s in scores]

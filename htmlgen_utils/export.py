@@ -1,5 +1,6 @@
 """What a finished run leaves behind: the adapter with its tokenizer and config, an optional 16-bit merged model,
 and an optional upload to the hub."""
+
 from __future__ import annotations
 
 import json
@@ -50,15 +51,19 @@ def check_merge_possible(config: Config, dtype: torch.dtype = torch.float16) -> 
     """Refuse, before any training, a merge this machine cannot do: a base stored in 4-bit has no 16-bit weights
     to merge into, and a 7B base needs ~15 GB of RAM in 16-bit (a free Colab has ~12.7 GB)."""
     if saved_quantization(config.model_id) is not None:
-        raise ValueError(f"merge_after_training: {config.model_id} is stored in 4-bit, and merging into 4-bit weights "
-                         f"is lossy. Merge into its 16-bit original on a machine with enough RAM, or keep the "
-                         f"adapter (serving and notebook 05 use it on the 4-bit base): set merge_after_training false")
+        raise ValueError(
+            f"merge_after_training: {config.model_id} is stored in 4-bit, and merging into 4-bit weights "
+            f"is lossy. Merge into its 16-bit original on a machine with enough RAM, or keep the "
+            f"adapter (serving and notebook 05 use it on the 4-bit base): set merge_after_training false"
+        )
     need, have = merge_ram_bytes(config.model_id, dtype), available_ram_bytes()
     if need > have:
-        raise ValueError(f"merge_after_training: merging into the 16-bit base needs about {need / 1e9:.1f} GB of RAM "
-                         f"and this machine has {have / 1e9:.1f} GB available. Set merge_after_training false (the "
-                         f"adapter is what serving and notebook 05 use) and merge later on a bigger machine: "
-                         f"python -m htmlgen_utils.export --run-dir RUN_DIR")
+        raise ValueError(
+            f"merge_after_training: merging into the 16-bit base needs about {need / 1e9:.1f} GB of RAM "
+            f"and this machine has {have / 1e9:.1f} GB available. Set merge_after_training false (the "
+            f"adapter is what serving and notebook 05 use) and merge later on a bigger machine: "
+            f"python -m htmlgen_utils.export --run-dir RUN_DIR"
+        )
 
 
 def merge_to_16bit(run_dir: str | Path, dtype: torch.dtype = torch.float16) -> Path:

@@ -7,6 +7,7 @@ The output is the page only: the prompt is stripped and anything after `</html>`
 `compile_decode=True` switches to the speed lever in `levers.decoding` (static KV cache, compiled step, and
 our own loop for one prompt at a time); the pages are the same.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -41,10 +42,17 @@ class GenerationResult:
         return len(self.pages) / max(self.seconds, 1e-9)
 
     def summary(self) -> dict:
-        return {"examples": len(self.pages), "new_tokens": sum(self.new_tokens), "seconds": round(self.seconds, 3),
-                "tokens_per_s": round(self.tokens_per_s, 2), "examples_per_s": round(self.examples_per_s, 4),
-                "pages_ended": self.endings.count("ended"), "pages_at_token_limit": self.endings.count("token limit"),
-                "pages_cut_for_repetition": self.endings.count("repetition"), **self.settings}
+        return {
+            "examples": len(self.pages),
+            "new_tokens": sum(self.new_tokens),
+            "seconds": round(self.seconds, 3),
+            "tokens_per_s": round(self.tokens_per_s, 2),
+            "examples_per_s": round(self.examples_per_s, 4),
+            "pages_ended": self.endings.count("ended"),
+            "pages_at_token_limit": self.endings.count("token limit"),
+            "pages_cut_for_repetition": self.endings.count("repetition"),
+            **self.settings,
+        }
 
 
 LOOP_LINES = 8  # a page whose last this-many non-blank lines are one line repeated is stuck in a loop
@@ -66,7 +74,7 @@ class RepetitionStop(StoppingCriteria):
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         if (input_ids.shape[1] - self.prompt_length) % 16:
             return done
-        for row, ids in enumerate(input_ids[:, self.prompt_length:][:, -512:].tolist()):
+        for row, ids in enumerate(input_ids[:, self.prompt_length :][:, -512:].tolist()):
             done[row] = is_looping(self.tokenizer.decode(ids, skip_special_tokens=True))
         return done
 
@@ -79,10 +87,23 @@ def clean_page(text: str) -> str:
     return text.strip()
 
 
-def _generation_kwargs(tokenizer, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
-                       stop_at_html_end: bool, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> dict:
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+def _generation_kwargs(
+    tokenizer,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    stop_at_html_end: bool,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+) -> dict:
+    kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        use_cache=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     if repetition_penalty != 1.0:
         kwargs["repetition_penalty"] = repetition_penalty
     if no_repeat_ngram_size:
@@ -101,11 +122,23 @@ PLAIN_DECODING_COST = "generate() without a compiled step (slower tokens, the sa
 
 
 @torch.no_grad()
-def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: int = 1024, batch_size: int = 8,
-                   do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.95,
-                   stop_at_html_end: bool = True, seed: int = 0, compile_decode: bool = False,
-                   progress: bool = False, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-                   stop_on_repetition: bool = True) -> GenerationResult:
+def generate_pages(
+    model,
+    tokenizer,
+    descriptions: list[str],
+    max_new_tokens: int = 1024,
+    batch_size: int = 8,
+    do_sample: bool = False,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    stop_at_html_end: bool = True,
+    seed: int = 0,
+    compile_decode: bool = False,
+    progress: bool = False,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    stop_on_repetition: bool = True,
+) -> GenerationResult:
     """Pages for `descriptions`, in their order. Prompts are batched by similar length to waste little
     padding; greedy by default (deterministic), sampling with `do_sample=True`.
 
@@ -124,8 +157,16 @@ def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: in
     order = sorted(range(len(prompts)), key=lengths.__getitem__)
     pages: list[str] = [""] * len(prompts)
     counts: list[int] = [0] * len(prompts)
-    kwargs = _generation_kwargs(tokenizer, max_new_tokens, do_sample, temperature, top_p, stop_at_html_end,
-                                repetition_penalty, no_repeat_ngram_size)
+    kwargs = _generation_kwargs(
+        tokenizer,
+        max_new_tokens,
+        do_sample,
+        temperature,
+        top_p,
+        stop_at_html_end,
+        repetition_penalty,
+        no_repeat_ngram_size,
+    )
     looping: list[bool] = [False] * len(prompts)
     compile_decode = compile_decode and not has_failed(model, COMPILED_DECODING)
     was_training = model.training
@@ -134,13 +175,23 @@ def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: in
     started = time.perf_counter()
     bar = tqdm(total=len(order), desc="generating", unit="page", disable=not progress)
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         if compile_decode and batch_size == 1:
             ids = tokenizer(prompts[rows[0]], return_tensors="pt").input_ids.to(device)
             tokens = []
             try:
-                pieces = decode_one(model, tokenizer, ids, max_new_tokens, do_sample, temperature, top_p,
-                                    stop_at_html_end, repetition_penalty, no_repeat_ngram_size)
+                pieces = decode_one(
+                    model,
+                    tokenizer,
+                    ids,
+                    max_new_tokens,
+                    do_sample,
+                    temperature,
+                    top_p,
+                    stop_at_html_end,
+                    repetition_penalty,
+                    no_repeat_ngram_size,
+                )
                 for piece in pieces:
                     tokens += piece
                     if stop_on_repetition and is_looping(tokenizer.decode(tokens[-512:], skip_special_tokens=True)):
@@ -157,8 +208,9 @@ def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: in
         # a compiled step is specialised to its batch size: a short batch is filled up with repeats
         filled = rows + rows[-1:] * (batch_size - len(rows)) if compile_decode else rows
         inputs = tokenizer([prompts[i] for i in filled], return_tensors="pt", padding=True).to(device)
-        stopping = StoppingCriteriaList([RepetitionStop(tokenizer, inputs["input_ids"].shape[1])]
-                                        if stop_on_repetition else [])
+        stopping = StoppingCriteriaList(
+            [RepetitionStop(tokenizer, inputs["input_ids"].shape[1])] if stop_on_repetition else []
+        )
         output = None
         if compile_decode:
             cache = static_cache(model, len(filled), max(lengths) + max_new_tokens)
@@ -170,7 +222,7 @@ def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: in
                 inputs = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True).to(device)
         if output is None:
             output = model.generate(**inputs, **kwargs, stopping_criteria=stopping)
-        new = output[:len(rows), inputs["input_ids"].shape[1]:]
+        new = output[: len(rows), inputs["input_ids"].shape[1] :]
         for row, ids in zip(rows, new):
             ids = ids.tolist()
             # tokens up to and including the first EOS; rows that finished early are padded after it
@@ -187,17 +239,32 @@ def generate_pages(model, tokenizer, descriptions: list[str], max_new_tokens: in
     bar.close()
     if was_training:
         model.train()
-    settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                "stop_at_html_end": stop_at_html_end, "compile_decode": compile_decode,
-                "repetition_penalty": repetition_penalty, "no_repeat_ngram_size": no_repeat_ngram_size,
-                "stop_on_repetition": stop_on_repetition}
-    endings = ["repetition" if loop else "token limit" if n >= max_new_tokens else "ended"
-               for loop, n in zip(looping, counts)]
+    settings = {
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample,
+        "stop_at_html_end": stop_at_html_end,
+        "compile_decode": compile_decode,
+        "repetition_penalty": repetition_penalty,
+        "no_repeat_ngram_size": no_repeat_ngram_size,
+        "stop_on_repetition": stop_on_repetition,
+    }
+    endings = [
+        "repetition" if loop else "token limit" if n >= max_new_tokens else "ended" for loop, n in zip(looping, counts)
+    ]
     return GenerationResult(pages, counts, seconds, settings, endings)
 
 
-def stream_page(model, tokenizer, description: str, max_new_tokens: int = 1024, do_sample: bool = False,
-                temperature: float = 0.7, top_p: float = 0.95, compile_decode: bool = False) -> Iterator[str]:
+def stream_page(
+    model,
+    tokenizer,
+    description: str,
+    max_new_tokens: int = 1024,
+    do_sample: bool = False,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    compile_decode: bool = False,
+) -> Iterator[str]:
     """Yield the page's text piece by piece as it is generated (for the playground); with `compile_decode`
     through `decode_one`, a piece every `STOP_CHECK_TOKENS` tokens."""
     from transformers import TextIteratorStreamer
@@ -221,9 +288,9 @@ def stream_page(model, tokenizer, description: str, max_new_tokens: int = 1024, 
             tokens += piece
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             if not text.endswith("\ufffd"):  # hold back a character whose bytes are not all generated yet
-                yield text[len(shown):]
+                yield text[len(shown) :]
                 shown = text
-        yield tokenizer.decode(tokens, skip_special_tokens=True)[len(shown):]
+        yield tokenizer.decode(tokens, skip_special_tokens=True)[len(shown) :]
         return
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = _generation_kwargs(tokenizer, max_new_tokens, do_sample, temperature, top_p, True)

@@ -15,6 +15,7 @@ our script in the host page can read their layout), under a policy that fetches 
 `data:` images. Chromium is Debian's `chromium`, another Chrome on PATH, $HTMLGEN_CHROMIUM, or Playwright's
 download (Colab: `pip install playwright && playwright install chromium`); without one, callers skip these scores.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -31,16 +32,29 @@ from pathlib import Path
 import numpy as np
 
 # Headless, no network, no first-run work; each call also gets a fresh --user-data-dir.
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run", "--disable-sync", "--hide-scrollbars")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--hide-scrollbars",
+)
 VIEWPORT = (1280, 800)
 MATCH_THRESHOLD = 0.5  # Design2Code's: blocks less alike than this are not a pair
 
 
 def find_chromium() -> str | None:
     """Debian's `chromium`, another Chrome on PATH, $HTMLGEN_CHROMIUM, or Playwright's download (Colab)."""
-    candidates = [os.environ.get("HTMLGEN_CHROMIUM", ""), "chromium", "chromium-browser", "google-chrome",
-                  "google-chrome-stable"]
+    candidates = [
+        os.environ.get("HTMLGEN_CHROMIUM", ""),
+        "chromium",
+        "chromium-browser",
+        "google-chrome",
+        "google-chrome-stable",
+    ]
     for name in candidates:
         if name and (path := shutil.which(name) or (name if os.path.isfile(name) else None)):
             return path
@@ -49,8 +63,10 @@ def find_chromium() -> str | None:
     return None
 
 
-NO_CHROMIUM = ("No Chromium found: install Debian's `chromium` (apt-get install chromium), or on Colab `pip install "
-               "playwright && playwright install chromium`, or set HTMLGEN_CHROMIUM")
+NO_CHROMIUM = (
+    "No Chromium found: install Debian's `chromium` (apt-get install chromium), or on Colab `pip install "
+    "playwright && playwright install chromium`, or set HTMLGEN_CHROMIUM"
+)
 
 
 def _run_chromium(args: list[str], chromium: str | None, timeout: float) -> str:
@@ -58,8 +74,12 @@ def _run_chromium(args: list[str], chromium: str | None, timeout: float) -> str:
     if chromium is None:
         raise RuntimeError(NO_CHROMIUM)
     with tempfile.TemporaryDirectory() as profile:
-        result = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
-                                text=True, timeout=timeout)
+        result = subprocess.run(
+            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     return result.stdout
 
 
@@ -113,14 +133,16 @@ function measure(frame) {
     if (!b) { b = {text: '', x0: r.left, y0: r.top, x1: r.right, y1: r.bottom, color: win.getComputedStyle(el).color};
               perElement.set(el, b); blocks.push(b); }
     b.text += (b.text ? ' ' : '') + text;
-    b.x0 = Math.min(b.x0, r.left); b.y0 = Math.min(b.y0, r.top); b.x1 = Math.max(b.x1, r.right); b.y1 = Math.max(b.y1, r.bottom);
+    b.x0 = Math.min(b.x0, r.left); b.y0 = Math.min(b.y0, r.top);
+    b.x1 = Math.max(b.x1, r.right); b.y1 = Math.max(b.y1, r.bottom);
   }
   let boxes = 0;
   for (const el of doc.body.querySelectorAll('*')) {
     if (skip.has(el.tagName) || !shown(el)) continue;
     const r = el.getBoundingClientRect(), s = win.getComputedStyle(el);
     if (r.width < 2 || r.height < 2) continue;
-    const drawn = ['IMG', 'SVG', 'CANVAS', 'VIDEO', 'INPUT', 'BUTTON', 'TEXTAREA', 'SELECT'].includes(el.tagName.toUpperCase())
+    const drawn = ['IMG', 'SVG', 'CANVAS', 'VIDEO', 'INPUT', 'BUTTON', 'TEXTAREA', 'SELECT']
+        .includes(el.tagName.toUpperCase())
       || !/rgba\(0, 0, 0, 0\)|transparent/.test(s.backgroundColor) || s.backgroundImage !== 'none'
       || parseFloat(s.borderTopWidth) > 0;
     if (drawn) boxes++;
@@ -147,23 +169,36 @@ def _color(css: str) -> tuple[int, int, int]:
 def render_pages(pages: list[str], chromium: str | None = None, timeout: float = 120.0) -> list[RenderedPage]:
     """Render every page at 1280x800 in one headless Chromium and read its text blocks and boxes."""
     width, height = VIEWPORT
-    frames = "".join(f'<iframe sandbox="allow-same-origin" width="{width}" height="{height}" '
-                     f'srcdoc="{html.escape(page, quote=True)}"></iframe>' for page in pages)
+    frames = "".join(
+        f'<iframe sandbox="allow-same-origin" width="{width}" height="{height}" '
+        f'srcdoc="{html.escape(page, quote=True)}"></iframe>'
+        for page in pages
+    )
     # srcdoc frames inherit this policy: only our inline script runs, and pages fetch nothing from anywhere
-    host = ("<!DOCTYPE html><html><head><meta charset='utf-8'><meta http-equiv='Content-Security-Policy' "
-            "content=\"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
-            f"font-src data:\"></head><body>{frames}<script>{_MEASURE}</script></body></html>")
+    host = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><meta http-equiv='Content-Security-Policy' "
+        "content=\"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
+        f'font-src data:"></head><body>{frames}<script>{_MEASURE}</script></body></html>'
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "host.html"
         path.write_text(host, encoding="utf-8")
-        dom = _run_chromium(["--virtual-time-budget=5000", f"--window-size={width + 40},{height}", "--dump-dom",
-                             path.as_uri()], chromium, timeout)
+        dom = _run_chromium(
+            ["--virtual-time-budget=5000", f"--window-size={width + 40},{height}", "--dump-dom", path.as_uri()],
+            chromium,
+            timeout,
+        )
     found = re.search(r'<pre id="htmlgen-measurements">(.*?)</pre>', dom, re.DOTALL)
     if not found:
         raise RuntimeError("Chromium rendered the pages but returned no measurements")
     measured = json.loads(html.unescape(found.group(1)))
-    return [RenderedPage([TextBlock(b["text"], b["x"], b["y"], b["width"], b["height"], _color(b["color"]))
-                          for b in m["blocks"]], m["boxes"]) for m in measured]
+    return [
+        RenderedPage(
+            [TextBlock(b["text"], b["x"], b["y"], b["width"], b["height"], _color(b["color"])) for b in m["blocks"]],
+            m["boxes"],
+        )
+        for m in measured
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- Design2Code metrics
@@ -181,8 +216,9 @@ def match_blocks(generated: list[TextBlock], reference: list[TextBlock]) -> list
         return []
     from scipy.optimize import linear_sum_assignment
 
-    similarity = np.array([[difflib.SequenceMatcher(None, g.text, r.text).ratio() for r in reference]
-                           for g in generated])
+    similarity = np.array(
+        [[difflib.SequenceMatcher(None, g.text, r.text).ratio() for r in reference] for g in generated]
+    )
     rows, cols = linear_sum_assignment(-similarity)
     return [(i, j, float(similarity[i, j])) for i, j in zip(rows, cols) if similarity[i, j] >= MATCH_THRESHOLD]
 
@@ -197,17 +233,27 @@ def layout_scores(generated: RenderedPage, reference: RenderedPage) -> dict[str,
         return {"block_match": 0.0, "text_similarity": 0.0, "position_similarity": 0.0, "color_similarity": 0.0}
     total = sum(b.area for b in gen) + sum(b.area for b in ref)
     matched = sum(gen[i].area + ref[j].area for i, j, _ in pairs)
-    positions = [1 - max(abs(gen[i].center[0] - ref[j].center[0]), abs(gen[i].center[1] - ref[j].center[1]))
-                 for i, j, _ in pairs]
+    positions = [
+        1 - max(abs(gen[i].center[0] - ref[j].center[0]), abs(gen[i].center[1] - ref[j].center[1])) for i, j, _ in pairs
+    ]
     colors = [max(0.0, 1 - ciede2000(gen[i].color, ref[j].color) / 100) for i, j, _ in pairs]
-    return {"block_match": matched / total if total > 0 else 0.0,
-            "text_similarity": float(np.mean([s for _, _, s in pairs])),
-            "position_similarity": float(np.mean(positions)), "color_similarity": float(np.mean(colors))}
+    return {
+        "block_match": matched / total if total > 0 else 0.0,
+        "text_similarity": float(np.mean([s for _, _, s in pairs])),
+        "position_similarity": float(np.mean(positions)),
+        "color_similarity": float(np.mean(colors)),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- screenshots
-def screenshot(page: str, out_png: str | Path, width: int = 800, height: int = 600, chromium: str | None = None,
-               timeout: float = 60.0) -> Path:
+def screenshot(
+    page: str,
+    out_png: str | Path,
+    width: int = 800,
+    height: int = 600,
+    chromium: str | None = None,
+    timeout: float = 60.0,
+) -> Path:
     """Render `page` headless and save a PNG of the viewport. The page is shown the way the notebooks show it, in a
     sandboxed iframe (no scripts, no same origin) filling the window, and the browser has no network."""
     from .rendering import iframe_html
@@ -215,11 +261,22 @@ def screenshot(page: str, out_png: str | Path, width: int = 800, height: int = 6
     out_png = Path(out_png).resolve()
     with tempfile.TemporaryDirectory() as tmp:
         html_file = Path(tmp) / "page.html"
-        html_file.write_text("<!DOCTYPE html><html><head><style>html,body{margin:0;overflow:hidden}</style></head>"
-                             f"<body>{iframe_html(page, height, f'{width}px', style='border:0;display:block')}"
-                             "</body></html>", encoding="utf-8")
-        _run_chromium(["--virtual-time-budget=2000", f"--window-size={width},{height}", f"--screenshot={out_png}",
-                       html_file.as_uri()], chromium, timeout)
+        html_file.write_text(
+            "<!DOCTYPE html><html><head><style>html,body{margin:0;overflow:hidden}</style></head>"
+            f"<body>{iframe_html(page, height, f'{width}px', style='border:0;display:block')}"
+            "</body></html>",
+            encoding="utf-8",
+        )
+        _run_chromium(
+            [
+                "--virtual-time-budget=2000",
+                f"--window-size={width},{height}",
+                f"--screenshot={out_png}",
+                html_file.as_uri(),
+            ],
+            chromium,
+            timeout,
+        )
     if not out_png.exists():
         raise RuntimeError(f"Chromium did not write {out_png}")
     return out_png

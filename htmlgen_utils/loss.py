@@ -4,6 +4,7 @@ Position t predicts token t + 1: the one shift happens here, once (`targets = la
 notebook compared each position's logits with the *same* position's token and taught the model to copy;
 `tests/test_levers.py` checks that our loss equals the model's own shifted causal-LM loss.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,9 @@ def _decoder_outputs(model, batch: dict) -> tuple[torch.nn.Module, torch.Tensor,
     Runs the decoder without its head; `use_cache=False` matters: with a KV cache transformers ignores the
     restarting position ids and lets packed examples attend to each other."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = causal_lm.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                             use_cache=False).last_hidden_state
+    hidden = causal_lm.model(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+    ).last_hidden_state
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = batch["labels"][:, 1:].reshape(-1)  # the one shift: position t predicts token t + 1
     return causal_lm.get_output_embeddings(), hidden, targets
@@ -103,11 +105,12 @@ def evaluate_blocks(model, blocks, config: Config, device: torch.device, max_bat
                 head, hidden, targets = _decoder_outputs(model, batch)
                 chunk = config.loss_chunk_tokens or targets.numel()
                 for start in range(0, targets.numel(), chunk):  # one chunk's fp32 logits at a time
-                    piece_targets = targets[start:start + chunk]
-                    logits = head(hidden[start:start + chunk]).float()
+                    piece_targets = targets[start : start + chunk]
+                    logits = head(hidden[start : start + chunk]).float()
                     mask = piece_targets != IGNORE_INDEX
                     loss_sum += torch.nn.functional.cross_entropy(
-                        logits, piece_targets, ignore_index=IGNORE_INDEX, reduction="sum").double()
+                        logits, piece_targets, ignore_index=IGNORE_INDEX, reduction="sum"
+                    ).double()
                     correct += (logits.argmax(-1)[mask] == piece_targets[mask]).sum()
                     count += mask.sum()
     if was_training:

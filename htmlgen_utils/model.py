@@ -5,6 +5,7 @@ quantised too) and trains small low-rank adapters in higher precision on top of 
 The compute dtype follows the hardware: a T4 has no bfloat16, so float16 there (with loss scaling in
 the training loop), bfloat16 on Ampere or newer, float32 on CPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,12 +33,20 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 def gated_help(model: str) -> str:
     """What to do when `model` can't be fetched, in the words of where we run (a notebook or a command line)."""
     in_notebook = "ipykernel" in sys.modules
-    switch = (f'overrides={{"model_id": "{UNGATED_COPY}"}} in the parameters cell' if in_notebook
-              else f"-p model_id {UNGATED_COPY}")
-    where = ("add a Colab secret named HF_TOKEN (key icon in the sidebar, allow this notebook)" if in_notebook
-             else "set HF_TOKEN in the environment")
-    return (f"{model} is gated or could not be fetched. Accept its licence on huggingface.co and {where}; or use an "
-            f"ungated copy of the same weights: {switch}.")
+    switch = (
+        f'overrides={{"model_id": "{UNGATED_COPY}"}} in the parameters cell'
+        if in_notebook
+        else f"-p model_id {UNGATED_COPY}"
+    )
+    where = (
+        "add a Colab secret named HF_TOKEN (key icon in the sidebar, allow this notebook)"
+        if in_notebook
+        else "set HF_TOKEN in the environment"
+    )
+    return (
+        f"{model} is gated or could not be fetched. Accept its licence on huggingface.co and {where}; or use an "
+        f"ungated copy of the same weights: {switch}."
+    )
 
 
 def hf_token() -> str | None:
@@ -82,7 +91,9 @@ def autocast_context(precision: str, device: torch.device):
 
 def quantization_config(config: Config) -> BitsAndBytesConfig:
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype(config.precision),
     )
 
@@ -164,13 +175,18 @@ def load_base_model(config: Config, quantize: bool | None = None):
     saved to compute in."""
     device = device_for(config)
     quantize = config.load_in_4bit if quantize is None else quantize
-    kwargs = dict(dtype=compute_dtype(config.precision), token=hf_token(),
-                  device_map={"": device.index} if device.type == "cuda" else "cpu")
+    kwargs = dict(
+        dtype=compute_dtype(config.precision),
+        token=hf_token(),
+        device_map={"": device.index} if device.type == "cuda" else "cpu",
+    )
     kwargs["config"] = model_config_for(config)
     prequantized = _quantization_of(kwargs["config"])
     if prequantized is not None and not prequantized.get("load_in_4bit"):
-        raise ValueError(f"{config.model_id} is saved quantised ({prequantized.get('quant_method')}), but not in "
-                         f"bitsandbytes 4-bit: use its 16-bit original or a '...-bnb-4bit' checkpoint")
+        raise ValueError(
+            f"{config.model_id} is saved quantised ({prequantized.get('quant_method')}), but not in "
+            f"bitsandbytes 4-bit: use its 16-bit original or a '...-bnb-4bit' checkpoint"
+        )
     if quantize and prequantized is None:
         kwargs["quantization_config"] = quantization_config(config)
     try:
@@ -201,8 +217,14 @@ def find_linear_layer_names(model) -> list[str]:
 
 
 def create_peft_config(target_modules: list[str], config: Config) -> LoraConfig:
-    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=target_modules, bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def prepare_for_training(model, config: Config, lora_config: LoraConfig | None = None):
@@ -228,12 +250,19 @@ def prepare_4bit_for_training(model, config: Config) -> None:
     Llama-2-7B: a load-time peak above the whole 2048-token training step's)."""
     keep = set()
     if config.embeddings_in_compute_dtype:
-        keep = {id(p) for module in (model.get_input_embeddings(), model.get_output_embeddings())
-                if module is not None for p in module.parameters()}
+        keep = {
+            id(p)
+            for module in (model.get_input_embeddings(), model.get_output_embeddings())
+            if module is not None
+            for p in module.parameters()
+        }
     for parameter in model.parameters():
         parameter.requires_grad = False
-        if (parameter.dtype in (torch.float16, torch.bfloat16) and id(parameter) not in keep
-                and parameter.__class__.__name__ != "Params4bit"):
+        if (
+            parameter.dtype in (torch.float16, torch.bfloat16)
+            and id(parameter) not in keep
+            and parameter.__class__.__name__ != "Params4bit"
+        ):
             parameter.data = parameter.data.to(torch.float32)
     if keep:
         keep_frozen_embeddings_in(model, compute_dtype(config.precision))
@@ -282,10 +311,12 @@ def load_trained(run_dir: str | Path, adapter: bool = True, config: Config | Non
     run_dir = Path(run_dir)
     adapter_dir = run_dir / "adapter"
     if adapter and not (adapter_dir / "adapter_config.json").exists():
-        raise FileNotFoundError(f"No trained adapter in {adapter_dir}: run notebook 04_training_loop first with the "
-                                f"same run_dir (or python -m htmlgen_utils.train --run-dir {run_dir}); it trains the "
-                                f"adapter, the part of the series that takes longest (on a T4: the README's time "
-                                f"table)")
+        raise FileNotFoundError(
+            f"No trained adapter in {adapter_dir}: run notebook 04_training_loop first with the "
+            f"same run_dir (or python -m htmlgen_utils.train --run-dir {run_dir}); it trains the "
+            f"adapter, the part of the series that takes longest (on a T4: the README's time "
+            f"table)"
+        )
     config = config or Config.load(run_dir)
     tokenizer = load_tokenizer(str(adapter_dir) if adapter else config.model_id)
     model = load_base_model(config)
@@ -308,8 +339,10 @@ class ParameterSummary:
         return 100.0 * self.trainable / max(1, self.total)
 
     def __str__(self) -> str:
-        return (f"trainable {self.trainable:,} of {self.total:,} parameters ({self.trainable_percent:.3f}%), "
-                f"model memory {self.memory_bytes / 2**30:.3f} GiB, LoRA on {self.lora_modules}")
+        return (
+            f"trainable {self.trainable:,} of {self.total:,} parameters ({self.trainable_percent:.3f}%), "
+            f"model memory {self.memory_bytes / 2**30:.3f} GiB, LoRA on {self.lora_modules}"
+        )
 
 
 def parameter_summary(model) -> ParameterSummary:

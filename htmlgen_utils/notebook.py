@@ -1,5 +1,6 @@
 """What the notebooks share: the parameters cell turned into a `Config` (on Colab: the run directory on Google
 Drive), the prerequisites checklist, small display helpers, and time estimates."""
+
 from __future__ import annotations
 
 import inspect
@@ -24,8 +25,14 @@ def describe_gpu() -> str:
 GPU_PRESETS = ("colab-t4", "colab-t4-low-memory", "ampere-bf16")
 
 
-def setup(preset: str = "auto", run_dir: str = "runs/notebooks", dataset: str = "bundled",
-          overrides: dict | None = None, use_drive: bool = True, needs_gpu: bool = False) -> Config:
+def setup(
+    preset: str = "auto",
+    run_dir: str = "runs/notebooks",
+    dataset: str = "bundled",
+    overrides: dict | None = None,
+    use_drive: bool = True,
+    needs_gpu: bool = False,
+) -> Config:
     """The run's `Config` from a notebook's parameters, saying what it chose and why.
 
     The run's settings live in one place: the run directory's `htmlgen_config.json`, written by the first notebook
@@ -42,17 +49,23 @@ def setup(preset: str = "auto", run_dir: str = "runs/notebooks", dataset: str = 
         run_dir = drive_run_dir(run_dir)
         print(f"run directory on Google Drive: {run_dir}")
     elif on_colab():
-        print(f"run directory {run_dir} is on this runtime's disk: it is lost on disconnect, and the other notebooks "
-              f"(each its own runtime) will not see it. Set use_drive = True to keep it on Google Drive.")
+        print(
+            f"run directory {run_dir} is on this runtime's disk: it is lost on disconnect, and the other notebooks "
+            f"(each its own runtime) will not see it. Set use_drive = True to keep it on Google Drive."
+        )
     saved_file = Path(run_dir).expanduser() / "htmlgen_config.json"
     saved = Config.load(saved_file) if saved_file.exists() else None
     if saved is not None and preset in ("auto", saved.preset):
         config = saved.replace(run_dir=run_dir, **(overrides or {}))
-        print(f"settings: the run directory's htmlgen_config.json (preset {saved.preset!r}, dataset {saved.dataset!r})"
-              + (f" with this notebook's overrides {sorted(overrides)}" if overrides else ""))
+        print(
+            f"settings: the run directory's htmlgen_config.json (preset {saved.preset!r}, dataset {saved.dataset!r})"
+            + (f" with this notebook's overrides {sorted(overrides)}" if overrides else "")
+        )
         if dataset != saved.dataset and dataset != "bundled":
-            print(f"  (this notebook's dataset {dataset!r} is not used: the run was made from {saved.dataset!r}; "
-                  f"use another run_dir for another dataset)")
+            print(
+                f"  (this notebook's dataset {dataset!r} is not used: the run was made from {saved.dataset!r}; "
+                f"use another run_dir for another dataset)"
+            )
     else:
         chosen = preset
         if preset == "auto":
@@ -61,15 +74,19 @@ def setup(preset: str = "auto", run_dir: str = "runs/notebooks", dataset: str = 
         else:
             print(f"preset {chosen!r} (as set in the parameters)")
         if saved is not None:
-            print(f"  (the run directory was set up with preset {saved.preset!r}: this notebook uses {chosen!r}, and "
-                  f"its data must be prepared again if the tokenizer or blocks differ)")
+            print(
+                f"  (the run directory was set up with preset {saved.preset!r}: this notebook uses {chosen!r}, and "
+                f"its data must be prepared again if the tokenizer or blocks differ)"
+            )
         config = Config.from_preset(chosen, run_dir=run_dir, dataset=dataset, **(overrides or {}))
         if saved is None:
             config.save(saved_file)  # the next notebooks read these settings
     if needs_gpu and config.preset in GPU_PRESETS and not torch.cuda.is_available():
-        raise RuntimeError(f"This notebook needs a GPU for the {config.preset!r} preset and this runtime has none: "
-                           f"Runtime -> Change runtime type -> T4 GPU -> Save, then run all again (the run directory "
-                           f"keeps notebooks 01-02's work).")
+        raise RuntimeError(
+            f"This notebook needs a GPU for the {config.preset!r} preset and this runtime has none: "
+            f"Runtime -> Change runtime type -> T4 GPU -> Save, then run all again (the run directory "
+            f"keeps notebooks 01-02's work)."
+        )
     return config
 
 
@@ -84,8 +101,10 @@ def checklist(config: Config) -> list[str]:
     if torch.cuda.is_available():
         lines.append(f"ok    {describe_gpu()}")
     elif on_colab():
-        lines.append("TODO  no GPU in this runtime: fine for notebooks 01-02; for 03-05 Runtime -> Change runtime type "
-                     "-> T4 GPU -> Save, then run all")
+        lines.append(
+            "TODO  no GPU in this runtime: fine for notebooks 01-02; for 03-05 Runtime -> Change runtime type "
+            "-> T4 GPU -> Save, then run all"
+        )
     else:
         lines.append("ok    no GPU: the tiny CPU preset runs (a 4M-parameter model, minutes)")
     if Path(config.model_id).expanduser().exists():
@@ -93,18 +112,25 @@ def checklist(config: Config) -> list[str]:
     elif hf_token():
         lines.append(f"ok    base model {config.model_id}: a Hugging Face token is set (HF_TOKEN)")
     elif config.model_id.startswith("meta-llama/"):
-        lines.append(f"TODO  {config.model_id} is gated: accept its licence on huggingface.co and add a Colab secret "
-                     f"HF_TOKEN (key icon, allow this notebook), or set overrides={{\"model_id\": \"{UNGATED_COPY}\"}}")
+        lines.append(
+            f"TODO  {config.model_id} is gated: accept its licence on huggingface.co and add a Colab secret "
+            f'HF_TOKEN (key icon, allow this notebook), or set overrides={{"model_id": "{UNGATED_COPY}"}}'
+        )
     else:
         lines.append(f"ok    base model {config.model_id} (downloaded from the hub, no token needed if public)")
     if on_colab() and not str(config.run_dir).startswith(colab.DRIVE_MOUNT_POINT):
-        lines.append("TODO  the run directory is not on Google Drive: set use_drive = True, or the work is lost on "
-                     "disconnect and notebooks 02-05 (their own runtimes) cannot see it")
+        lines.append(
+            "TODO  the run directory is not on Google Drive: set use_drive = True, or the work is lost on "
+            "disconnect and notebooks 02-05 (their own runtimes) cannot see it"
+        )
     else:
-        lines.append(f"ok    run directory: {Path(config.run_dir).resolve()}"
-                     + (" (Google Drive)" if on_colab() else ""))
-    lines.append("info  notebooks 01 and 02 need no GPU (a CPU runtime keeps your GPU quota for 03-05); 03, 04 and 05 "
-                 "each need a GPU runtime (a T4 on Colab's free tier) with the same run_dir")
+        lines.append(
+            f"ok    run directory: {Path(config.run_dir).resolve()}" + (" (Google Drive)" if on_colab() else "")
+        )
+    lines.append(
+        "info  notebooks 01 and 02 need no GPU (a CPU runtime keeps your GPU quota for 03-05); 03, 04 and 05 "
+        "each need a GPU runtime (a T4 on Colab's free tier) with the same run_dir"
+    )
     for line in lines:
         print(line)
     return lines
@@ -117,26 +143,64 @@ def show_source(*functions) -> None:
         print(inspect.getsource(function))
 
 
-def config_table(config: Config, fields: tuple[str, ...] = (
-        "preset", "model_id", "dataset", "precision", "block_size", "micro_batch_size", "gradient_accumulation_steps",
-        "learning_rate", "max_steps", "lora_r", "lora_alpha", "run_dir")):
+def config_table(
+    config: Config,
+    fields: tuple[str, ...] = (
+        "preset",
+        "model_id",
+        "dataset",
+        "precision",
+        "block_size",
+        "micro_batch_size",
+        "gradient_accumulation_steps",
+        "learning_rate",
+        "max_steps",
+        "lora_r",
+        "lora_alpha",
+        "run_dir",
+    ),
+):
     import pandas as pd
 
     return pd.DataFrame({"value": [str(getattr(config, f)) for f in fields]}, index=list(fields))
 
 
-def compare_table(metrics: dict, keys: tuple[str, ...] = (
-        "rouge1", "rouge2", "rougeL", "text_rougeL", "html_valid_rate", "html_well_formed_rate", "tag_similarity",
-        "tree_bleu", "tree_edit_similarity", "block_match", "text_similarity", "position_similarity",
-        "color_similarity", "renders_non_blank_rate", "description_coverage", "ends_with_html_rate",
-        "runaway_repetition_rate", "token_accuracy", "eval_loss")):
+def compare_table(
+    metrics: dict,
+    keys: tuple[str, ...] = (
+        "rouge1",
+        "rouge2",
+        "rougeL",
+        "text_rougeL",
+        "html_valid_rate",
+        "html_well_formed_rate",
+        "tag_similarity",
+        "tree_bleu",
+        "tree_edit_similarity",
+        "block_match",
+        "text_similarity",
+        "position_similarity",
+        "color_similarity",
+        "renders_non_blank_rate",
+        "description_coverage",
+        "ends_with_html_rate",
+        "runaway_repetition_rate",
+        "token_accuracy",
+        "eval_loss",
+    ),
+):
     """Fine-tuned vs the same base without the adapter, side by side."""
     import pandas as pd
 
     base = metrics.get("base_model", {})
     keys = [k for k in keys if k in metrics or k in base]  # the layout scores exist only where Chromium does
-    return pd.DataFrame({"fine-tuned": [metrics.get(k) for k in keys], "base model": [base.get(k) for k in keys]},
-                        index=keys).astype(float).round(4)
+    return (
+        pd.DataFrame(
+            {"fine-tuned": [metrics.get(k) for k in keys], "base model": [base.get(k) for k in keys]}, index=keys
+        )
+        .astype(float)
+        .round(4)
+    )
 
 
 # An assumption, not a measurement: a T4 peaks at 65 TFLOP/s in fp16; 4-bit dequantisation, LoRA's small matmuls
@@ -144,9 +208,15 @@ def compare_table(metrics: dict, keys: tuple[str, ...] = (
 T4_SUSTAINED_TFLOPS = 20.0
 
 
-def estimate_training_time(config: Config, train_blocks: int, base_parameters: int,
-                           tflops: float = T4_SUSTAINED_TFLOPS, recompute_saved: float = 0.0,
-                           layers: int = 0, hidden: int = 0) -> dict:
+def estimate_training_time(
+    config: Config,
+    train_blocks: int,
+    base_parameters: int,
+    tflops: float = T4_SUSTAINED_TFLOPS,
+    recompute_saved: float = 0.0,
+    layers: int = 0,
+    hidden: int = 0,
+) -> dict:
     """An estimate, with its arithmetic printed: FLOPs per token x tokens per step / a stated GPU throughput.
 
     Per token, training a frozen base with LoRA costs about 6 x N FLOPs for N base parameters: the forward pass
@@ -163,18 +233,27 @@ def estimate_training_time(config: Config, train_blocks: int, base_parameters: i
     attention = 4 * 4 * layers * hidden * config.block_size
     flops_per_token = (6 * base_parameters + attention) * (1 - recompute_saved)
     seconds_per_step = tokens_per_step * flops_per_token / (tflops * 1e12)
-    estimate = {"tokens_per_step": tokens_per_step, "flops_per_token": flops_per_token,
-                "attention_flops_per_token": attention, "assumed_tflops": tflops, "seconds_per_step": seconds_per_step,
-                "steps_per_epoch": steps_per_epoch, "minutes_per_epoch": seconds_per_step * steps_per_epoch / 60,
-                "planned_steps": total_steps, "minutes_planned": seconds_per_step * total_steps / 60}
+    estimate = {
+        "tokens_per_step": tokens_per_step,
+        "flops_per_token": flops_per_token,
+        "attention_flops_per_token": attention,
+        "assumed_tflops": tflops,
+        "seconds_per_step": seconds_per_step,
+        "steps_per_epoch": steps_per_epoch,
+        "minutes_per_epoch": seconds_per_step * steps_per_epoch / 60,
+        "planned_steps": total_steps,
+        "minutes_planned": seconds_per_step * total_steps / 60,
+    }
     saved = f" x (1 - {recompute_saved:.0%} recompute the memory plan removes)" if recompute_saved else ""
     attended = f" + attention 16 x {layers} x {hidden} x {config.block_size}" if attention else ""
-    print(f"estimate: (6 x {base_parameters:,} parameters{attended}){saved} = {flops_per_token:.2e} FLOPs a token; a "
-          f"step is {accumulation} x {config.micro_batch_size} x {config.block_size} = {tokens_per_step:,} tokens -> "
-          f"{tokens_per_step * flops_per_token:.2e} FLOPs; at an assumed {tflops:g} TFLOP/s (a T4 sustains about a "
-          f"third of its 65 TFLOP/s fp16 peak) that is ~{seconds_per_step:.0f} s a step, ~"
-          f"{estimate['minutes_per_epoch']:.0f} min an epoch ({steps_per_epoch} steps), ~"
-          f"{estimate['minutes_planned']:.0f} min for the {total_steps} planned steps")
+    print(
+        f"estimate: (6 x {base_parameters:,} parameters{attended}){saved} = {flops_per_token:.2e} FLOPs a token; a "
+        f"step is {accumulation} x {config.micro_batch_size} x {config.block_size} = {tokens_per_step:,} tokens -> "
+        f"{tokens_per_step * flops_per_token:.2e} FLOPs; at an assumed {tflops:g} TFLOP/s (a T4 sustains about a "
+        f"third of its 65 TFLOP/s fp16 peak) that is ~{seconds_per_step:.0f} s a step, ~"
+        f"{estimate['minutes_per_epoch']:.0f} min an epoch ({steps_per_epoch} steps), ~"
+        f"{estimate['minutes_planned']:.0f} min for the {total_steps} planned steps"
+    )
     return estimate
 
 
@@ -185,11 +264,13 @@ def training_report(history: list[dict], seconds: float) -> dict:
     import torch
 
     steps = [h for h in history if "loss" in h]
-    report = {"optimiser_steps": len(steps), "wall_minutes": round(seconds / 60, 2),
-              "median_tokens_per_s": round(statistics.median(h["tokens_per_s"] for h in steps), 1) if steps else None,
-              "skipped_steps": sum(bool(h["skipped"]) for h in steps),
-              "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available()
-              else None}
+    report = {
+        "optimiser_steps": len(steps),
+        "wall_minutes": round(seconds / 60, 2),
+        "median_tokens_per_s": round(statistics.median(h["tokens_per_s"] for h in steps), 1) if steps else None,
+        "skipped_steps": sum(bool(h["skipped"]) for h in steps),
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+    }
     print(", ".join(f"{k} {v}" for k, v in report.items()))
     return report
 
@@ -210,6 +291,8 @@ def evaluation_settings(config: Config, tokenizer, quick_evaluation: str = "auto
     if quick and config.max_test_examples <= QUICK_EXAMPLES and config.max_new_tokens <= QUICK_TOKENS:
         quick = False  # already that small: nothing is left out
     if quick:
-        config = config.replace(max_test_examples=min(config.max_test_examples, QUICK_EXAMPLES),
-                                max_new_tokens=min(config.max_new_tokens, QUICK_TOKENS))
+        config = config.replace(
+            max_test_examples=min(config.max_test_examples, QUICK_EXAMPLES),
+            max_new_tokens=min(config.max_new_tokens, QUICK_TOKENS),
+        )
     return config, quick

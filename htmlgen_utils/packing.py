@@ -12,6 +12,7 @@ position's token, which teaches copying; `tests/test_packing.py` proves ours is 
 -100 (ignored) on each example's first token (it would be predicted from the previous example), on the
 instruction when `loss_on_response_only`, and on block padding.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,10 @@ from .config import LONG_PAGE_POLICIES, Config
 from .data import arrow_dataset
 
 IGNORE_INDEX = -100
-PROMPT_HEADER = ("Below is an instruction that describes a task. You will be provided a prompt and based on it you "
-                 "have to generate HTML code. Write a response that appropriately completes the request.")
+PROMPT_HEADER = (
+    "Below is an instruction that describes a task. You will be provided a prompt and based on it you "
+    "have to generate HTML code. Write a response that appropriately completes the request."
+)
 
 
 STOP_STRING = "</html>"  # a page ends here; generation stops at it
@@ -41,8 +44,9 @@ def build_prompt(description: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- tokenisation
 # Elements whose content is raw text: a cut inside one would put the closing tags into its text
-_RAW_TEXT = re.compile(r"<(script|style|textarea|title)\b[^>]*>.*?(?:</\1\s*>|\Z)|<!--.*?(?:-->|\Z)",
-                       re.IGNORECASE | re.DOTALL)
+_RAW_TEXT = re.compile(
+    r"<(script|style|textarea|title)\b[^>]*>.*?(?:</\1\s*>|\Z)|<!--.*?(?:-->|\Z)", re.IGNORECASE | re.DOTALL
+)
 
 
 def _cut_at_tag_boundary(page: str, offsets: list[tuple[int, int]], budget: int, avoid_raw_text: bool = False) -> int:
@@ -67,8 +71,7 @@ def closing_tags(html_prefix: str) -> str:
     return "".join(f"</{element.name}>" for element in reversed(parser.tree.openElements))
 
 
-def tokenize_example(tokenizer, description: str, page: str, max_tokens: int, policy: str,
-                     response_only: bool) -> dict:
+def tokenize_example(tokenizer, description: str, page: str, max_tokens: int, policy: str, response_only: bool) -> dict:
     """Token ids, labels and the policy's verdict for one pair.
 
     Long-page policy (`max_tokens` per example, prompt included):
@@ -88,20 +91,30 @@ def tokenize_example(tokenizer, description: str, page: str, max_tokens: int, po
     if full_length > max_tokens:
         budget = max_tokens - len(prompt_ids)
         if policy == "drop" or budget < 16:
-            return {"input_ids": [], "labels": [], "status": "dropped", "full_length": full_length,
-                    "prompt_length": len(prompt_ids)}
+            return {
+                "input_ids": [],
+                "labels": [],
+                "status": "dropped",
+                "full_length": full_length,
+                "prompt_length": len(prompt_ids),
+            }
         status = "truncated"
         if policy == "truncate":
-            page_ids = page_ids[:_cut_at_tag_boundary(page, page_enc.offset_mapping, budget)]
+            page_ids = page_ids[: _cut_at_tag_boundary(page, page_enc.offset_mapping, budget)]
         else:
             page_ids = _truncate_and_close(tokenizer, page, page_enc, budget - 1)  # room for EOS
     input_ids = prompt_ids + page_ids + ([eos] if status == "kept" or policy == "truncate_close" else [])
     labels = list(input_ids)
     if response_only:
-        labels[:len(prompt_ids)] = [IGNORE_INDEX] * len(prompt_ids)
+        labels[: len(prompt_ids)] = [IGNORE_INDEX] * len(prompt_ids)
     labels[0] = IGNORE_INDEX  # the first token has no context inside its example
-    return {"input_ids": input_ids, "labels": labels, "status": status, "full_length": full_length,
-            "prompt_length": len(prompt_ids)}
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "status": status,
+        "full_length": full_length,
+        "prompt_length": len(prompt_ids),
+    }
 
 
 def _truncate_and_close(tokenizer, page: str, page_enc, room: int) -> list[int]:
@@ -109,7 +122,7 @@ def _truncate_and_close(tokenizer, page: str, page_enc, room: int) -> list[int]:
     offsets, budget = page_enc.offset_mapping, room
     while budget > 0:
         keep = _cut_at_tag_boundary(page, offsets, budget, avoid_raw_text=True)
-        closing = tokenizer(closing_tags(page[:offsets[keep - 1][1]]), add_special_tokens=False).input_ids
+        closing = tokenizer(closing_tags(page[: offsets[keep - 1][1]]), add_special_tokens=False).input_ids
         if keep + len(closing) <= room:
             return page_enc.input_ids[:keep] + closing
         budget = min(budget - 1, room - len(closing))  # make room for the end tags, then cut again
@@ -124,11 +137,24 @@ def tokenize_split(split: datasets.Dataset, tokenizer, config: Config) -> datase
     so the policy's counts are visible. Large splits are tokenised by several processes."""
 
     def fn(batch):
-        out = {"input_ids": [], "labels": [], "status": [], "full_length": [], "prompt_length": [], "length": [],
-               "loss_tokens": []}
+        out = {
+            "input_ids": [],
+            "labels": [],
+            "status": [],
+            "full_length": [],
+            "prompt_length": [],
+            "length": [],
+            "loss_tokens": [],
+        }
         for description, page in zip(batch["label"], batch["html"]):
-            example = tokenize_example(tokenizer, description, page, config.max_example_tokens,
-                                       config.long_page_policy, config.loss_on_response_only)
+            example = tokenize_example(
+                tokenizer,
+                description,
+                page,
+                config.max_example_tokens,
+                config.long_page_policy,
+                config.loss_on_response_only,
+            )
             example["length"] = len(example["input_ids"])
             example["loss_tokens"] = sum(label != IGNORE_INDEX for label in example["labels"])
             for key in out:
@@ -145,8 +171,10 @@ LENGTH_MARKS = (2048, 4096, 8192, 16384)
 
 def length_shares(lengths: list[int]) -> dict[str, float]:
     """The share of examples longer than 2k, 4k, 8k and 16k tokens."""
-    return {f"over {mark:,} tokens": round(sum(n > mark for n in lengths) / max(1, len(lengths)), 3)
-            for mark in LENGTH_MARKS}
+    return {
+        f"over {mark:,} tokens": round(sum(n > mark for n in lengths) / max(1, len(lengths)), 3)
+        for mark in LENGTH_MARKS
+    }
 
 
 def long_page_report(split: datasets.Dataset, tokenizer, config: Config):
@@ -159,10 +187,13 @@ def long_page_report(split: datasets.Dataset, tokenizer, config: Config):
         tokenized = tokenize_split(split, tokenizer, config.replace(long_page_policy=policy))
         status, full = tokenized["status"], tokenized["full_length"]
         kept = [len(ids) for ids in tokenized["input_ids"]]
-        rows[policy] = {"kept whole": status.count("kept"), "cut": status.count("truncated"),
-                        "dropped": status.count("dropped"), "tokens lost": sum(full) - sum(kept),
-                        "ends with EOS": sum(bool(ids) and ids[-1] == tokenizer.eos_token_id
-                                             for ids in tokenized["input_ids"])}
+        rows[policy] = {
+            "kept whole": status.count("kept"),
+            "cut": status.count("truncated"),
+            "dropped": status.count("dropped"),
+            "tokens lost": sum(full) - sum(kept),
+            "ends with EOS": sum(bool(ids) and ids[-1] == tokenizer.eos_token_id for ids in tokenized["input_ids"]),
+        }
     return pd.DataFrame(rows).T
 
 
@@ -173,13 +204,17 @@ def policy_examples(description: str, page: str, tokenizer, config: Config):
 
     rows = {}
     for policy in LONG_PAGE_POLICIES:
-        example = tokenize_example(tokenizer, description, page, config.max_example_tokens, policy,
-                                   config.loss_on_response_only)
+        example = tokenize_example(
+            tokenizer, description, page, config.max_example_tokens, policy, config.loss_on_response_only
+        )
         ids = example["input_ids"]
-        text = tokenizer.decode(ids[example["prompt_length"]:], skip_special_tokens=True) if ids else ""
-        rows[policy] = {"status": example["status"], "tokens": len(ids),
-                        "ends with EOS": bool(ids) and ids[-1] == tokenizer.eos_token_id,
-                        "page ends with": repr(text[-70:]) if text else "(left out)"}
+        text = tokenizer.decode(ids[example["prompt_length"] :], skip_special_tokens=True) if ids else ""
+        rows[policy] = {
+            "status": example["status"],
+            "tokens": len(ids),
+            "ends with EOS": bool(ids) and ids[-1] == tokenizer.eos_token_id,
+            "page ends with": repr(text[-70:]) if text else "(left out)",
+        }
     return pd.DataFrame(rows).T
 
 
@@ -240,11 +275,14 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-BLOCK_FEATURES = datasets.Features({name: datasets.List(datasets.Value("int64"))
-                                   for name in ("input_ids", "labels", "position_ids")})
+BLOCK_FEATURES = datasets.Features(
+    {name: datasets.List(datasets.Value("int64")) for name in ("input_ids", "labels", "position_ids")}
+)
 
 
-def pack_examples(tokenized: datasets.Dataset, block_size: int, pad_token_id: int) -> tuple[datasets.Dataset, PackingStats]:
+def pack_examples(
+    tokenized: datasets.Dataset, block_size: int, pad_token_id: int
+) -> tuple[datasets.Dataset, PackingStats]:
     """Whole examples into blocks of exactly `block_size` tokens with per-example position ids.
 
     Only the examples' lengths are held in memory; the token ids are read back in block order and the blocks
@@ -257,15 +295,20 @@ def pack_examples(tokenized: datasets.Dataset, block_size: int, pad_token_id: in
         stats.tokens_cut_by_policy += full - length
     too_long = [i for i, n in enumerate(lengths) if n > block_size]
     if too_long:
-        raise ValueError(f"{len(too_long)} examples exceed block_size={block_size}: set max_example_tokens <= block_size")
+        raise ValueError(
+            f"{len(too_long)} examples exceed block_size={block_size}: set max_example_tokens <= block_size"
+        )
     keep = [i for i, n in enumerate(lengths) if n > 0]
-    bins = [sorted(keep[m] for m in members)  # inside a block, keep the dataset's order
-            for members in first_fit_decreasing([lengths[i] for i in keep], block_size)]
+    bins = [
+        sorted(keep[m] for m in members)  # inside a block, keep the dataset's order
+        for members in first_fit_decreasing([lengths[i] for i in keep], block_size)
+    ]
     in_block_order = tokenized.select([i for members in bins for i in members]).select_columns(["input_ids", "labels"])
 
     def blocks():
-        examples = (row for batch in in_block_order.iter(batch_size=1000)
-                    for row in zip(batch["input_ids"], batch["labels"]))
+        examples = (
+            row for batch in in_block_order.iter(batch_size=1000) for row in zip(batch["input_ids"], batch["labels"])
+        )
         for members in bins:
             input_ids, labels, positions = [], [], []
             for ids, example_labels in (next(examples) for _ in members):
@@ -287,16 +330,20 @@ def pack_examples(tokenized: datasets.Dataset, block_size: int, pad_token_id: in
     return packed, stats
 
 
-def pack_splits(splits: datasets.DatasetDict, tokenizer, config: Config) -> tuple[datasets.DatasetDict, dict[str, PackingStats]]:
+def pack_splits(
+    splits: datasets.DatasetDict, tokenizer, config: Config
+) -> tuple[datasets.DatasetDict, dict[str, PackingStats]]:
     """Tokenise and pack every split; returns the blocks and the per-split statistics."""
     packed, stats = {}, {}
     for name, split in splits.items():
         tokenized = tokenize_split(split, tokenizer, config)
         packed[name], stats[name] = pack_examples(tokenized, config.block_size, tokenizer.pad_token_id)
         if stats[name].blocks == 0:
-            raise ValueError(f"The {name} split has no example left after the long-page policy "
-                             f"({config.long_page_policy}, max_example_tokens={config.max_example_tokens}): "
-                             f"raise max_example_tokens or use long_page_policy='truncate'")
+            raise ValueError(
+                f"The {name} split has no example left after the long-page policy "
+                f"({config.long_page_policy}, max_example_tokens={config.max_example_tokens}): "
+                f"raise max_example_tokens or use long_page_policy='truncate'"
+            )
     return datasets.DatasetDict(packed), stats
 
 
@@ -309,9 +356,11 @@ def packing_fingerprint(config: Config, tokenizer) -> dict:
     import hashlib
 
     vocab = sorted(tokenizer.get_vocab().items())
-    return {**{name: getattr(config, name) for name in PACKING_SETTINGS},
-            "tokenizer_vocab_sha256": hashlib.sha256(repr(vocab).encode("utf-8")).hexdigest()[:16],
-            "bos_eos_pad": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]}
+    return {
+        **{name: getattr(config, name) for name in PACKING_SETTINGS},
+        "tokenizer_vocab_sha256": hashlib.sha256(repr(vocab).encode("utf-8")).hexdigest()[:16],
+        "bos_eos_pad": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
+    }
 
 
 def packing_mismatch(run_dir: str | Path, fingerprint: dict) -> str | None:
@@ -322,13 +371,17 @@ def packing_mismatch(run_dir: str | Path, fingerprint: dict) -> str | None:
     if not saved_file.exists():
         return "the packed blocks carry no record of their settings (packed by an older version)"
     saved = json.loads(saved_file.read_text())
-    differences = [f"{key} {saved.get(key)!r} there, {value!r} here" for key, value in fingerprint.items()
-                   if saved.get(key) != value]
+    differences = [
+        f"{key} {saved.get(key)!r} there, {value!r} here"
+        for key, value in fingerprint.items()
+        if saved.get(key) != value
+    ]
     return "; ".join(differences).replace("tokenizer_vocab_sha256", "tokenizer") or None
 
 
-def save_packed(packed: datasets.DatasetDict, stats: dict[str, PackingStats], run_dir: str | Path,
-                fingerprint: dict | None = None) -> Path:
+def save_packed(
+    packed: datasets.DatasetDict, stats: dict[str, PackingStats], run_dir: str | Path, fingerprint: dict | None = None
+) -> Path:
     import json
 
     out = Path(run_dir) / "packed"
@@ -347,8 +400,16 @@ def load_packed(run_dir: str | Path) -> datasets.DatasetDict:
 
 
 # ---------------------------------------------------------------------------------------------- batches
-def make_dataloader(blocks: datasets.Dataset, batch_size: int, shuffle: bool = False, seed: int = 0,
-                    epoch: int = 0, skip_batches: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
+def make_dataloader(
+    blocks: datasets.Dataset,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    skip_batches: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
     """Batches of {input_ids, labels, position_ids}: this rank's share of the blocks (all of them in a world of
     one), shuffled by torch's `DistributedSampler`.
 
@@ -357,13 +418,17 @@ def make_dataloader(blocks: datasets.Dataset, batch_size: int, shuffle: bool = F
     seen twice in an epoch (the last `len(blocks) % world_size` of the permutation wait for the next epoch). The
     loader gets a generator of its own: otherwise each new loader draws its base seed from the global RNG, and a
     resumed run (which makes a new loader mid-epoch) would draw different dropout masks from an uninterrupted one."""
-    sampler = DistributedSampler(blocks, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
-                                 drop_last=True)
+    sampler = DistributedSampler(blocks, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
     sampler.set_epoch(epoch)
-    order = list(sampler)[skip_batches * batch_size:]
+    order = list(sampler)[skip_batches * batch_size :]
     subset = blocks.select(order).select_columns(list(BLOCK_COLUMNS))
-    return DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate_blocks,
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        subset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collate_blocks,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 BLOCK_COLUMNS = ("input_ids", "labels", "position_ids")
@@ -373,4 +438,3 @@ def collate_blocks(rows: list[dict]) -> dict[str, torch.Tensor]:
     """Rows of equal-length blocks -> a dict of (batch, block_size) LongTensors. (Plain lists, not datasets'
     torch formatter, which imports torchvision and breaks where that is installed without its video parts.)"""
     return {k: torch.tensor([row[k] for row in rows], dtype=torch.long) for k in BLOCK_COLUMNS}
-

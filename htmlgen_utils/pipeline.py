@@ -8,6 +8,7 @@ Executed copies go to `RUN_DIR/executed/`, every artifact (splits, packed blocks
 plots, metrics.json) to RUN_DIR. The chain stops at the first failing notebook and names it and the
 failing cell.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,13 @@ from pathlib import Path
 
 from .config import PACKAGE_DIR, REPO_DIR, Config
 
-NOTEBOOKS = ("01_dataset_exploration", "02_prompts_and_packing", "03_qlora_model_setup", "04_training_loop",
-             "05_evaluation_and_rendering")
+NOTEBOOKS = (
+    "01_dataset_exploration",
+    "02_prompts_and_packing",
+    "03_qlora_model_setup",
+    "04_training_loop",
+    "05_evaluation_and_rendering",
+)
 
 
 def notebook_dir() -> Path:
@@ -41,13 +47,19 @@ def _failing_cell(executed: Path) -> str:
         for output in cell.get("outputs", []):
             if output.get("output_type") == "error":
                 source = cell.source.strip().splitlines()
-                return (f"cell {index} ({source[0][:80] if source else ''!r}...): "
-                        f"{output.get('ename')}: {output.get('evalue')}")
+                return (
+                    f"cell {index} ({source[0][:80] if source else ''!r}...): "
+                    f"{output.get('ename')}: {output.get('evalue')}"
+                )
     return "no error cell recorded"
 
 
-def run_pipeline(config: Config, notebooks: tuple[str, ...] = NOTEBOOKS, log_output: bool = False,
-                 notebook_parameters: dict | None = None) -> dict:
+def run_pipeline(
+    config: Config,
+    notebooks: tuple[str, ...] = NOTEBOOKS,
+    log_output: bool = False,
+    notebook_parameters: dict | None = None,
+) -> dict:
     """Execute `notebooks` in order with the run's parameters (plus `notebook_parameters`, e.g.
     {"fresh_start": True}); return metrics.json's content (if written)."""
     import papermill as pm
@@ -56,10 +68,16 @@ def run_pipeline(config: Config, notebooks: tuple[str, ...] = NOTEBOOKS, log_out
     executed_dir = run_dir / "executed"
     executed_dir.mkdir(parents=True, exist_ok=True)
     defaults = Config.from_preset(config.preset).to_dict()
-    overrides = {k: v for k, v in config.to_dict().items()
-                 if v != defaults.get(k) and k not in ("preset", "run_dir", "dataset")}
-    parameters = {"preset": config.preset, "run_dir": str(run_dir), "dataset": config.dataset, "overrides": overrides,
-                  **(notebook_parameters or {})}
+    overrides = {
+        k: v for k, v in config.to_dict().items() if v != defaults.get(k) and k not in ("preset", "run_dir", "dataset")
+    }
+    parameters = {
+        "preset": config.preset,
+        "run_dir": str(run_dir),
+        "dataset": config.dataset,
+        "overrides": overrides,
+        **(notebook_parameters or {}),
+    }
     source_dir = notebook_dir()
     timings = {}
     for name in notebooks:
@@ -67,12 +85,20 @@ def run_pipeline(config: Config, notebooks: tuple[str, ...] = NOTEBOOKS, log_out
         output = executed_dir / f"{name}.ipynb"
         print(f"==> {name}", flush=True)
         try:
-            pm.execute_notebook(str(source_dir / f"{name}.ipynb"), str(output), parameters=parameters,
-                                cwd=str(source_dir), progress_bar=True, log_output=log_output, kernel_name="python3")
+            pm.execute_notebook(
+                str(source_dir / f"{name}.ipynb"),
+                str(output),
+                parameters=parameters,
+                cwd=str(source_dir),
+                progress_bar=True,
+                log_output=log_output,
+                kernel_name="python3",
+            )
         except pm.PapermillExecutionError as error:
             where = " ".join(_failing_cell(output).split())  # one line, however long the error
-            raise NotebookFailed(f"Notebook {name} failed at {where}. The executed copy with the full error is "
-                                 f"{output}") from error
+            raise NotebookFailed(
+                f"Notebook {name} failed at {where}. The executed copy with the full error is {output}"
+            ) from error
         timings[name] = round(time.perf_counter() - started, 1)
         print(f"    done in {timings[name]} s", flush=True)
     (run_dir / "pipeline_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
@@ -86,7 +112,8 @@ PUBLISHED_NOTE = (
     "CPU: a 4M-parameter Llama shipped with the package, fine-tuned on the bundled data in about a minute, made by "
     "`python -m htmlgen_utils.pipeline --preset tiny --publish`. On a Colab T4 the same cells load Llama-2-7B in "
     "4 bits: bigger numbers, minutes per training step, and pages from a real model. To run it, open "
-    "[the notebook itself](../{name}.ipynb).")
+    "[the notebook itself](../{name}.ipynb)."
+)
 
 
 def publish_executed(run_dir: Path, shown_run_dir: str, out_dir: Path = EXECUTED_DIR) -> list[Path]:
@@ -94,17 +121,22 @@ def publish_executed(run_dir: Path, shown_run_dir: str, out_dir: Path = EXECUTED
     outputs come from, papermill's injected parameters and timing metadata removed (the parameters cell shows the
     defaults a reader starts from), and this machine's paths replaced (the run directory by `shown_run_dir`, the
     repository by nothing)."""
-    import nbformat
     import site
 
-    replacements = [(str(run_dir.resolve()), shown_run_dir), (str(REPO_DIR) + "/", ""), (str(REPO_DIR), "."),
-                    *((path + "/", "") for path in site.getsitepackages()), (tempfile.gettempdir() + "/", "")]
+    import nbformat
+
+    replacements = [
+        (str(run_dir.resolve()), shown_run_dir),
+        (str(REPO_DIR) + "/", ""),
+        (str(REPO_DIR), "."),
+        *((path + "/", "") for path in site.getsitepackages()),
+        (tempfile.gettempdir() + "/", ""),
+    ]
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name in NOTEBOOKS:
         notebook = nbformat.read(str(run_dir / "executed" / f"{name}.ipynb"), as_version=4)
-        notebook.cells = [cell for cell in notebook.cells
-                          if "injected-parameters" not in cell.metadata.get("tags", [])]
+        notebook.cells = [cell for cell in notebook.cells if "injected-parameters" not in cell.metadata.get("tags", [])]
         for cell in notebook.cells:
             cell.metadata.pop("papermill", None)
             cell.metadata.pop("execution", None)
@@ -122,6 +154,7 @@ def publish_executed(run_dir: Path, shown_run_dir: str, out_dir: Path = EXECUTED
 
 def _without_paths(output, replacements: list[tuple[str, str]]):
     """A cell output with this machine's absolute paths replaced, in its text and its text-like data."""
+
     def clean(text: str) -> str:
         for old, new in replacements:
             text = text.replace(old, new)
@@ -147,11 +180,15 @@ def main(argv: list[str] | None = None) -> int:
         notebooks = tuple(name for name in NOTEBOOKS if any(name.startswith(w) for w in wanted))
         unknown = [w for w in wanted if not any(name.startswith(w) for name in NOTEBOOKS)]
         if unknown or not notebooks:
-            raise ValueError(f"--notebooks {args.notebooks!r}: no notebook starts with {unknown or wanted}; they are "
-                             f"{', '.join(NOTEBOOKS)} (e.g. --notebooks 04,05)")
+            raise ValueError(
+                f"--notebooks {args.notebooks!r}: no notebook starts with {unknown or wanted}; they are "
+                f"{', '.join(NOTEBOOKS)} (e.g. --notebooks 04,05)"
+            )
     if config.preset == "tiny":
-        print("Running the 'tiny' preset on the CPU: the small pre-trained Llama shipped with the package and "
-              f"the {config.dataset!r} dataset.")
+        print(
+            "Running the 'tiny' preset on the CPU: the small pre-trained Llama shipped with the package and "
+            f"the {config.dataset!r} dataset."
+        )
     started = time.perf_counter()
     publishing = tempfile.TemporaryDirectory() if args.publish else None
     if publishing is not None:  # a fresh run, whatever runs/ holds, so every notebook shows its outputs
@@ -169,8 +206,11 @@ def main(argv: list[str] | None = None) -> int:
             publishing.cleanup()
     keys = ("rouge1", "rouge2", "rougeL", "token_accuracy", "html_valid_rate", "eval_loss")
     print(json.dumps({k: metrics.get(k) for k in keys}, indent=2))
-    what, where = (("executed copies", EXECUTED_DIR.relative_to(REPO_DIR)) if args.publish
-                   else ("artifacts", Path(config.run_dir).resolve()))
+    what, where = (
+        ("executed copies", EXECUTED_DIR.relative_to(REPO_DIR))
+        if args.publish
+        else ("artifacts", Path(config.run_dir).resolve())
+    )
     print(f"Chain finished in {time.perf_counter() - started:.0f} s; {what} in {where}")
     return 0
 

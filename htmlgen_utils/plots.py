@@ -1,4 +1,5 @@
 """Figures for the notebooks and the README, drawn from real run data with matplotlib."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,8 +17,11 @@ def plot_token_lengths(lengths: list[int], block_size: int, title: str = "tokens
     ax.hist(lengths, bins=40, color="#4c72b0")
     ax.axvline(block_size, color="#c44e52", linestyle="--", label=f"max example tokens = {block_size}")
     over = sum(n > block_size for n in lengths)
-    ax.set(xlabel="tokens (prompt + page + EOS)", ylabel="examples",
-           title=f"{title}: {over} of {len(lengths)} longer than the limit")
+    ax.set(
+        xlabel="tokens (prompt + page + EOS)",
+        ylabel="examples",
+        title=f"{title}: {over} of {len(lengths)} longer than the limit",
+    )
     ax.legend()
     fig.tight_layout()
     return fig
@@ -50,11 +54,18 @@ def plot_packing(blocks, max_blocks: int = 8, out: str | Path | None = None):
     ax.invert_yaxis()
     ax.set_xlabel("token position in block")
     ax.set_title("Packing: whole examples per block, position ids restart per example (attention stays inside)")
-    ax.legend(handles=[Patch(color="#4c72b0", alpha=0.35, label="instruction (no loss)"),
-                       Patch(color="#4c72b0", alpha=0.9, label="response (loss)"),
-                       Patch(color="#dddddd", label="padding"),
-                       plt.Line2D([], [], color="black", label="EOS / example end")],
-              loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=4, frameon=False)
+    ax.legend(
+        handles=[
+            Patch(color="#4c72b0", alpha=0.35, label="instruction (no loss)"),
+            Patch(color="#4c72b0", alpha=0.9, label="response (loss)"),
+            Patch(color="#dddddd", label="padding"),
+            plt.Line2D([], [], color="black", label="EOS / example end"),
+        ],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.28),
+        ncol=4,
+        frameon=False,
+    )
     fig.tight_layout()
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

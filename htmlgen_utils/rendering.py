@@ -7,6 +7,7 @@ HTML-escaped (`&`, `<`, `>`, `"` and `'`) before it goes into the attribute, so 
 the page stays text inside srcdoc. The source/preview toggle is a plain `<details>` element: no script
 needed, so it works in Jupyter, Colab, and nbconvert's HTML export.
 """
+
 from __future__ import annotations
 
 import html
@@ -35,22 +36,30 @@ def preview_document(page: str) -> str:
     return _OUTWARD_LINK.sub(lambda m: f'<{m.group(1)} target="_blank"', page)
 
 
-def iframe_html(page: str, height: int = 360, width: str = "100%", title: str = "generated page",
-                style: str = IFRAME_STYLE) -> str:
+def iframe_html(
+    page: str, height: int = 360, width: str = "100%", title: str = "generated page", style: str = IFRAME_STYLE
+) -> str:
     """A fully sandboxed iframe holding `page` (escaped into srcdoc, links kept inside: `preview_document`)."""
-    return (f'<iframe sandbox="" referrerpolicy="no-referrer" title="{html.escape(title)}" '
-            f'srcdoc="{html.escape(preview_document(page), quote=True)}" style="width:{width};height:{height}px;'
-            f'{style}"></iframe>')
+    return (
+        f'<iframe sandbox="" referrerpolicy="no-referrer" title="{html.escape(title)}" '
+        f'srcdoc="{html.escape(preview_document(page), quote=True)}" style="width:{width};height:{height}px;'
+        f'{style}"></iframe>'
+    )
 
 
 def source_toggle(page: str, label: str = "source") -> str:
-    return (f"<details><summary>{html.escape(label)}</summary><pre style=\"max-height:240px;overflow:auto;"
-            f"white-space:pre-wrap;font-size:11px\">{html.escape(page)}</pre></details>")
+    return (
+        f'<details><summary>{html.escape(label)}</summary><pre style="max-height:240px;overflow:auto;'
+        f'white-space:pre-wrap;font-size:11px">{html.escape(page)}</pre></details>'
+    )
 
 
 def page_card(page: str, heading: str = "", height: int = 360) -> str:
-    return (f"<div>{f'<b>{html.escape(heading)}</b>' if heading else ''}{iframe_html(page, height, title=heading or 'page')}"
-            f"{source_toggle(page)}</div>")
+    return (
+        f"<div>{f'<b>{html.escape(heading)}</b>' if heading else ''}"
+        f"{iframe_html(page, height, title=heading or 'page')}"
+        f"{source_toggle(page)}</div>"
+    )
 
 
 def show_page(page: str, height: int = 360):
@@ -60,25 +69,34 @@ def show_page(page: str, height: int = 360):
     display(HTML(page_card(page, height=height)))
 
 
-def gallery_html(rows: Iterable[dict], height: int = 320, score_keys: tuple[str, ...] = (
-        "rougeL", "tree_bleu", "description_coverage", "block_match", "valid_html"),
-        element_id: str = "htmlgen-gallery") -> str:
+def gallery_html(
+    rows: Iterable[dict],
+    height: int = 320,
+    score_keys: tuple[str, ...] = ("rougeL", "tree_bleu", "description_coverage", "block_match", "valid_html"),
+    element_id: str = "htmlgen-gallery",
+) -> str:
     """Reference vs generated (and the base model's page, when a row has `base_generated`), side by side, one row
     per example with its scores."""
     parts = [f'<div class="htmlgen-gallery" id="{html.escape(element_id)}">']
     for index, row in enumerate(rows):
         scores = ", ".join(
             f"{k} {row[k]:.2f}" if isinstance(row.get(k), float) else f"{k} {row.get(k)}"
-            for k in score_keys if k in row)
+            for k in score_keys
+            if k in row
+        )
         parts.append(
             f'<div style="margin:12px 0;padding:8px;border-top:2px solid #888">'
             f"<p><b>{index + 1}. {html.escape(str(row['description']))}</b><br><small>{html.escape(scores)}</small></p>"
             f'<div style="display:flex;gap:12px">'
             f'<div style="flex:1">{page_card(row["reference"], "reference", height)}</div>'
             f'<div style="flex:1">{page_card(row["generated"], "fine-tuned", height)}</div>'
-            + (f'<div style="flex:1">{page_card(row["base_generated"], "base model", height)}</div>'
-               if "base_generated" in row else "")
-            + "</div></div>")
+            + (
+                f'<div style="flex:1">{page_card(row["base_generated"], "base model", height)}</div>'
+                if "base_generated" in row
+                else ""
+            )
+            + "</div></div>"
+        )
     parts.append("</div>")
     return "\n".join(parts)
 
@@ -95,8 +113,13 @@ def show_gallery(table, limit: int = 6, height: int = 320, base_table=None):
     display(HTML(gallery_html(rows, height)))
 
 
-def playground(model, tokenizer, max_new_tokens: int = 1024, default: str = "A minimalist landing page with a "
-               "download button", compile_decode: bool = False):
+def playground(
+    model,
+    tokenizer,
+    max_new_tokens: int = 1024,
+    default: str = "A minimalist landing page with a download button",
+    compile_decode: bool = False,
+):
     """An ipywidgets playground: type a description, press Generate, see the page (streamed source, then the
     sandboxed preview). Works in Jupyter and Colab; returns the widget box."""
     import ipywidgets as widgets
@@ -104,8 +127,9 @@ def playground(model, tokenizer, max_new_tokens: int = 1024, default: str = "A m
     from .generation import clean_page, stream_page
 
     text = widgets.Textarea(value=default, placeholder="Describe a page…", layout=widgets.Layout(width="100%"))
-    tokens = widgets.IntSlider(value=max_new_tokens, min=32, max=max(max_new_tokens, 2048), step=32,
-                               description="max tokens")
+    tokens = widgets.IntSlider(
+        value=max_new_tokens, min=32, max=max(max_new_tokens, 2048), step=32, description="max tokens"
+    )
     sample = widgets.Checkbox(value=False, description="sample (temperature 0.7)")
     button = widgets.Button(description="Generate", button_style="primary", icon="play")
     status = widgets.Label()
@@ -116,7 +140,9 @@ def playground(model, tokenizer, max_new_tokens: int = 1024, default: str = "A m
         status.value = "generating…"
         page = ""
         try:
-            pieces = stream_page(model, tokenizer, text.value, tokens.value, sample.value, compile_decode=compile_decode)
+            pieces = stream_page(
+                model, tokenizer, text.value, tokens.value, sample.value, compile_decode=compile_decode
+            )
             for count, piece in enumerate(pieces, 1):
                 page += piece
                 if count % 16 == 0:

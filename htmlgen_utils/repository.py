@@ -6,6 +6,7 @@ and notebook setup cells at the fork.
 rewrites this constant, every notebook's "Open in Colab" badge and `repo_url` parameter, and the README's badges.
 A test checks that all of them agree with `REPOSITORY_URL`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,10 @@ def colab_badge_url(notebook: str, repository_url: str = REPOSITORY_URL, branch:
 def _owner_and_name(repository_url: str) -> tuple[str, str]:
     match = _GITHUB.match(repository_url)
     if not match:
-        raise ValueError(f"{repository_url!r} is not a GitHub repository address like https://github.com/OWNER/NAME "
-                         f"(Colab opens notebooks from GitHub)")
+        raise ValueError(
+            f"{repository_url!r} is not a GitHub repository address like https://github.com/OWNER/NAME "
+            f"(Colab opens notebooks from GitHub)"
+        )
     return match.group(1), match.group(2)
 
 
@@ -38,13 +41,18 @@ def point_at(repository_url: str, branch: str, repo_dir: Path) -> list[Path]:
     _owner_and_name(repository_url)
     old_owner, old_name = _owner_and_name(REPOSITORY_URL)
     new_owner, new_name = _owner_and_name(repository_url)
-    old_badge = re.compile(rf"colab\.research\.google\.com/github/{re.escape(old_owner)}/{re.escape(old_name)}/blob/"
-                           rf"{re.escape(BRANCH)}/")
+    old_badge = re.compile(
+        rf"colab\.research\.google\.com/github/{re.escape(old_owner)}/{re.escape(old_name)}/blob/"
+        rf"{re.escape(BRANCH)}/"
+    )
     new_badge = f"colab.research.google.com/github/{new_owner}/{new_name}/blob/{branch}/"
     changed = []
-    files = [repo_dir / "htmlgen_utils" / "repository.py", repo_dir / "README.md",
-             *sorted((repo_dir / "notebooks").glob("*.ipynb")),
-             *sorted((repo_dir / "notebooks" / "executed").glob("*.ipynb"))]  # their copies with outputs too
+    files = [
+        repo_dir / "htmlgen_utils" / "repository.py",
+        repo_dir / "README.md",
+        *sorted((repo_dir / "notebooks").glob("*.ipynb")),
+        *sorted((repo_dir / "notebooks" / "executed").glob("*.ipynb")),
+    ]  # their copies with outputs too
     for path in files:
         if not path.exists():
             continue

@@ -15,6 +15,7 @@ that wait together (up to `max_batch`, collected for `batch_wait_ms`) are genera
 little more than one page; when more than `max_waiting` are already waiting the server answers 503 at once
 instead of queueing without bound. Binds 127.0.0.1 unless told otherwise; no endpoint reads or writes files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,7 @@ class Query(BaseModel):
 # What each field's mistake means, in words a person reads in the form
 FIELD_HELP = {
     "user_prompt": f"Describe the page you want: user_prompt must be text of 1 to {MAX_PROMPT_CHARS} characters "
-                   f"(not only spaces).",
+    f"(not only spaces).",
     "max_new_tokens": "max_new_tokens must be a whole number from 1 to {cap}.",
     "temperature": "temperature must be a number from 0 (greedy) to 2.",
     "stream": "stream must be true or false.",
@@ -88,8 +89,15 @@ class GenerationQueue:
     `max_batch`, and generates each group of equal settings as one batch. A streamed request runs on its own
     (its pieces go out as they are written)."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 8, batch_wait_ms: float = 10.0, max_waiting: int = 32,
-                 compile_decode: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch: int = 8,
+        batch_wait_ms: float = 10.0,
+        max_waiting: int = 32,
+        compile_decode: bool = False,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.batch_wait, self.max_waiting = max_batch, batch_wait_ms / 1000, max_waiting
         self.compile_decode = compile_decode
@@ -154,9 +162,16 @@ class GenerationQueue:
         try:
             # compiled decoding keeps to two batch sizes (1 and max_batch), so each compiles once
             size = 1 if len(group) == 1 else (self.max_batch if self.compile_decode else len(group))
-            result = generate_pages(self.model, self.tokenizer, [job.prompt for job in group], max_new_tokens,
-                                    batch_size=size, do_sample=temperature > 0, temperature=temperature or 1.0,
-                                    compile_decode=self.compile_decode)
+            result = generate_pages(
+                self.model,
+                self.tokenizer,
+                [job.prompt for job in group],
+                max_new_tokens,
+                batch_size=size,
+                do_sample=temperature > 0,
+                temperature=temperature or 1.0,
+                compile_decode=self.compile_decode,
+            )
         except Exception as error:  # every request of the batch gets the error; the server goes on
             self.counts["errors"] += len(group)
             self._done(group)
@@ -168,23 +183,42 @@ class GenerationQueue:
         self.counts["largest_batch"] = max(self.counts["largest_batch"], len(group))
         self._done(group)
         for job, page, tokens in zip(group, result.pages, result.new_tokens):
-            job.future.set_result({"html": page, "tokens": tokens, "seconds": round(result.seconds, 3),
-                                   "batch_size": len(group), "user_prompt": job.prompt})
+            job.future.set_result(
+                {
+                    "html": page,
+                    "tokens": tokens,
+                    "seconds": round(result.seconds, 3),
+                    "batch_size": len(group),
+                    "user_prompt": job.prompt,
+                }
+            )
 
     def _stream(self, job: _Job) -> None:
         from .generation import clean_page, stream_page
 
         started, text = time.perf_counter(), ""
         try:
-            for piece in stream_page(self.model, self.tokenizer, job.prompt, job.max_new_tokens,
-                                     do_sample=job.temperature > 0, temperature=job.temperature or 1.0,
-                                     compile_decode=self.compile_decode):
+            for piece in stream_page(
+                self.model,
+                self.tokenizer,
+                job.prompt,
+                job.max_new_tokens,
+                do_sample=job.temperature > 0,
+                temperature=job.temperature or 1.0,
+                compile_decode=self.compile_decode,
+            ):
                 text += piece
                 job.pieces.put(piece)
             page = clean_page(text)
             self.counts["served"] += 1
-            job.pieces.put({"html": page, "tokens": len(self.tokenizer(page, add_special_tokens=False).input_ids),
-                            "seconds": round(time.perf_counter() - started, 3), "user_prompt": job.prompt})
+            job.pieces.put(
+                {
+                    "html": page,
+                    "tokens": len(self.tokenizer(page, add_special_tokens=False).input_ids),
+                    "seconds": round(time.perf_counter() - started, 3),
+                    "user_prompt": job.prompt,
+                }
+            )
         except Exception as error:
             self.counts["errors"] += 1
             job.pieces.put(error)
@@ -206,9 +240,17 @@ def _server_sent_events(job: _Job):
             return
 
 
-def create_app(model, tokenizer, max_new_tokens_cap: int = 1024, default_max_new_tokens: int | None = None,
-               max_waiting: int = 32, description: str = "", compile_decode: bool = False, max_batch: int = 8,
-               batch_wait_ms: float = 10.0) -> FastAPI:
+def create_app(
+    model,
+    tokenizer,
+    max_new_tokens_cap: int = 1024,
+    default_max_new_tokens: int | None = None,
+    max_waiting: int = 32,
+    description: str = "",
+    compile_decode: bool = False,
+    max_batch: int = 8,
+    batch_wait_ms: float = 10.0,
+) -> FastAPI:
     """The API around an already loaded model (tests build it around the tiny model). `max_batch=1` serves one
     request at a time."""
     default_tokens = min(default_max_new_tokens or max_new_tokens_cap, max_new_tokens_cap)
@@ -240,22 +282,29 @@ def create_app(model, tokenizer, max_new_tokens_cap: int = 1024, default_max_new
         problems = []
         for item in error.errors():
             if item.get("type") == "json_invalid":
-                return _error(400, "The body is not valid JSON: send {\"user_prompt\": \"a page about ...\"}.")
+                return _error(400, 'The body is not valid JSON: send {"user_prompt": "a page about ..."}.')
             where = [str(p) for p in item.get("loc", ()) if p != "body"]
             name = where[0] if where else ""
             if item.get("type") == "extra_forbidden":
-                problems.append(f"Unknown field {name!r}: send user_prompt, and optionally max_new_tokens, "
-                                f"temperature, stream.")
+                problems.append(
+                    f"Unknown field {name!r}: send user_prompt, and optionally max_new_tokens, temperature, stream."
+                )
             elif name in FIELD_HELP:
                 problems.append(FIELD_HELP[name].format(cap=max_new_tokens_cap))
             else:
-                problems.append("Send a JSON object like {\"user_prompt\": \"a page about ...\"}.")
+                problems.append('Send a JSON object like {"user_prompt": "a page about ..."}.')
         return _error(422, " ".join(dict.fromkeys(problems)))
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "model": description, "waiting": generation.waiting,
-                "max_new_tokens_cap": max_new_tokens_cap, "max_batch": generation.max_batch, **generation.counts}
+        return {
+            "status": "ok",
+            "model": description,
+            "waiting": generation.waiting,
+            "max_new_tokens_cap": max_new_tokens_cap,
+            "max_batch": generation.max_batch,
+            **generation.counts,
+        }
 
     @app.post("/query")
     def query(body: Query):
@@ -267,8 +316,9 @@ def create_app(model, tokenizer, max_new_tokens_cap: int = 1024, default_max_new
         except Busy:
             return _error(503, "The server is busy: too many requests are waiting. Try again shortly.")
         if body.stream:
-            return StreamingResponse(_server_sent_events(job), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                _server_sent_events(job), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
         try:
             return job.future.result()
         except Exception as error:  # never let one request take the server down
@@ -277,9 +327,15 @@ def create_app(model, tokenizer, max_new_tokens_cap: int = 1024, default_max_new
     @app.get("/", response_class=HTMLResponse)
     def form():
         # data: images in generated pages show in the preview; nothing is fetched from elsewhere
-        return HTMLResponse(FORM_PAGE, headers={"Content-Security-Policy": (
-            "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:; "
-            "font-src data:; frame-src 'self'")})
+        return HTMLResponse(
+            FORM_PAGE,
+            headers={
+                "Content-Security-Policy": (
+                    "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:; "
+                    "font-src data:; frame-src 'self'"
+                )
+            },
+        )
 
     @app.get("/favicon.ico")
     def favicon():
@@ -288,8 +344,10 @@ def create_app(model, tokenizer, max_new_tokens_cap: int = 1024, default_max_new
     return app
 
 
-FAVICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" '
-           b'fill="#2563eb"/><path d="M5 4 2 8l3 4M11 4l3 4-3 4" stroke="#fff" stroke-width="1.6" fill="none"/></svg>')
+FAVICON = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" '
+    b'fill="#2563eb"/><path d="M5 4 2 8l3 4M11 4l3 4-3 4" stroke="#fff" stroke-width="1.6" fill="none"/></svg>'
+)
 
 FORM_PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -352,16 +410,21 @@ prompt.addEventListener('keydown', (event) => {
 def load_app(run_dir: str | Path, max_waiting: int = 32, max_batch: int = 8) -> FastAPI:
     from .levers import wants_compiled_decode
     from .model import load_trained
-
     from .stages import generation_length
 
     model, tokenizer, config = load_trained(run_dir)
     config = config.replace(run_dir=str(run_dir))
     tokens = generation_length(config, tokenizer)
-    return create_app(model, tokenizer, max_new_tokens_cap=max(tokens, 32),
-                      compile_decode=wants_compiled_decode(model, config), max_batch=max_batch,
-                      default_max_new_tokens=tokens, max_waiting=max_waiting,
-                      description=f"{config.model_id} + adapter from {Path(run_dir).name}")
+    return create_app(
+        model,
+        tokenizer,
+        max_new_tokens_cap=max(tokens, 32),
+        compile_decode=wants_compiled_decode(model, config),
+        max_batch=max_batch,
+        default_max_new_tokens=tokens,
+        max_waiting=max_waiting,
+        description=f"{config.model_id} + adapter from {Path(run_dir).name}",
+    )
 
 
 class BackgroundServer:
@@ -404,8 +467,9 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"--run-dir {args.run_dir} is a file: give the run's folder (the one holding adapter/)")
     started = time.perf_counter()
     app = load_app(args.run_dir, args.max_waiting, args.max_batch)
-    print(f"model loaded in {time.perf_counter() - started:.1f} s; serving on http://{args.host}:{args.port}/",
-          flush=True)
+    print(
+        f"model loaded in {time.perf_counter() - started:.1f} s; serving on http://{args.host}:{args.port}/", flush=True
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

@@ -5,6 +5,7 @@ On Colab every notebook runs in its own runtime with only the run directory (on 
 notebook never assumes the one before ran in this process: splits and packed blocks are rebuilt when missing
 (seconds to minutes), while a missing adapter (the longest stage: training) stops it with what to run.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,15 +36,19 @@ def ensure_splits(config: Config) -> datasets.DatasetDict:
     """The run's saved splits; made again from `config.dataset` (what notebook 01 does) when there are none."""
     report_file = Path(config.run_dir) / "data" / "report.json"
     if not report_file.exists():
-        print(f"No splits in {Path(config.run_dir) / 'data'}: making them from {config.dataset!r}, as notebook 01 does.")
+        print(
+            f"No splits in {Path(config.run_dir) / 'data'}: making them from {config.dataset!r}, as notebook 01 does."
+        )
         splits, report = load_splits(config)
         save_splits(splits, report, config.run_dir)
         return splits
     source = json.loads(report_file.read_text()).get("source")
     if source != config.dataset:
-        raise ValueError(f"The splits in {config.run_dir} were made from dataset {source!r}, but this notebook's "
-                         f"dataset is {config.dataset!r}: set dataset={source!r}, run notebook 01 again with the new "
-                         f"dataset, or use another run_dir.")
+        raise ValueError(
+            f"The splits in {config.run_dir} were made from dataset {source!r}, but this notebook's "
+            f"dataset is {config.dataset!r}: set dataset={source!r}, run notebook 01 again with the new "
+            f"dataset, or use another run_dir."
+        )
     return load_saved_splits(config.run_dir)
 
 
@@ -58,9 +63,11 @@ def ensure_packed(config: Config, tokenizer) -> datasets.DatasetDict:
         return packed
     mismatch = packing_mismatch(config.run_dir, fingerprint)
     if mismatch:
-        raise ValueError(f"The blocks in {Path(config.run_dir) / 'packed'} were packed with other settings than this "
-                         f"notebook's ({mismatch}). Run notebook 02 again with the same parameters as this one (it "
-                         f"packs anew), or use another run_dir.")
+        raise ValueError(
+            f"The blocks in {Path(config.run_dir) / 'packed'} were packed with other settings than this "
+            f"notebook's ({mismatch}). Run notebook 02 again with the same parameters as this one (it "
+            f"packs anew), or use another run_dir."
+        )
     return load_packed(config.run_dir)
 
 
@@ -94,17 +101,30 @@ def small_data_warning(test_examples: int) -> str | None:
     """A warning when the test split is too small for its scores to mean much, with what to do."""
     if test_examples >= SMALL_TEST_SPLIT:
         return None
-    return (f"Only {test_examples} test example(s): with fewer than {SMALL_TEST_SPLIT} the scores are mostly noise "
-            f"(one page moves a rate by {1 / max(test_examples, 1):.0%}). Raise test_fraction (e.g. overrides="
-            f"{{\"test_fraction\": 0.2}}) or bring more data; say so when you report them.")
+    return (
+        f"Only {test_examples} test example(s): with fewer than {SMALL_TEST_SPLIT} the scores are mostly noise "
+        f"(one page moves a rate by {1 / max(test_examples, 1):.0%}). Raise test_fraction (e.g. overrides="
+        f'{{"test_fraction": 0.2}}) or bring more data; say so when you report them.'
+    )
 
 
-def collect_metrics(summary: dict, teacher_forced: dict, generation: dict, run_dir: str | Path,
-                    base_summary: dict | None = None, base_teacher_forced: dict | None = None) -> dict:
+def collect_metrics(
+    summary: dict,
+    teacher_forced: dict,
+    generation: dict,
+    run_dir: str | Path,
+    base_summary: dict | None = None,
+    base_teacher_forced: dict | None = None,
+) -> dict:
     """metrics.json's content: the page scores, the test split's teacher-forced loss and accuracy, the
     generation figures, the last validation loss of training, and the base model's scores beside them."""
-    metrics = {**summary, "eval_loss": teacher_forced["eval_loss"],
-               "token_accuracy": teacher_forced["eval_token_accuracy"], "eval_split": "test", "generation": generation}
+    metrics = {
+        **summary,
+        "eval_loss": teacher_forced["eval_loss"],
+        "token_accuracy": teacher_forced["eval_token_accuracy"],
+        "eval_split": "test",
+        "generation": generation,
+    }
     history_file = Path(run_dir) / "history.json"
     if history_file.exists():
         evals = [h for h in json.loads(history_file.read_text()) if "eval_loss" in h]
@@ -113,8 +133,9 @@ def collect_metrics(summary: dict, teacher_forced: dict, generation: dict, run_d
     if base_summary is not None:
         metrics["base_model"] = {**base_summary}
         if base_teacher_forced is not None:
-            metrics["base_model"].update(eval_loss=base_teacher_forced["eval_loss"],
-                                         token_accuracy=base_teacher_forced["eval_token_accuracy"])
+            metrics["base_model"].update(
+                eval_loss=base_teacher_forced["eval_loss"], token_accuracy=base_teacher_forced["eval_token_accuracy"]
+            )
     return metrics
 
 

@@ -13,6 +13,7 @@ pages (`bundled-long`, 5k-33k characters), as real bases have seen long pages to
     python -m htmlgen_utils.tiny_base --out htmlgen_utils/tiny_base      # ~20 min on 2 CPU cores
     python -m htmlgen_utils.tiny_base --long                             # ~4 min: htmlgen_utils/tiny_base_long
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,21 @@ from .packing import build_prompt
 from .tiny_model import tiny_llama_config, train_tokenizer
 
 ARCHITECTURE = dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=704, max_position_embeddings=1024)
-RECIPE = dict(vocab_size=2048, seq_len=512, batch_size=8, steps=900, learning_rate=3e-3, warmup=50, seed=0,
-              threads=2,
-              # the long-page base: short and long pages together, from the tiny base's weights
-              long_steps=300, long_learning_rate=1e-3, long_warmup=20, long_test_fraction=0.2)
+RECIPE = dict(
+    vocab_size=2048,
+    seq_len=512,
+    batch_size=8,
+    steps=900,
+    learning_rate=3e-3,
+    warmup=50,
+    seed=0,
+    threads=2,
+    # the long-page base: short and long pages together, from the tiny base's weights
+    long_steps=300,
+    long_learning_rate=1e-3,
+    long_warmup=20,
+    long_test_fraction=0.2,
+)
 
 
 def pretraining_texts(seed: int = 42) -> tuple[list[str], list[str]]:
@@ -44,8 +56,9 @@ def pretraining_texts(seed: int = 42) -> tuple[list[str], list[str]]:
 def long_pretraining_pages(seed: int = 42) -> list[str]:
     """The long-page set's training pages at `long_test_fraction` 0.2: its test (and validation) rows are the
     first of one seeded order, so any test fraction up to 0.2 keeps its test pages unseen."""
-    splits, _ = load_splits(Config.from_preset("tiny", dataset="bundled-long", seed=seed,
-                                               test_fraction=RECIPE["long_test_fraction"]))
+    splits, _ = load_splits(
+        Config.from_preset("tiny", dataset="bundled-long", seed=seed, test_fraction=RECIPE["long_test_fraction"])
+    )
     return list(splits["train"]["html"])
 
 
@@ -59,8 +72,15 @@ def token_chunks(tokenizer, texts: list[str]) -> tuple[torch.Tensor, int]:
     return torch.tensor(stream[: len(stream) // seq * seq]).view(-1, seq), len(stream)
 
 
-def pretrain(model, chunks: torch.Tensor, steps: int, learning_rate: float, warmup: int, log_every: int,
-             stop_after: int | None = None) -> tuple[list[float], float]:
+def pretrain(
+    model,
+    chunks: torch.Tensor,
+    steps: int,
+    learning_rate: float,
+    warmup: int,
+    log_every: int,
+    stop_after: int | None = None,
+) -> tuple[list[float], float]:
     """Causal-LM training on random rows of `chunks` (AdamW, cosine schedule): the loss every `log_every`
     steps, and the seconds it took."""
     from transformers import get_cosine_schedule_with_warmup
@@ -98,8 +118,7 @@ def build(out: Path | None, steps: int = RECIPE["steps"], log_every: int = 50, s
     chunks, corpus_tokens = token_chunks(tokenizer, pages + descriptions)
     model = LlamaForCausalLM(tiny_llama_config(tokenizer, **ARCHITECTURE))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    loss_log, seconds = pretrain(model, chunks, steps, RECIPE["learning_rate"], RECIPE["warmup"], log_every,
-                                 stop_after)
+    loss_log, seconds = pretrain(model, chunks, steps, RECIPE["learning_rate"], RECIPE["warmup"], log_every, stop_after)
     if stop_after is not None:
         return {"loss_log": loss_log, "steps": stop_after, "seconds": round(seconds, 1)}
     report = _report(model, steps, loss_log, log_every, seconds, corpus_tokens)
@@ -118,10 +137,12 @@ def build_long(out: Path, tiny_base: Path = TINY_BASE_DIR, log_every: int = 50) 
     pages, descriptions = pretraining_texts()
     long_pages = long_pretraining_pages()
     chunks, corpus_tokens = token_chunks(tokenizer, pages + long_pages + descriptions)
-    loss_log, seconds = pretrain(model, chunks, RECIPE["long_steps"], RECIPE["long_learning_rate"],
-                                 RECIPE["long_warmup"], log_every)
-    report = _report(model, RECIPE["long_steps"], loss_log, log_every, seconds, corpus_tokens,
-                     long_pages=len(long_pages))
+    loss_log, seconds = pretrain(
+        model, chunks, RECIPE["long_steps"], RECIPE["long_learning_rate"], RECIPE["long_warmup"], log_every
+    )
+    report = _report(
+        model, RECIPE["long_steps"], loss_log, log_every, seconds, corpus_tokens, long_pages=len(long_pages)
+    )
     _save(model, tokenizer, out, report, long_model_card(report))
     return report
 
@@ -132,13 +153,24 @@ def _seed_and_threads() -> None:
     torch.set_num_threads(RECIPE["threads"])
 
 
-def _report(model, steps: int, loss_log: list[float], log_every: int, seconds: float, corpus_tokens: int,
-            **extra) -> dict:
+def _report(
+    model, steps: int, loss_log: list[float], log_every: int, seconds: float, corpus_tokens: int, **extra
+) -> dict:
     """What `build_report.json` and the model card record of a pre-training run."""
-    return {"final_train_loss_last50": loss_log[-1], "steps": steps, "seconds": round(seconds, 1),
-            "tokens_seen": steps * RECIPE["batch_size"] * RECIPE["seq_len"], "corpus_tokens": corpus_tokens, **extra,
-            "parameters": sum(p.numel() for p in model.parameters()), "architecture": ARCHITECTURE,
-            "loss_log_every": log_every, "loss_log": loss_log, "recipe": RECIPE, "torch": torch.__version__}
+    return {
+        "final_train_loss_last50": loss_log[-1],
+        "steps": steps,
+        "seconds": round(seconds, 1),
+        "tokens_seen": steps * RECIPE["batch_size"] * RECIPE["seq_len"],
+        "corpus_tokens": corpus_tokens,
+        **extra,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "architecture": ARCHITECTURE,
+        "loss_log_every": log_every,
+        "loss_log": loss_log,
+        "recipe": RECIPE,
+        "torch": torch.__version__,
+    }
 
 
 def _save(model, tokenizer, out: Path, report: dict, card: str) -> None:
@@ -153,18 +185,19 @@ def model_card(report: dict) -> str:
     a = report["architecture"]
     return f"""# tiny-html-llama: the `tiny` preset's base model
 
-A {report['parameters'] / 1e6:.1f}M-parameter `LlamaForCausalLM` (Llama-2's architecture at toy size) and a
-byte-level BPE tokenizer of {report['recipe']['vocab_size']} tokens, made by `python -m htmlgen_utils.tiny_base`.
+A {report["parameters"] / 1e6:.1f}M-parameter `LlamaForCausalLM` (Llama-2's architecture at toy size) and a
+byte-level BPE tokenizer of {report["recipe"]["vocab_size"]} tokens, made by `python -m htmlgen_utils.tiny_base`.
 
-- Architecture: hidden {a['hidden_size']}, {a['num_layers']} layers, {a['num_heads']} heads, MLP {a['intermediate_size']},
-  context {a['max_position_embeddings']}, untied embeddings; weights stored in fp16.
+- Architecture: hidden {a["hidden_size"]}, {a["num_layers"]} layers, {a["num_heads"]} heads,
+  MLP {a["intermediate_size"]},
+  context {a["max_position_embeddings"]}, untied embeddings; weights stored in fp16.
 - Data: the pages and, as separate documents, the descriptions of the bundled dataset's training split
   (never paired, so following an instruction is what the QLoRA fine-tune teaches; test pages never seen):
-  {report['corpus_tokens']:,} tokens, cut into {report['recipe']['seq_len']}-token sequences.
-- Training: {report['steps']} steps of AdamW (lr {report['recipe']['learning_rate']}, cosine, warm-up
-  {report['recipe']['warmup']}), batch {report['recipe']['batch_size']}, fp32, seed {report['recipe']['seed']},
-  {report['recipe']['threads']} CPU threads: {report['tokens_seen']:,} tokens in {report['seconds']:.0f} s.
-- Final training loss (mean of the last 50 steps): {report['final_train_loss_last50']}.
+  {report["corpus_tokens"]:,} tokens, cut into {report["recipe"]["seq_len"]}-token sequences.
+- Training: {report["steps"]} steps of AdamW (lr {report["recipe"]["learning_rate"]}, cosine, warm-up
+  {report["recipe"]["warmup"]}), batch {report["recipe"]["batch_size"]}, fp32, seed {report["recipe"]["seed"]},
+  {report["recipe"]["threads"]} CPU threads: {report["tokens_seen"]:,} tokens in {report["seconds"]:.0f} s.
+- Final training loss (mean of the last 50 steps): {report["final_train_loss_last50"]}.
 - Rebuild: `python -m htmlgen_utils.tiny_base --out DIR` (the same loss within a few hundredths; exact bits
   depend on the CPU's math library). `build_report.json` holds these figures.
 
@@ -182,14 +215,14 @@ page's body (its loss there was 9-11, worse than a uniform guess), so fine-tunin
 little but that gap; real bases have seen long pages.
 
 - Data: the tiny base's own (the bundled training split's pages and descriptions) plus the
-  {report['long_pages']} training pages of the long-page set (`--dataset bundled-long`, split at test_fraction
-  {r['long_test_fraction']}: test and validation rows come first in one seeded order, so any test fraction up to
-  {r['long_test_fraction']} keeps its test pages unseen); never (description, page) pairs:
-  {report['corpus_tokens']:,} tokens, cut into {r['seq_len']}-token sequences.
-- Training: {report['steps']} steps of AdamW from the tiny base's weights (lr {r['long_learning_rate']}, cosine,
-  warm-up {r['long_warmup']}), batch {r['batch_size']}, fp32, seed {r['seed']}, {r['threads']} CPU threads:
-  {report['tokens_seen']:,} tokens in {report['seconds']:.0f} s.
-- Final training loss (mean of the last 50 steps): {report['final_train_loss_last50']}.
+  {report["long_pages"]} training pages of the long-page set (`--dataset bundled-long`, split at test_fraction
+  {r["long_test_fraction"]}: test and validation rows come first in one seeded order, so any test fraction up to
+  {r["long_test_fraction"]} keeps its test pages unseen); never (description, page) pairs:
+  {report["corpus_tokens"]:,} tokens, cut into {r["seq_len"]}-token sequences.
+- Training: {report["steps"]} steps of AdamW from the tiny base's weights (lr {r["long_learning_rate"]}, cosine,
+  warm-up {r["long_warmup"]}), batch {r["batch_size"]}, fp32, seed {r["seed"]}, {r["threads"]} CPU threads:
+  {report["tokens_seen"]:,} tokens in {report["seconds"]:.0f} s.
+- Final training loss (mean of the last 50 steps): {report["final_train_loss_last50"]}.
 - Rebuild: `python -m htmlgen_utils.tiny_base --long --out DIR`. `build_report.json` holds these figures.
 """
 
@@ -198,11 +231,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Pre-train the tiny base model on CPU.")
     parser.add_argument("--out", type=Path, default=None, help="default: the shipped model's folder")
     parser.add_argument("--steps", type=int, default=RECIPE["steps"])
-    parser.add_argument("--long", action="store_true",
-                        help="build the long-page base (tiny_base_long) from the tiny base instead")
+    parser.add_argument(
+        "--long", action="store_true", help="build the long-page base (tiny_base_long) from the tiny base instead"
+    )
     args = parser.parse_args(argv)
-    report = (build_long(args.out or TINY_LONG_BASE_DIR) if args.long
-              else build(args.out or TINY_BASE_DIR, args.steps))
+    report = build_long(args.out or TINY_LONG_BASE_DIR) if args.long else build(args.out or TINY_BASE_DIR, args.steps)
     print(json.dumps(report, indent=2))
 
 

@@ -4,6 +4,7 @@ It has the same architecture and file layout as Llama-2-7B (`LlamaForCausalLM`, 
 BOS/EOS/PAD), so `AutoModelForCausalLM` / `AutoTokenizer` and the 4-bit + LoRA code load it by path,
 exactly as they load the real model from the hub. Only the sizes differ.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,27 +31,41 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedT
     tokenizer.train_from_iterator(texts, trainer=trainer)
     bos_id = tokenizer.token_to_id(SPECIAL_TOKENS["bos_token"])
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{SPECIAL_TOKENS['bos_token']} $A", pair=f"{SPECIAL_TOKENS['bos_token']} $A $B",
+        single=f"{SPECIAL_TOKENS['bos_token']} $A",
+        pair=f"{SPECIAL_TOKENS['bos_token']} $A $B",
         special_tokens=[(SPECIAL_TOKENS["bos_token"], bos_id)],
     )
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=4096, **SPECIAL_TOKENS)
 
 
-def tiny_llama_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 128, num_layers: int = 2,
-                      num_heads: int = 4, intermediate_size: int = 256,
-                      max_position_embeddings: int = 2048) -> LlamaConfig:
+def tiny_llama_config(
+    tokenizer: PreTrainedTokenizerFast,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 256,
+    max_position_embeddings: int = 2048,
+) -> LlamaConfig:
     """Llama-2's architecture at toy size. Widths are multiples of 64, the 4-bit quantisation block."""
     return LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
-        max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
 
 
-def build_tiny_llama(out_dir: str | Path, texts: Iterable[str], vocab_size: int = 1024, seed: int = 0,
-                     **config_kwargs) -> Path:
+def build_tiny_llama(
+    out_dir: str | Path, texts: Iterable[str], vocab_size: int = 1024, seed: int = 0, **config_kwargs
+) -> Path:
     """Train a tokenizer on `texts`, make a randomly initialised tiny Llama, save both to `out_dir`."""
     out_dir = Path(out_dir)
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)

@@ -3,6 +3,7 @@
 Keys are read from the environment or Colab's secrets and handed to wandb through the environment; they are
 never printed.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,14 @@ def start_wandb(config: Config, run_dir: Path):
         return None
     import wandb
 
-    return wandb.init(project=config.wandb_project, config=config.to_dict(), dir=str(run_dir), mode=mode,
-                      name=run_dir.name, resume="allow")
+    return wandb.init(
+        project=config.wandb_project,
+        config=config.to_dict(),
+        dir=str(run_dir),
+        mode=mode,
+        name=run_dir.name,
+        resume="allow",
+    )
 
 
 def log_eval_table(config: Config, table, metrics: dict) -> None:
@@ -46,8 +53,17 @@ def log_eval_table(config: Config, table, metrics: dict) -> None:
         return
     import wandb
 
-    run = wandb.init(project=config.wandb_project, mode=mode, dir=config.run_dir,
-                     name=Path(config.run_dir).name + "-eval", job_type="eval")
-    run.log({"eval/table": wandb.Table(dataframe=table.drop(columns=["reference"])),
-             **{f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}})
+    run = wandb.init(
+        project=config.wandb_project,
+        mode=mode,
+        dir=config.run_dir,
+        name=Path(config.run_dir).name + "-eval",
+        job_type="eval",
+    )
+    run.log(
+        {
+            "eval/table": wandb.Table(dataframe=table.drop(columns=["reference"])),
+            **{f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+        }
+    )
     run.finish()

@@ -8,6 +8,7 @@ step by hand from the same pieces, then runs this loop.
 
     python -m htmlgen_utils.train --preset tiny --run-dir runs/tiny
 """
+
 from __future__ import annotations
 
 import json
@@ -23,11 +24,28 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .checkpoints import (CHECKPOINT_DIR, TrainState, cadence, describe_cadence, latest_checkpoint, load_checkpoint,
-                          save_checkpoint)
+from .checkpoints import (
+    CHECKPOINT_DIR,
+    TrainState,
+    cadence,
+    describe_cadence,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import Config
-from .distributed import (SINGLE, Ranks, any_rank, data_parallel, describe_data_parallel, end_process_group,
-                          launched_ranks, main_rank_first, mean_over_ranks, start_process_group)
+from .distributed import (
+    SINGLE,
+    Ranks,
+    any_rank,
+    data_parallel,
+    describe_data_parallel,
+    end_process_group,
+    launched_ranks,
+    main_rank_first,
+    mean_over_ranks,
+    start_process_group,
+)
 from .export import check_merge_possible, merge_to_16bit, push_adapter_to_hub, save_outputs
 from .levers import apply_training_levers, stop_compiling
 from .loss import count_targets, evaluate_blocks, next_token_loss
@@ -75,8 +93,10 @@ def plan_steps(num_blocks: int, config: Config, world_size: int = 1) -> tuple[in
     if num_blocks == 0:
         raise ValueError("The training split has no packed blocks: run notebook 02 / check the dataset")
     if num_blocks < world_size:
-        raise ValueError(f"{num_blocks} training blocks cannot be shared by {world_size} processes: use fewer "
-                         f"processes (torchrun --nproc_per_node) or more data")
+        raise ValueError(
+            f"{num_blocks} training blocks cannot be shared by {world_size} processes: use fewer "
+            f"processes (torchrun --nproc_per_node) or more data"
+        )
     batches = -(-(num_blocks // world_size) // config.micro_batch_size)
     accumulation = min(config.gradient_accumulation_steps, batches)
     steps_per_epoch = batches // accumulation
@@ -84,15 +104,25 @@ def plan_steps(num_blocks: int, config: Config, world_size: int = 1) -> tuple[in
     return accumulation, steps_per_epoch, total
 
 
-def micro_batch_groups(blocks, config: Config, accumulation: int, state: TrainState,
-                       ranks: Ranks = SINGLE) -> Iterator[list[dict]]:
+def micro_batch_groups(
+    blocks, config: Config, accumulation: int, state: TrainState, ranks: Ranks = SINGLE
+) -> Iterator[list[dict]]:
     """The micro-batches of each optimiser step in turn (this rank's), epoch after epoch, from where `state`
     stands in the data (a resumed run continues mid-epoch). The order of an epoch depends only on (seed, epoch)."""
     _, steps_per_epoch, _ = plan_steps(len(blocks), config, ranks.world_size)
     while True:
-        loader = iter(make_dataloader(blocks, config.micro_batch_size, shuffle=True, seed=config.seed,
-                                      epoch=state.epoch, skip_batches=state.batch_in_epoch, rank=ranks.rank,
-                                      world_size=ranks.world_size))
+        loader = iter(
+            make_dataloader(
+                blocks,
+                config.micro_batch_size,
+                shuffle=True,
+                seed=config.seed,
+                epoch=state.epoch,
+                skip_batches=state.batch_in_epoch,
+                rank=ranks.rank,
+                world_size=ranks.world_size,
+            )
+        )
         while state.batch_in_epoch < steps_per_epoch * accumulation:
             group = [next(loader) for _ in range(accumulation)]
             state.batch_in_epoch += accumulation
@@ -101,8 +131,9 @@ def micro_batch_groups(blocks, config: Config, accumulation: int, state: TrainSt
         state.batch_in_epoch = 0
 
 
-def forward_backward(model, batch: dict, scaler: torch.amp.GradScaler, step_targets: int, config: Config,
-                     device: torch.device) -> torch.Tensor:
+def forward_backward(
+    model, batch: dict, scaler: torch.amp.GradScaler, step_targets: int, config: Config, device: torch.device
+) -> torch.Tensor:
     """One micro-batch: forward under autocast, then backward of its summed loss / the whole step's target
     tokens, scaled by the GradScaler. Returns the summed loss (detached), for logging."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -112,8 +143,14 @@ def forward_backward(model, batch: dict, scaler: torch.amp.GradScaler, step_targ
     return loss_sum.detach()
 
 
-def accumulate_gradients(model, micro_batches: list[dict], scaler: torch.amp.GradScaler, step_targets: int,
-                         config: Config, device: torch.device) -> torch.Tensor:
+def accumulate_gradients(
+    model,
+    micro_batches: list[dict],
+    scaler: torch.amp.GradScaler,
+    step_targets: int,
+    config: Config,
+    device: torch.device,
+) -> torch.Tensor:
     """The micro-batches of one optimiser step, one `forward_backward` each: their gradients add up. Returns the step's
     summed loss. In DDP the processes average their gradients once a step, in the last micro-batch's backward."""
     loss_sum = torch.zeros((), device=device)
@@ -124,8 +161,14 @@ def accumulate_gradients(model, micro_batches: list[dict], scaler: torch.amp.Gra
     return loss_sum
 
 
-def optimizer_step(parameters: list[torch.nn.Parameter], optimizer, scheduler, scaler: torch.amp.GradScaler,
-                   max_grad_norm: float, loss_sum: torch.Tensor) -> tuple[float, bool]:
+def optimizer_step(
+    parameters: list[torch.nn.Parameter],
+    optimizer,
+    scheduler,
+    scaler: torch.amp.GradScaler,
+    max_grad_norm: float,
+    loss_sum: torch.Tensor,
+) -> tuple[float, bool]:
     """Unscale -> clip -> step -> update -> zero -> schedule. Returns (gradient norm before clipping, whether the
     step was finite); a non-finite step changes no weight and does not advance the schedule."""
     scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
@@ -173,16 +216,19 @@ class TrainingRun:
         self.last_checkpoint = time.monotonic()
 
 
-def after_step(run: TrainingRun, state: TrainState, record: dict, stop_when: Callable[[TrainState], bool] | None
-               ) -> bool:
+def after_step(
+    run: TrainingRun, state: TrainState, record: dict, stop_when: Callable[[TrainState], bool] | None
+) -> bool:
     """Log the step, stop a run of non-finite steps, validate, checkpoint. Returns True when the loop should end
     here (`stop_when` said so, as an interruption would; a checkpoint is written first)."""
     config = run.config
     state.history.append(record)
     timed = [h["seconds"] for h in state.history if "seconds" in h][-2:]
     if run.compiled and run.ranks.is_main and len(timed) == 2 and state.step - run.first_step == 2:  # 2nd step here
-        run.progress.write(f"compiling the decoder layers took ~{timed[0] - timed[1]:.0f} s, in the first step "
-                           f"({timed[0]:.1f} s; the second took {timed[1]:.1f} s)")
+        run.progress.write(
+            f"compiling the decoder layers took ~{timed[0] - timed[1]:.0f} s, in the first step "
+            f"({timed[0]:.1f} s; the second took {timed[1]:.1f} s)"
+        )
     run.progress.update(1)
     run.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
     if run.tracker is not None:
@@ -191,22 +237,30 @@ def after_step(run: TrainingRun, state: TrainState, record: dict, stop_when: Cal
         raise NonFiniteLossError(
             f"{state.consecutive_nonfinite} optimiser steps in a row had a non-finite loss or gradient "
             f"(step {state.step}); stopping without saving an adapter. On a T4 (fp16) lower learning_rate, "
-            f"keep max_grad_norm, and make sure loss_scaling is on; check the data for empty examples.")
+            f"keep max_grad_norm, and make sure loss_scaling is on; check the data for empty examples."
+        )
     epoch_done = state.batch_in_epoch >= run.epoch_micro_batches
     validate = state.step % run.eval_every == 0 or epoch_done or state.step == run.total_steps
     if validate and run.ranks.is_main:
         metrics = evaluate_blocks(run.model, run.validation, config, run.device, config.max_eval_batches)
         state.history.append({"step": state.step, "epoch": state.epoch, **metrics})
-        run.progress.write(f"step {state.step}: eval_loss {metrics['eval_loss']:.4f}, "
-                           f"token accuracy {metrics['eval_token_accuracy']:.3f}")
+        run.progress.write(
+            f"step {state.step}: eval_loss {metrics['eval_loss']:.4f}, "
+            f"token accuracy {metrics['eval_token_accuracy']:.3f}"
+        )
         if run.tracker is not None:
             run.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
     if epoch_done and run.left_out and run.ranks.is_main:
-        run.progress.write(f"epoch {state.epoch} done: its last {run.left_out} micro-batch(es) did not fill an "
-                           f"accumulation group and were left out (the next epoch reshuffles them in)")
+        run.progress.write(
+            f"epoch {state.epoch} done: its last {run.left_out} micro-batch(es) did not fill an "
+            f"accumulation group and were left out (the next epoch reshuffles them in)"
+        )
     stop = any_rank(stop_when is not None and stop_when(state), run.ranks)  # every rank stops at the same step
-    overdue = bool(run.checkpoint_every and config.checkpoint_minutes
-                   and time.monotonic() - run.last_checkpoint >= 60 * config.checkpoint_minutes)
+    overdue = bool(
+        run.checkpoint_every
+        and config.checkpoint_minutes
+        and time.monotonic() - run.last_checkpoint >= 60 * config.checkpoint_minutes
+    )
     due = run.checkpoint_every and (state.step % run.checkpoint_every == 0 or any_rank(overdue, run.ranks))
     if stop or (due and state.step < run.total_steps):
         save_checkpoint(run.run_dir, run.model, run.optimizer, run.scheduler, run.scaler, state, run.ranks)
@@ -214,8 +268,9 @@ def after_step(run: TrainingRun, state: TrainState, record: dict, stop_when: Cal
     return stop
 
 
-def step_gradients(run: TrainingRun, trainee, micro_batches: list[dict], step_targets: int,
-                   state: TrainState) -> torch.Tensor:
+def step_gradients(
+    run: TrainingRun, trainee, micro_batches: list[dict], step_targets: int, state: TrainState
+) -> torch.Tensor:
     """`accumulate_gradients`; if the compiled layers fail in a run's first step, once more on the plain layers."""
     try:
         return accumulate_gradients(trainee, micro_batches, run.scaler, step_targets, run.config, run.device)
@@ -229,8 +284,15 @@ def step_gradients(run: TrainingRun, trainee, micro_batches: list[dict], step_ta
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def train(model, tokenizer, packed, config: Config, run_dir: str | Path, resume: bool = True,
-          stop_when: Callable[[TrainState], bool] | None = None) -> TrainState:
+def train(
+    model,
+    tokenizer,
+    packed,
+    config: Config,
+    run_dir: str | Path,
+    resume: bool = True,
+    stop_when: Callable[[TrainState], bool] | None = None,
+) -> TrainState:
     """Train the LoRA adapters on `packed["train"]`, validating on `packed["validation"]`; resume from the run
     directory's last checkpoint when there is one. `stop_when(state)` returning True ends the call after that
     step and its checkpoint (e.g. a time budget); the same call later continues from there.
@@ -259,14 +321,33 @@ def train(model, tokenizer, packed, config: Config, run_dir: str | Path, resume:
     progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", disable=not ranks.is_main)
     epoch_micro_batches = steps_per_epoch * accumulation
     left_out = -(-(len(packed["train"]) // ranks.world_size) // config.micro_batch_size) - epoch_micro_batches
-    run = TrainingRun(model, optimizer, scheduler, scaler, config, device, run_dir, packed["validation"],
-                      total_steps, epoch_micro_batches, left_out, progress,
-                      start_wandb(config, run_dir) if ranks.is_main else None, ranks,
-                      compiled="compile_training" in levers, first_step=state.step)
+    run = TrainingRun(
+        model,
+        optimizer,
+        scheduler,
+        scaler,
+        config,
+        device,
+        run_dir,
+        packed["validation"],
+        total_steps,
+        epoch_micro_batches,
+        left_out,
+        progress,
+        start_wandb(config, run_dir) if ranks.is_main else None,
+        ranks,
+        compiled="compile_training" in levers,
+        first_step=state.step,
+    )
     if ranks.is_main:
-        print(f"plan: {total_steps} optimiser steps; {describe_cadence(config, total_steps)}"
-              + (f"\n{describe_data_parallel(ranks, config, accumulation, len(packed['train']))}"
-                 if ranks.distributed else ""))
+        print(
+            f"plan: {total_steps} optimiser steps; {describe_cadence(config, total_steps)}"
+            + (
+                f"\n{describe_data_parallel(ranks, config, accumulation, len(packed['train']))}"
+                if ranks.distributed
+                else ""
+            )
+        )
 
     model.train()  # gradient checkpointing and LoRA dropout only act in train mode
     optimizer.zero_grad(set_to_none=True)
@@ -278,17 +359,23 @@ def train(model, tokenizer, packed, config: Config, run_dir: str | Path, resume:
             # every target token of the step weighs the same (of every process: DDP averages over them)
             step_targets = mean_over_ranks(count_targets(micro_batches), ranks)
             loss_sum = mean_over_ranks(step_gradients(run, trainee, micro_batches, step_targets, state), ranks)
-            grad_norm, finite = optimizer_step(parameters, optimizer, scheduler, scaler, config.max_grad_norm,
-                                               loss_sum)
+            grad_norm, finite = optimizer_step(parameters, optimizer, scheduler, scaler, config.max_grad_norm, loss_sum)
             state.step += 1
             state.skipped_steps += not finite
             state.consecutive_nonfinite = 0 if finite else state.consecutive_nonfinite + 1
             seconds = time.perf_counter() - started
             tokens = sum(batch["input_ids"].numel() for batch in micro_batches) * ranks.world_size
-            record = {"step": state.step, "epoch": state.epoch, "loss": float(loss_sum) / max(step_targets, 1),
-                      "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": tokens / seconds,
-                      "seconds": seconds, "skipped": not finite,
-                      "loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0}
+            record = {
+                "step": state.step,
+                "epoch": state.epoch,
+                "loss": float(loss_sum) / max(step_targets, 1),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens / seconds,
+                "seconds": seconds,
+                "skipped": not finite,
+                "loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0,
+            }
             if after_step(run, state, record, stop_when):
                 break
     finally:
@@ -341,9 +428,11 @@ def run_training(config: Config, resume: bool = True, fresh_start: bool = False)
     ranks = start_process_group()
     if not fresh_start and (done := finished_training(config)) is not None:
         if ranks.is_main:
-            print(f"The run in {run_dir} already finished its {done.step} steps; its adapter is in "
-                  f"{run_dir / 'adapter'}. To train again from scratch, pass fresh_start=True (command line: "
-                  f"--fresh-start).")
+            print(
+                f"The run in {run_dir} already finished its {done.step} steps; its adapter is in "
+                f"{run_dir / 'adapter'}. To train again from scratch, pass fresh_start=True (command line: "
+                f"--fresh-start)."
+            )
         return done
     with main_rank_first(ranks):  # rank 0 packs the data; the others then read it
         if ranks.is_main and fresh_start:
@@ -370,8 +459,17 @@ def main(argv: list[str] | None = None) -> None:
         end_process_group()
     evals = [h for h in state.history if "eval_loss" in h]
     if launched_ranks().is_main:
-        print(json.dumps({"steps": state.step, "skipped_steps": state.skipped_steps,
-                          "final_eval": evals[-1] if evals else None, "run_dir": config.run_dir}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "steps": state.step,
+                    "skipped_steps": state.skipped_steps,
+                    "final_eval": evals[-1] if evals else None,
+                    "run_dir": config.run_dir,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

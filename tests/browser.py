@@ -1,4 +1,5 @@
 """Headless Chromium for tests: DOM dumps and screenshots of local files (no network, fresh profile)."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,12 @@ def require_chromium() -> str:
 
 def _run(args: list[str], timeout: float = 90) -> str:
     with tempfile.TemporaryDirectory() as profile:
-        result = subprocess.run([require_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                                capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(
+            [require_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     return result.stdout
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures: the bundled rows, a small random-init tiny Llama built locally, and configs for it."""
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,18 @@ def random_tiny_model(tmp_path_factory, bundled_rows):
 @pytest.fixture
 def tiny_config(tmp_path, random_tiny_model):
     """The tiny preset pointed at the random model, with a small block and few steps."""
-    return Config.from_preset("tiny", model_id=random_tiny_model, run_dir=str(tmp_path / "run"), block_size=1024,
-                              max_example_tokens=1024, micro_batch_size=1, max_steps=8, eval_every=4,
-                              checkpoint_every=4, max_eval_batches=4)
+    return Config.from_preset(
+        "tiny",
+        model_id=random_tiny_model,
+        run_dir=str(tmp_path / "run"),
+        block_size=1024,
+        max_example_tokens=1024,
+        micro_batch_size=1,
+        max_steps=8,
+        eval_every=4,
+        checkpoint_every=4,
+        max_eval_batches=4,
+    )
 
 
 BASE = str(TINY_BASE_DIR)  # trained weights: its attention matters, so a leak or a wrong mask would show

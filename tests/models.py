@@ -1,4 +1,5 @@
 """Models the tests share."""
+
 import torch
 
 from htmlgen_utils.config import Config

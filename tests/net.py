@@ -1,4 +1,5 @@
 """Loopback helpers for the server tests."""
+
 import socket
 
 

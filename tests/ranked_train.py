@@ -3,6 +3,7 @@ than 0 creates or opens for writing under the run directory is listed in HTMLGEN
 (Python's audit hooks see each open, mkdir, rename and removal, also those of the libraries), each micro-batch
 run under DDP's `no_sync` adds a line to HTMLGEN_TEST_WRITES/no_sync_rank<N>.txt, and with HTMLGEN_TEST_STOP_AT
 the run stops after that many steps, as an interrupted run would (`train`'s `stop_when`)."""
+
 import os
 import sys
 

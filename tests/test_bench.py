@@ -1,29 +1,49 @@
 """The GPU benchmark scripts run end to end on CPU with the tiny model (`--smoke`), so they cannot rot
 between GPU runs. Their figures here mean nothing; the shape of the report does."""
+
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run_bench(script: str, *args: str, out: Path, name: str = "") -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, str(REPO / "bench" / script), "--smoke", "--out", str(out), *args],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), "--smoke", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / (name or script.replace(".py", ".json"))).read_text())
     printed = "\n" + done.stdout
-    assert json.loads(printed[printed.rindex("\n{\n") + 1:]) == report  # the JSON table is printed last
+    assert json.loads(printed[printed.rindex("\n{\n") + 1 :]) == report  # the JSON table is printed last
     return report
 
 
 def test_training_comparison_runs(tmp_path):
-    report = run_bench("train_compare.py", "--systems", "seed-style,ours,levers", "--blocks", "256", "--repeats", "2",
-                       "--steps", "2", "--levers", "whole-block", "--work", str(tmp_path / "work"), out=tmp_path)
+    report = run_bench(
+        "train_compare.py",
+        "--systems",
+        "seed-style,ours,levers",
+        "--blocks",
+        "256",
+        "--repeats",
+        "2",
+        "--steps",
+        "2",
+        "--levers",
+        "whole-block",
+        "--work",
+        str(tmp_path / "work"),
+        out=tmp_path,
+    )
     systems = [row["system"] for row in report["rows"]]
     assert systems == ["seed-style", "ours", "seed-style", "ours", "ours, whole-block logits (loss_chunk_tokens=0)"]
     for row in report["rows"]:
@@ -41,18 +61,28 @@ def test_training_comparison_runs(tmp_path):
 def test_layer_recompute_runs(tmp_path):
     """One compiled layer three ways: checkpointed it saves (almost) nothing for the backward, and under the
     compiler's activation budget it saves less than the compiler's default."""
-    report = run_bench("layer_recompute.py", "--ways", "checkpointed,unchecked,budget-0.2", "--work",
-                       str(tmp_path / "work"), out=tmp_path)
+    report = run_bench(
+        "layer_recompute.py",
+        "--ways",
+        "checkpointed,unchecked,budget-0.2",
+        "--work",
+        str(tmp_path / "work"),
+        out=tmp_path,
+    )
     rows = {row["way"]: row for row in report["rows"]}
     assert set(rows) == {"checkpointed", "unchecked", "budget-0.2"}, report
     assert all(row["ms_median"] > 0 for row in rows.values())
-    assert rows["checkpointed"]["saved_vectors"] < rows["budget-0.2"]["saved_vectors"] < 0.5 * rows["unchecked"][
-        "saved_vectors"]
+    assert (
+        rows["checkpointed"]["saved_vectors"]
+        < rows["budget-0.2"]["saved_vectors"]
+        < 0.5 * rows["unchecked"]["saved_vectors"]
+    )
 
 
 def test_step_profile_runs(tmp_path):
-    report = run_bench("profile_step.py", "--block", "512", "--top", "40", "--work", str(tmp_path / "work"),
-                       out=tmp_path)
+    report = run_bench(
+        "profile_step.py", "--block", "512", "--top", "40", "--work", str(tmp_path / "work"), out=tmp_path
+    )
     assert report["block"] == 512 and len(report["tokens_per_s"]) == 2 and min(report["tokens_per_s"]) > 0
     names = [row["name"] for row in report["top"]]
     assert len(names) == 40 and all(row["ms"] > 0 and row["calls"] > 0 for row in report["top"])
@@ -60,13 +90,28 @@ def test_step_profile_runs(tmp_path):
 
 
 def test_decode_profile_runs(tmp_path):
-    report = run_bench("profile_decode.py", "--tokens", "16", "--ways", "plain,before,bnb-layout,ours", "--repeats",
-                       "2", "--work", str(tmp_path / "work"), out=tmp_path)
+    report = run_bench(
+        "profile_decode.py",
+        "--tokens",
+        "16",
+        "--ways",
+        "plain,before,bnb-layout,ours",
+        "--repeats",
+        "2",
+        "--work",
+        str(tmp_path / "work"),
+        out=tmp_path,
+    )
     rows = report["rows"]
-    assert set(rows) == {"plain generate", "before: compiled step (CUDA-graph trees), SDPA, cuBLAS LoRA",
-                         "bnb-layout: decode_one(column_words=False), levers + DecodeStep, bitsandbytes' 4-bit kernel",
-                         "ours: decode_one, the 4-bit products over the decode layout"}
-    assert all(row["new_tokens"] == 16 and 0 < row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
-               for row in rows.values())
+    assert set(rows) == {
+        "plain generate",
+        "before: compiled step (CUDA-graph trees), SDPA, cuBLAS LoRA",
+        "bnb-layout: decode_one(column_words=False), levers + DecodeStep, bitsandbytes' 4-bit kernel",
+        "ours: decode_one, the 4-bit products over the decode layout",
+    }
+    assert all(
+        row["new_tokens"] == 16 and 0 < row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
+        for row in rows.values()
+    )
     assert report["speedup_vs_plain_generate"]["plain generate"] == 1.0 and report["repeats"] == 2
     assert set(report["speedup_vs_before"]) == set(rows) and report["column_words_speedup"] > 0

@@ -1,5 +1,6 @@
 """The Colab path, with what only Colab has faked: a stub `google.colab` (Drive mounted on a temp folder, secrets,
 the kernel-port proxy recorded) and a faked GPU for the preset choice."""
+
 import json
 import re
 import shutil
@@ -46,8 +47,13 @@ def fake_colab(monkeypatch, tmp_path):
     output.serve_kernel_port_as_window = lambda port, path="/": calls["served"].append((port, path))
     package.drive, package.userdata, package.output = drive, userdata, output
     google.colab = package
-    for name, module in {"google": google, "google.colab": package, "google.colab.drive": drive,
-                         "google.colab.userdata": userdata, "google.colab.output": output}.items():
+    for name, module in {
+        "google": google,
+        "google.colab": package,
+        "google.colab.drive": drive,
+        "google.colab.userdata": userdata,
+        "google.colab.output": output,
+    }.items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(colab, "DRIVE_MOUNT_POINT", str(tmp_path / "drive"))
     for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY"):
@@ -63,8 +69,15 @@ def fake_gpu(monkeypatch, capability, name="Tesla T4"):
 
 
 # ---------------------------------------------------------------------------------------------- 2. the preset
-@pytest.mark.parametrize("capability, preset, precision", [((7, 5), "colab-t4", "fp16"), ((8, 0), "ampere-bf16", "bf16"),
-                                                          ((9, 0), "ampere-bf16", "bf16"), (None, "tiny", "fp32")])
+@pytest.mark.parametrize(
+    "capability, preset, precision",
+    [
+        ((7, 5), "colab-t4", "fp16"),
+        ((8, 0), "ampere-bf16", "bf16"),
+        ((9, 0), "ampere-bf16", "bf16"),
+        (None, "tiny", "fp32"),
+    ],
+)
 def test_auto_preset_follows_compute_capability_not_bf16_emulation(monkeypatch, capability, preset, precision):
     from htmlgen_utils.model import resolve_precision
 
@@ -80,8 +93,9 @@ def test_setup_prints_the_gpu_the_preset_and_why(monkeypatch, capsys, tmp_path):
     from htmlgen_utils.notebook import setup
 
     fake_gpu(monkeypatch, (7, 5))
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=0: types.SimpleNamespace(
-        total_memory=15 * 2**30))
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device=0: types.SimpleNamespace(total_memory=15 * 2**30)
+    )
     config = setup("auto", str(tmp_path / "run"))
     printed = capsys.readouterr().out
     assert config.preset == "colab-t4" and config.precision == "fp16"
@@ -113,14 +127,22 @@ def test_setup_cell_installs_from_repo_url_with_visible_pip_output(fake_colab, m
 
     magics = []
     source = TransformerManager().transform_cell(notebook_sources("02_prompts_and_packing").cells[2].source)
-    namespace = {"preset": "tiny", "run_dir": "my-run", "dataset": "bundled", "overrides": {}, "use_drive": True,
-                 "repo_url": REPOSITORY_URL}
+    namespace = {
+        "preset": "tiny",
+        "run_dir": "my-run",
+        "dataset": "bundled",
+        "overrides": {},
+        "use_drive": True,
+        "repo_url": REPOSITORY_URL,
+    }
     # IPython expands {names} in a magic's line from the cell's namespace, then runs it
     namespace["get_ipython"] = lambda: types.SimpleNamespace(
-        run_line_magic=lambda name, line, *a: magics.append((name, line.format(**namespace))))
+        run_line_magic=lambda name, line, *a: magics.append((name, line.format(**namespace)))
+    )
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "htmlgen_utils" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "htmlgen_utils" else real_find_spec(name, *a)
+    )
     exec(source, namespace)
     assert magics == [("pip", f'install "git+{REPOSITORY_URL}"')]
     assert namespace["config"].run_dir == str(tmp_path / "drive" / "MyDrive" / "htmlgen" / "my-run")
@@ -150,12 +172,16 @@ def test_a_fork_rewrites_every_badge_and_setup_cell(tmp_path):
     assert len(changed) == 2 + 2 * len(NOTEBOOKS)  # the notebooks and their executed copies
     for name in NOTEBOOKS:
         notebook = nbformat.read(str(clone / "notebooks" / f"{name}.ipynb"), as_version=4)
-        assert ("colab.research.google.com/github/someone/htmlgen-fork/blob/dev/notebooks/" + name
-                in notebook.cells[0].source)
+        assert (
+            "colab.research.google.com/github/someone/htmlgen-fork/blob/dev/notebooks/" + name
+            in notebook.cells[0].source
+        )
         assert 'repo_url: str = "https://github.com/someone/htmlgen-fork"' in notebook.cells[1].source
         assert "htmlgen/htmlgen" not in json.dumps(notebook)
-    assert 'REPOSITORY_URL = "https://github.com/someone/htmlgen-fork"' in (
-        clone / "htmlgen_utils" / "repository.py").read_text()
+    assert (
+        'REPOSITORY_URL = "https://github.com/someone/htmlgen-fork"'
+        in (clone / "htmlgen_utils" / "repository.py").read_text()
+    )
     assert "github/htmlgen/htmlgen" not in (clone / "README.md").read_text()
     with pytest.raises(ValueError, match="GitHub repository"):
         point_at("https://gitlab.com/x/y", "main", clone)
@@ -270,7 +296,7 @@ def test_api_started_from_the_notebook_is_shown_through_the_colab_proxy(fake_col
         requests.get(f"{api.url}/health", timeout=5)
 
 
-# ---------------------------------------------------------------------------------------------- 9. one place for settings
+# ------------------------------------------------------------------------------------------ 9. one place for settings
 def test_later_notebooks_read_the_run_directorys_settings(monkeypatch, capsys, tmp_path):
     """The first notebook saves the run's settings; a later one (preset 'auto', none repeated) gets them back, with
     only its own overrides on top, and says so."""

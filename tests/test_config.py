@@ -22,12 +22,24 @@ def test_presets_list_only_what_they_change():
         assert not {k for k, v in values.items() if defaults[k] == v}, name
 
 
-@pytest.mark.parametrize("field,value", [
-    ("block_size", 0), ("lora_r", -1), ("precision", "fp8"), ("wandb_mode", "sometimes"),
-    ("validation_fraction", 0.7), ("learning_rate", 0), ("max_steps", 0), ("long_page_policy", "ignore"),
-    ("label_column", ""), ("gradient_accumulation_steps", 1.5), ("max_example_tokens", 99999),
-    ("loss_scaling", "maybe"), ("lora_dropout", 1.0),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("block_size", 0),
+        ("lora_r", -1),
+        ("precision", "fp8"),
+        ("wandb_mode", "sometimes"),
+        ("validation_fraction", 0.7),
+        ("learning_rate", 0),
+        ("max_steps", 0),
+        ("long_page_policy", "ignore"),
+        ("label_column", ""),
+        ("gradient_accumulation_steps", 1.5),
+        ("max_example_tokens", 99999),
+        ("loss_scaling", "maybe"),
+        ("lora_dropout", 1.0),
+    ],
+)
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=rf"Config\.{field}="):
         Config.from_preset("tiny", **{field: value})

@@ -74,10 +74,15 @@ def test_bad_inputs_give_clear_errors(tmp_path):
 
 
 def test_normalise_drop_empty_and_duplicates():
-    raw = datasets.Dataset.from_list([
-        {"label": "  A   page ", "html": "<p>x</p>\r\n"}, {"label": "A page", "html": "<p>x</p>"},
-        {"label": "", "html": "<p>y</p>"}, {"label": "B", "html": None}, {"label": "C", "html": "<b>c</b>"},
-    ])
+    raw = datasets.Dataset.from_list(
+        [
+            {"label": "  A   page ", "html": "<p>x</p>\r\n"},
+            {"label": "A page", "html": "<p>x</p>"},
+            {"label": "", "html": "<p>y</p>"},
+            {"label": "B", "html": None},
+            {"label": "C", "html": "<b>c</b>"},
+        ]
+    )
     clean, report = validate_and_clean(raw)
     assert clean["label"] == ["A page", "C"]
     assert (report.empty_dropped, report.duplicates_dropped, report.rows_kept) == (2, 1, 2)
@@ -96,16 +101,26 @@ def test_named_profiles_map_the_public_corpora_columns(tmp_path):
     from htmlgen_utils.data import DATASET_PROFILES, rows_from_profile
 
     websight = DATASET_PROFILES["websight-described"]
-    assert (websight.hub_id, websight.label_column, websight.html_column) == ("HuggingFaceM4/WebSight",
-                                                                               "llm_generated_idea", "text")
+    assert (websight.hub_id, websight.label_column, websight.html_column) == (
+        "HuggingFaceM4/WebSight",
+        "llm_generated_idea",
+        "text",
+    )
     path = tmp_path / "websight.jsonl"
-    _write(path, [{"image": None, "text": f"<html><body>{i}</body></html>", "llm_generated_idea": f"A bakery site {i}"}
-                  for i in range(3)], "jsonl")
+    _write(
+        path,
+        [
+            {"image": None, "text": f"<html><body>{i}</body></html>", "llm_generated_idea": f"A bakery site {i}"}
+            for i in range(3)
+        ],
+        "jsonl",
+    )
     rows = rows_from_profile(websight, source=str(path))
     assert rows[0] == {"label": "A bakery site 0", "html": "<html><body>0</body></html>"} and len(rows) == 3
     jawerty = tmp_path / "jawerty.json"
     _write(jawerty, [{"label": "a page", "html": "<p>x</p>"}], "json")
-    assert rows_from_profile(DATASET_PROFILES["jawerty-html"], source=str(jawerty)) == [{"label": "a page",
-                                                                                        "html": "<p>x</p>"}]
+    assert rows_from_profile(DATASET_PROFILES["jawerty-html"], source=str(jawerty)) == [
+        {"label": "a page", "html": "<p>x</p>"}
+    ]
     with pytest.raises(ValueError, match=r"no column\(s\) \['llm_generated_idea', 'text'\]"):
         rows_from_profile(websight, source=str(jawerty))

@@ -1,16 +1,31 @@
 from pathlib import Path
+
 import numpy as np
 import pytest
 from rouge_score import rouge_scorer, scoring
 
-from htmlgen_utils.evaluation import (content_words, description_coverage, ends_with_html, html_problems,
-                                      is_valid_html, is_well_formed, repetition, rouge, rouge_per_example, score_pages,
-                                      spec_errors, tag_similarity, tree_bleu, tree_edit_similarity, visible_text)
+from htmlgen_utils.evaluation import (
+    content_words,
+    description_coverage,
+    ends_with_html,
+    html_problems,
+    is_valid_html,
+    is_well_formed,
+    repetition,
+    rouge,
+    rouge_per_example,
+    score_pages,
+    spec_errors,
+    tag_similarity,
+    tree_bleu,
+    tree_edit_similarity,
+    visible_text,
+)
 
 VALID = [
     "<!DOCTYPE html><html><head><title>t</title></head><body><p>hi</p></body></html>",
-    "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<style>p{color:red}</style>\n</head>\n"
-    "<body>\n<main><h1>A</h1><img src=\"a.png\" alt=\"\"><br/><input type=\"text\"></main>\n</body>\n</html>\n",
+    '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<style>p{color:red}</style>\n</head>\n'
+    '<body>\n<main><h1>A</h1><img src="a.png" alt=""><br/><input type="text"></main>\n</body>\n</html>\n',
     "<!DOCTYPE html><html><head></head><body><!-- note --><script>if (a < b) { x = '</p>'; }</script>"
     "<table><tr><td>1</td></tr></table></body></html>",
 ]
@@ -47,7 +62,13 @@ def test_rouge_equals_evaluate_rouge_per_page_and_its_mean():
     import evaluate
 
     predictions = ["the cat sat on the mat", "<p>Hello world</p>", "a b c d", "", "<ul><li>One</li><li>Two</li></ul>"]
-    references = ["the cat is on the mat", "<div>hello there world</div>", "d c b a", "something", "<ol><li>two</li></ol>"]
+    references = [
+        "the cat is on the mat",
+        "<div>hello there world</div>",
+        "d c b a",
+        "something",
+        "<ol><li>two</li></ol>",
+    ]
     theirs = evaluate.load(str(Path(__file__).parent / "data" / "rouge")).compute(
         predictions=predictions, references=references, use_aggregator=False
     )
@@ -61,7 +82,9 @@ def test_rouge_equals_evaluate_rouge_per_page_and_its_mean():
     scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
     for p, r in zip(predictions, references):
         aggregator.add_scores(scorer.score(r, p))
-    assert aggregator.aggregate()["rouge1"].mid.fmeasure == pytest.approx(rouge(predictions, references)["rouge1"], abs=0.25)
+    assert aggregator.aggregate()["rouge1"].mid.fmeasure == pytest.approx(
+        rouge(predictions, references)["rouge1"], abs=0.25
+    )
 
 
 def test_rouge_is_blind_to_markup_but_our_scores_are_not():
@@ -74,7 +97,10 @@ def test_rouge_is_blind_to_markup_but_our_scores_are_not():
 
 
 def test_visible_text_drops_tags_css_and_scripts():
-    page = "<html><head><style>p{color:red}</style></head><body><h1>Title</h1><script>var x=1</script><p>Body</p></body></html>"
+    page = (
+        "<html><head><style>p{color:red}</style></head>"
+        "<body><h1>Title</h1><script>var x=1</script><p>Body</p></body></html>"
+    )
     assert visible_text(page) == "Title Body"
 
 
@@ -102,11 +128,11 @@ def test_layout_scores_are_skipped_with_the_reason_when_there_is_no_browser(monk
 # ---------------------------------------------------------------------------------------------- the HTML spec
 SPEC_VALID = {
     "inline svg with self-closing paths": "<!DOCTYPE html><html><head><title>t</title></head><body><svg viewBox='0 0 9 "
-                                          "9'><path d='M0 0L9 9'/><circle r='2'/></svg></body></html>",
+    "9'><path d='M0 0L9 9'/><circle r='2'/></svg></body></html>",
     "tag-like text in title and textarea": "<!DOCTYPE html><html><head><title>a <b> c</title></head><body><textarea>"
-                                           "<div>not a tag</textarea></body></html>",
+    "<div>not a tag</textarea></body></html>",
     "optional end tags left out": "<!DOCTYPE html><html><head><title>t</title></head><body><p>one<p>two<ul><li>a<li>b"
-                                  "</ul><table><tr><td>1<td>2</table>",
+    "</ul><table><tr><td>1<td>2</table>",
 }
 
 
@@ -115,8 +141,19 @@ def test_spec_valid_html_is_accepted(name):
     assert spec_errors(SPEC_VALID[name]) == [] and is_valid_html(SPEC_VALID[name])
 
 
-@pytest.mark.parametrize("name", ["unclosed tag", "stray text after html", "bad nesting", "no doctype",
-                                  "end tag without start", "void element closed", "empty", "cut mid-element"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "unclosed tag",
+        "stray text after html",
+        "bad nesting",
+        "no doctype",
+        "end tag without start",
+        "void element closed",
+        "empty",
+        "cut mid-element",
+    ],
+)
 def test_spec_invalid_html_is_rejected(name):
     page = BROKEN.get(name, "<!DOCTYPE html><html><head></head><body><div><section><h1>Hi")
     assert not is_valid_html(page), name
@@ -125,8 +162,10 @@ def test_spec_invalid_html_is_rejected(name):
 
 
 # ---------------------------------------------------------------------------------------------- structure
-TREE = ("<!DOCTYPE html><html><head><title>t</title></head><body><ul><li>a</li><li>b</li></ul><div><p>x</p></div>"
-        "</body></html>")
+TREE = (
+    "<!DOCTYPE html><html><head><title>t</title></head><body><ul><li>a</li><li>b</li></ul><div><p>x</p></div>"
+    "</body></html>"
+)
 
 
 def test_tree_bleu_counts_the_reference_parent_children_patterns_found():
@@ -143,8 +182,9 @@ def test_tree_edit_similarity_is_one_minus_the_normalised_distance():
     # 9 elements: html head title body ul li li div p; one li fewer is one deletion
     size = 9
     assert tree_edit_similarity(TREE.replace("<li>b</li>", ""), TREE) == pytest.approx(1 - 1 / size)
-    assert tree_edit_similarity(TREE.replace("<div>", "<section>").replace("</div>", "</section>"), TREE) == \
-        pytest.approx(1 - 1 / size)  # one relabel
+    assert tree_edit_similarity(
+        TREE.replace("<div>", "<section>").replace("</div>", "</section>"), TREE
+    ) == pytest.approx(1 - 1 / size)  # one relabel
     assert tree_edit_similarity("<p>x</p>", TREE) < 0.7
 
 
@@ -152,15 +192,26 @@ def test_tree_edit_similarity_is_one_minus_the_normalised_distance():
 def test_description_coverage_counts_content_words_in_text_and_attributes():
     description = "Please create a dark pricing page for Zephyr with a signup form"
     assert content_words(description) == ["dark", "pricing", "zephyr", "signup", "form"]
-    page = ("<!DOCTYPE html><html><head><title>Zephyr</title></head><body class='dark'><h1>Pricing</h1>"
-            "<p style='color:form'>plans</p></body></html>")
+    page = (
+        "<!DOCTYPE html><html><head><title>Zephyr</title></head><body class='dark'><h1>Pricing</h1>"
+        "<p style='color:form'>plans</p></body></html>"
+    )
     assert description_coverage(description, page) == pytest.approx(3 / 5)  # zephyr, dark (class), pricing
     assert description_coverage("Create a page", page) == 1.0  # nothing to look for
 
 
 def test_repetition_flags_a_generation_stuck_in_a_loop():
-    normal = "\n".join(["<!DOCTYPE html>", "<html>", "<body>", "<div class='card'>A</div>",
-                        "<div class='card'>B</div>", "</body>", "</html>"])
+    normal = "\n".join(
+        [
+            "<!DOCTYPE html>",
+            "<html>",
+            "<body>",
+            "<div class='card'>A</div>",
+            "<div class='card'>B</div>",
+            "</body>",
+            "</html>",
+        ]
+    )
     stuck = "<!DOCTYPE html>\n<html><body>\n" + "<p>---------family---------</p>\n" * 40
     assert not repetition(normal)["runaway"] and repetition(normal)["repeated_line_share"] == 0
     loop = repetition(stuck)

@@ -1,27 +1,32 @@
 """The API's form page and a notebook preview, driven in headless Chromium as a person would: type, press Generate,
 click inside the preview. Screenshots go to $HTMLGEN_SAVE_SCREENSHOTS when it is set."""
+
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-from tests.net import free_port
 from htmlgen_utils.config import Config
 from htmlgen_utils.rendering import gallery_html
 from tests.browser import require_chromium
+from tests.net import free_port
 
 expect = pytest.importorskip("playwright.sync_api").expect
 
-DOT = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5E"
-       "rkJggg==")
+DOT = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5E"
+    "rkJggg=="
+)
 # What a generated page may hold: same-page and site links, a link out, a data: image, a script
-PAGE = ("<!DOCTYPE html><html><head><title>Acme</title></head><body>"
-        "<nav><a id='nav' href='#pricing'>Pricing</a> <a id='about' href='/about'>About</a> "
-        "<a id='out' href='https://example.com/'>Elsewhere</a></nav><h1 id='top'>Acme</h1>"
-        f"<img id='dot' src='{DOT}' width='40' height='40' alt='dot'>"
-        "<div style='height:1500px'>features</div><section id='pricing'><h2>Pricing</h2></section>"
-        "<script>document.body.dataset.ran = 'yes'</script></body></html>")
+PAGE = (
+    "<!DOCTYPE html><html><head><title>Acme</title></head><body>"
+    "<nav><a id='nav' href='#pricing'>Pricing</a> <a id='about' href='/about'>About</a> "
+    "<a id='out' href='https://example.com/'>Elsewhere</a></nav><h1 id='top'>Acme</h1>"
+    f"<img id='dot' src='{DOT}' width='40' height='40' alt='dot'>"
+    "<div style='height:1500px'>features</div><section id='pricing'><h2>Pricing</h2></section>"
+    "<script>document.body.dataset.ran = 'yes'</script></body></html>"
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +35,17 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run", "--disable-sync"])
+        launched = playwright.chromium.launch(
+            executable_path=chromium,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+                "--disable-sync",
+            ],
+        )
         yield launched
         launched.close()
 
@@ -43,8 +56,15 @@ def api():
     from htmlgen_utils.serve import BackgroundServer, create_app
 
     config = Config.from_preset("tiny")
-    server = BackgroundServer(create_app(load_base_model(config).eval(), load_tokenizer(config.model_id),
-                                         max_new_tokens_cap=700, default_max_new_tokens=400), port=free_port())
+    server = BackgroundServer(
+        create_app(
+            load_base_model(config).eval(),
+            load_tokenizer(config.model_id),
+            max_new_tokens_cap=700,
+            default_max_new_tokens=400,
+        ),
+        port=free_port(),
+    )
     yield server
     server.stop()
 
@@ -77,8 +97,9 @@ def _check_preview(frame_page, frame_locator):
 def test_form_generates_with_the_real_model(browser, api):
     page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone
     page.goto(f"{api.url}/")
-    assert page.evaluate("window.innerWidth") == 390 and page.evaluate(
-        "document.documentElement.scrollWidth") <= 400  # the viewport meta: no 980 px layout
+    assert (
+        page.evaluate("window.innerWidth") == 390 and page.evaluate("document.documentElement.scrollWidth") <= 400
+    )  # the viewport meta: no 980 px layout
     assert page.get_by_label("Page description").is_visible()
     page.get_by_label("Page description").fill("A retro 404 error page for Nova")
     page.get_by_role("button", name="Generate").click()
@@ -98,8 +119,9 @@ def test_form_preview_keeps_links_inside_and_shows_what_the_page_shows(browser, 
 
     def answer(route):
         requests_seen.append(route.request.post_data)
-        route.fulfill(status=200, content_type="application/json",
-                      body=json.dumps({"html": PAGE, "tokens": 99, "seconds": 0.1}))
+        route.fulfill(
+            status=200, content_type="application/json", body=json.dumps({"html": PAGE, "tokens": 99, "seconds": 0.1})
+        )
 
     page.route("**/query", answer)
     page.goto(f"{api.url}/")
@@ -116,8 +138,12 @@ def test_form_errors_read_as_errors_and_clear_the_old_page(browser, api):
     page = browser.new_page()
     page.goto(f"{api.url}/")
     page.get_by_label("Page description").fill("A login page for Orbit")
-    page.route("**/query", lambda route: route.fulfill(
-        status=200, content_type="application/json", body=json.dumps({"html": PAGE, "tokens": 1, "seconds": 0.1})))
+    page.route(
+        "**/query",
+        lambda route: route.fulfill(
+            status=200, content_type="application/json", body=json.dumps({"html": PAGE, "tokens": 1, "seconds": 0.1})
+        ),
+    )
     page.get_by_role("button", name="Generate").click()
     expect(page.locator("#status")).to_contain_text("tokens in")
     page.unroute("**/query")
@@ -139,8 +165,12 @@ def test_form_errors_read_as_errors_and_clear_the_old_page(browser, api):
 def test_notebook_gallery_preview_keeps_links_inside(browser, tmp_path):
     rows = [{"description": "A landing page for Acme", "reference": PAGE, "generated": PAGE, "rougeL": 1.0}]
     host = tmp_path / "notebook.html"
-    host.write_text("<!DOCTYPE html><html><head><meta charset='utf-8'></head><body><div id='notebook'>notebook</div>"
-                    + gallery_html(rows, 400) + "</body></html>", encoding="utf-8")
+    host.write_text(
+        "<!DOCTYPE html><html><head><meta charset='utf-8'></head><body><div id='notebook'>notebook</div>"
+        + gallery_html(rows, 400)
+        + "</body></html>",
+        encoding="utf-8",
+    )
     page = browser.new_page(viewport={"width": 1100, "height": 900})
     page.goto(host.as_uri())
     _check_preview(page, page.frame_locator("iframe").first)

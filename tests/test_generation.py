@@ -13,8 +13,11 @@ def tiny_base():
     return model, load_tokenizer(config.model_id)
 
 
-DESCRIPTIONS = ["A modern landing page for Acme in blue", "Build a retro 404 error page for Nova.",
-                "A login page for Orbit with a dark colour scheme and a minimalist look"]
+DESCRIPTIONS = [
+    "A modern landing page for Acme in blue",
+    "Build a retro 404 error page for Nova.",
+    "A login page for Orbit with a dark colour scheme and a minimalist look",
+]
 
 
 def test_clean_page():

@@ -1,4 +1,5 @@
 """CUDA-only paths, checked where a GPU is (the benchmark machine runs this file); skipped on CPU."""
+
 import pytest
 import torch
 
@@ -24,7 +25,7 @@ def test_checkpoints_offloaded_on_a_side_stream_give_the_same_gradients():
     results = []
     for hooks in (None, CheckpointsOnCPU(model.config.hidden_size)):
         model.zero_grad(set_to_none=True)
-        with packed_attention(model), torch.autocast("cuda", dtype=torch.float16), (hooks or torch.enable_grad()):
+        with packed_attention(model), torch.autocast("cuda", dtype=torch.float16), hooks or torch.enable_grad():
             loss = next_token_loss(model, batch, config.loss_chunk_tokens)
         loss.backward()
         results.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
@@ -50,11 +51,17 @@ def _decode_and_check_against_eager(model, tokenizer, description: str, column_w
     from htmlgen_utils.packing import build_prompt
 
     ids = tokenizer(build_prompt(description), return_tensors="pt").input_ids.cuda()
-    tokens = torch.tensor([[t for piece in decode_one(model, tokenizer, ids, 120, stop_at_html_end=False,
-                                                           column_words=column_words)
-                            for t in piece]]).cuda()
+    tokens = torch.tensor(
+        [
+            [
+                t
+                for piece in decode_one(model, tokenizer, ids, 120, stop_at_html_end=False, column_words=column_words)
+                for t in piece
+            ]
+        ]
+    ).cuda()
     with torch.no_grad():
-        eager = model(input_ids=torch.cat([ids, tokens], 1)).logits[0, ids.shape[1] - 1:-1].float()
+        eager = model(input_ids=torch.cat([ids, tokens], 1)).logits[0, ids.shape[1] - 1 : -1].float()
     shortfall = eager.max(-1).values - eager.gather(-1, tokens[0, :, None])[:, 0]
     assert tokens.shape[1] == 120 and shortfall.max() < 0.1, shortfall.max()
     assert (shortfall == 0).float().mean() > 0.9
@@ -92,8 +99,9 @@ def test_flex_attention_trains_what_the_block_mask_trains():
     positions = torch.cat([torch.arange(n) for n in LENGTHS])[None]
     torch.manual_seed(0)
     input_ids = torch.randint(3, 500, (1, sum(LENGTHS)))
-    batch = {k: v.cuda() for k, v in {"input_ids": input_ids, "labels": input_ids.clone(),
-                                       "position_ids": positions}.items()}
+    batch = {
+        k: v.cuda() for k, v in {"input_ids": input_ids, "labels": input_ids.clone(), "position_ids": positions}.items()
+    }
 
     def loss_and_grads():
         model.zero_grad(set_to_none=True)

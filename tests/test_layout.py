@@ -1,4 +1,5 @@
 """The package's shape: one concern per module, and an import graph without cycles (lazy imports included)."""
+
 import ast
 
 from htmlgen_utils.config import PACKAGE_DIR
@@ -14,7 +15,7 @@ def import_graph() -> dict[str, set[str]]:
         edges = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level:
-                base = list(package[:len(package) - node.level + 1])
+                base = list(package[: len(package) - node.level + 1])
                 target = ".".join(base + ([node.module] if node.module else []))
                 if node.module is None:  # from . import x
                     edges |= {".".join(base + [alias.name]) for alias in node.names}
@@ -34,7 +35,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         state[node] = 2

@@ -1,5 +1,6 @@
 """Whole real pages: the truncate_close policy, RoPE scaling for examples beyond the context, generation length from
 the data, the repetition stop, and small test splits said out loud."""
+
 import pytest
 import torch
 
@@ -37,7 +38,7 @@ def test_truncate_close_teaches_a_complete_valid_page_that_ends(long_rows, token
         example = tokenize_example(tokenizer, row["label"], row["html"], max_tokens, "truncate_close", True)
         assert example["status"] == "truncated" and len(example["input_ids"]) <= max_tokens
         assert example["input_ids"][-1] == tokenizer.eos_token_id  # the model learns to stop
-        page = tokenizer.decode(example["input_ids"][example["prompt_length"]:], skip_special_tokens=True)
+        page = tokenizer.decode(example["input_ids"][example["prompt_length"] :], skip_special_tokens=True)
         assert is_valid_html(page), (spec_errors(page)[:3], page[-200:])
         assert page.rstrip().endswith("</body></html>")
         cut = tokenize_example(tokenizer, row["label"], row["html"], max_tokens, "truncate", True)
@@ -56,7 +57,7 @@ def test_a_cut_never_lands_inside_a_script(tokenizer):
     budget = len(tokenizer(page, add_special_tokens=False).input_ids) // 2  # the middle of the script
     prompt = len(tokenizer("x").input_ids) + 40
     example = tokenize_example(tokenizer, "x", page, prompt + budget, "truncate_close", True)
-    text = tokenizer.decode(example["input_ids"][example["prompt_length"]:], skip_special_tokens=True)
+    text = tokenizer.decode(example["input_ids"][example["prompt_length"] :], skip_special_tokens=True)
     assert is_valid_html(text) and "<script>" not in text  # cut before the script, not inside it
 
 
@@ -64,9 +65,18 @@ def test_long_examples_train_with_rope_scaling(tmp_path):
     """Examples of 2,048 tokens on the tiny base (a 1,024-token context): linear RoPE scaling x2, and training runs."""
     from htmlgen_utils.train import run_training
 
-    config = Config.from_preset("tiny", dataset="bundled-long", run_dir=str(tmp_path / "run"), block_size=2048,
-                                max_example_tokens=2048, max_steps=2, checkpoint_every=0, eval_every=2,
-                                max_eval_batches=1, test_fraction=0.2)
+    config = Config.from_preset(
+        "tiny",
+        dataset="bundled-long",
+        run_dir=str(tmp_path / "run"),
+        block_size=2048,
+        max_example_tokens=2048,
+        max_steps=2,
+        checkpoint_every=0,
+        eval_every=2,
+        max_eval_batches=1,
+        test_fraction=0.2,
+    )
     state = run_training(config)
     assert state.step == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in state.history if "loss" in h)
     from htmlgen_utils.model import load_base_model
@@ -76,7 +86,9 @@ def test_long_examples_train_with_rope_scaling(tmp_path):
     assert parameters["rope_type"] == "linear" and parameters["factor"] == 2.0
     assert scaled.max_position_embeddings == 2048  # the scaled context, so generating past 1,024 is not warned about
     plain = load_base_model(TINY).config
-    assert (getattr(plain, "rope_parameters", None) or plain.rope_scaling or {}).get("rope_type", "default") == "default"
+    assert (getattr(plain, "rope_parameters", None) or plain.rope_scaling or {}).get(
+        "rope_type", "default"
+    ) == "default"
     assert load_base_model(config.replace(rope_scaling="yarn")).config.rope_parameters["rope_type"] == "yarn"
 
 
@@ -87,8 +99,11 @@ def test_generation_length_follows_the_data(tmp_path, tokenizer):
     config = Config.from_preset("tiny", run_dir=str(tmp_path / "run"))
     splits, report = load_splits(config)
     save_splits(splits, report, config.run_dir)
-    longest = max(len(tokenizer(p, add_special_tokens=False).input_ids) for name in ("train", "test")
-                  for p in splits[name]["html"])
+    longest = max(
+        len(tokenizer(p, add_special_tokens=False).input_ids)
+        for name in ("train", "test")
+        for p in splits[name]["html"]
+    )
     assert generation_length(config, tokenizer) == min(longest + GENERATION_MARGIN, config.max_example_tokens)
     assert generation_length(config.replace(max_new_tokens=123), tokenizer) == 123
     long = config.replace(dataset="bundled-long", run_dir=str(tmp_path / "long"), test_fraction=0.2)

@@ -68,8 +68,9 @@ def test_4bit_preparation_keeps_embeddings_in_half_precision_and_norms_in_fp32()
     config = Config.from_preset("tiny", precision="bf16", gradient_checkpointing=True)
 
     def prepared(**changes):
-        model = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.bfloat16, device_map="cpu",
-                                                     quantization_config=quantization_config(config))
+        model = AutoModelForCausalLM.from_pretrained(
+            BASE, dtype=torch.bfloat16, device_map="cpu", quantization_config=quantization_config(config)
+        )
         prepare_4bit_for_training(model, config.replace(**changes))
         return model
 

@@ -1,6 +1,7 @@
 """The lines a notebook is named for are written in its own cells, and they compute what the package computes:
 notebook 03's 4-bit load and LoRA config give `model.py`'s model; notebook 04's hand-written optimiser step leaves
 the LoRA weights the package's loop leaves. The cells are run here as they are in the notebook."""
+
 import nbformat
 import pytest
 import torch
@@ -12,8 +13,11 @@ from htmlgen_utils.model import load_for_training, quantization_config
 
 def cells(name: str, containing: str = "", tag: str = "") -> list[str]:
     notebook = nbformat.read(str(REPO_DIR / "notebooks" / f"{name}.ipynb"), as_version=4)
-    return [cell.source for cell in notebook.cells if cell.cell_type == "code"
-            and containing in cell.source and (not tag or tag in cell.metadata.get("tags", []))]
+    return [
+        cell.source
+        for cell in notebook.cells
+        if cell.cell_type == "code" and containing in cell.source and (not tag or tag in cell.metadata.get("tags", []))
+    ]
 
 
 def source(name: str) -> str:
@@ -22,15 +26,30 @@ def source(name: str) -> str:
 
 def test_notebook_03_builds_the_quantisation_and_lora_configs_in_its_cells():
     text = source("03_qlora_model_setup")
-    for line in ("BitsAndBytesConfig(", 'bnb_4bit_quant_type="nf4"', "bnb_4bit_use_double_quant=True", "LoraConfig(",
-                 "prepare_model_for_kbit_training(", "get_peft_model("):
+    for line in (
+        "BitsAndBytesConfig(",
+        'bnb_4bit_quant_type="nf4"',
+        "bnb_4bit_use_double_quant=True",
+        "LoraConfig(",
+        "prepare_model_for_kbit_training(",
+        "get_peft_model(",
+    ):
         assert line in text, line
 
 
 def test_notebook_04_writes_the_amp_step_in_its_cells():
     text = source("04_training_loop")
-    for line in ("torch.autocast(", "scaler.scale(", ".backward()", "scaler.unscale_(", "clip_grad_norm_(",
-                 "scaler.step(", "scaler.update()", "zero_grad(", "scheduler.step()"):
+    for line in (
+        "torch.autocast(",
+        "scaler.scale(",
+        ".backward()",
+        "scaler.unscale_(",
+        "clip_grad_norm_(",
+        "scaler.step(",
+        "scaler.update()",
+        "zero_grad(",
+        "scheduler.step()",
+    ):
         assert line in text, line
     assert "show_source(train)" not in text  # the loop's plumbing is not the lesson
 
@@ -40,9 +59,11 @@ def test_notebook_03_cells_make_the_model_the_package_makes(tiny_config):
     the same quantisation settings, LoRA targets, trainable parameters and parameter dtypes as
     `load_for_training`."""
     namespace = {"config": tiny_config}
-    for code in (cells("03_qlora_model_setup", "BitsAndBytesConfig(")
-                 + cells("03_qlora_model_setup", "LoraConfig(")
-                 + cells("03_qlora_model_setup", "get_peft_model(")):
+    for code in (
+        cells("03_qlora_model_setup", "BitsAndBytesConfig(")
+        + cells("03_qlora_model_setup", "LoraConfig(")
+        + cells("03_qlora_model_setup", "get_peft_model(")
+    ):
         exec(code, namespace)
     package_model, _ = load_for_training(tiny_config)
     assert namespace["bnb_config"].to_dict() == quantization_config(tiny_config).to_dict()
@@ -81,8 +102,16 @@ def _after_package_step(config) -> dict:
     from htmlgen_utils.loss import count_targets
     from htmlgen_utils.model import device_for
     from htmlgen_utils.stages import ensure_packed
-    from htmlgen_utils.train import (accumulate_gradients, build_optimizer, build_scaler, build_scheduler,
-                                     micro_batch_groups, optimizer_step, plan_steps, trainable_parameters)
+    from htmlgen_utils.train import (
+        accumulate_gradients,
+        build_optimizer,
+        build_scaler,
+        build_scheduler,
+        micro_batch_groups,
+        optimizer_step,
+        plan_steps,
+        trainable_parameters,
+    )
 
     device = device_for(config)
     model, tokenizer = load_for_training(config)

@@ -1,4 +1,5 @@
 """Notebooks are committed clean, with a literal `parameters` cell first, a Colab badge and setup cell."""
+
 import ast
 
 import nbformat
@@ -46,7 +47,8 @@ def test_executed_copy_is_the_notebook_with_outputs(name):
     executed = nbformat.read(str(REPO_DIR / "notebooks" / "executed" / f"{name}.ipynb"), as_version=4)
     code = [c.source for c in source.cells if c.cell_type == "code"]
     assert [c.source for c in executed.cells if c.cell_type == "code"] == code, (
-        f"notebooks/executed/{name}.ipynb is stale: run python -m htmlgen_utils.pipeline --preset tiny --publish")
+        f"notebooks/executed/{name}.ipynb is stale: run python -m htmlgen_utils.pipeline --preset tiny --publish"
+    )
     assert "tiny" in executed.cells[0].source and "--publish" in executed.cells[0].source
     ran = [c for c in executed.cells if c.cell_type == "code"]
     assert all(c.execution_count for c in ran[1:]), "every cell after the parameters cell ran"
@@ -65,6 +67,9 @@ def test_executed_copies_show_the_loss_curve_and_the_gallery():
     assert any("image/png" in o.get("data", {}) for o in training.outputs)
     step = [c for c in outputs("04_training_loop") if "scaler.unscale_(" in c.source][0]
     assert "step taken" in _output_text(step)
-    gallery = [c for c in outputs("05_evaluation_and_rendering") if c.source.startswith("from htmlgen_utils."
-                                                                                         "rendering import show_gallery")]
+    gallery = [
+        c
+        for c in outputs("05_evaluation_and_rendering")
+        if c.source.startswith("from htmlgen_utils.rendering import show_gallery")
+    ]
     assert 'class="htmlgen-gallery"' in _output_text(gallery[0]) and '<iframe sandbox=""' in _output_text(gallery[0])

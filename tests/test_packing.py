@@ -3,8 +3,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from htmlgen_utils.packing import (IGNORE_INDEX, build_prompt, first_fit_decreasing, make_dataloader, pack_examples,
-                                   pack_splits, tokenize_example, tokenize_split)
+from htmlgen_utils.packing import (
+    IGNORE_INDEX,
+    build_prompt,
+    first_fit_decreasing,
+    make_dataloader,
+    pack_examples,
+    pack_splits,
+    tokenize_example,
+    tokenize_split,
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +44,7 @@ def test_long_page_policy_cuts_at_a_tag_boundary(tokenizer):
     page = "<!DOCTYPE html><html><body>" + "<p>hello world</p>" * 400 + "</body></html>"
     ex = tokenize_example(tokenizer, "long", page, 300, "truncate", True)
     assert ex["status"] == "truncated" and len(ex["input_ids"]) <= 300
-    kept_page = tokenizer.decode(ex["input_ids"][ex["prompt_length"]:])
+    kept_page = tokenizer.decode(ex["input_ids"][ex["prompt_length"] :])
     assert kept_page.endswith(">") and page.startswith(kept_page)
     assert ex["input_ids"][-1] != tokenizer.eos_token_id  # a cut page must not teach stopping
     dropped = tokenize_example(tokenizer, "long", page, 300, "drop", True)
@@ -132,14 +140,21 @@ def test_restarting_positions_isolate_examples(random_tiny_model):
     second = model(input_ids=torch.cat([other_a, b], 1), position_ids=pos, use_cache=False).logits[0, 12:]
     alone = model(input_ids=b, use_cache=False).logits[0]
     assert torch.allclose(first, second, atol=1e-5) and torch.allclose(first, alone, atol=1e-5)
-    plain = model(input_ids=torch.cat([a, b], 1), use_cache=False).logits[0, 12:]  # without restarts the first example leaks in
+    plain = model(input_ids=torch.cat([a, b], 1), use_cache=False).logits[
+        0, 12:
+    ]  # without restarts the first example leaks in
     assert not torch.allclose(plain, alone, atol=1e-3)
 
 
 def test_pack_splits_and_dataloader(tokenizer, tiny_config, bundled_rows):
-    splits = datasets.DatasetDict({name: datasets.Dataset.from_list(
-        [{"label": r["label"], "html": r["html"]} for r in bundled_rows[i:i + 10]]) for name, i in
-        (("train", 0), ("validation", 10), ("test", 20))})
+    splits = datasets.DatasetDict(
+        {
+            name: datasets.Dataset.from_list(
+                [{"label": r["label"], "html": r["html"]} for r in bundled_rows[i : i + 10]]
+            )
+            for name, i in (("train", 0), ("validation", 10), ("test", 20))
+        }
+    )
     packed, stats = pack_splits(splits, tokenizer, tiny_config)
     assert set(stats) == {"train", "validation", "test"}
     batches = list(make_dataloader(packed["train"], 2, shuffle=True, seed=1, epoch=0))

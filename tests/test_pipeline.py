@@ -1,4 +1,5 @@
 """The whole chain, for real: papermill executes notebooks 01-05 on the tiny preset."""
+
 import json
 import os
 import re
@@ -40,9 +41,20 @@ def test_chain_runs_every_notebook_without_errors(chain):
         notebook = nbformat.read(str(run_dir / "executed" / f"{name}.ipynb"), as_version=4)
         errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert errors == [], name
-    for artifact in ("data/train.jsonl", "data/test.jsonl", "packed/dataset_dict.json", "packing.png",
-                     "adapter/adapter_model.safetensors", "adapter/tokenizer.json", "htmlgen_config.json",
-                     "history.json", "training.png", "metrics.json", "eval_table.json", "model_summary.json"):
+    for artifact in (
+        "data/train.jsonl",
+        "data/test.jsonl",
+        "packed/dataset_dict.json",
+        "packing.png",
+        "adapter/adapter_model.safetensors",
+        "adapter/tokenizer.json",
+        "htmlgen_config.json",
+        "history.json",
+        "training.png",
+        "metrics.json",
+        "eval_table.json",
+        "model_summary.json",
+    ):
         assert (run_dir / artifact).exists(), artifact
     assert set(REQUIRED_METRICS) <= set(metrics)
     assert metrics["eval_split"] == "test"
@@ -72,8 +84,11 @@ def test_notebook_05_html_export_shows_rendered_pages(chain, tmp_path):
     require_chromium()
     run_dir, _ = chain
     executed = run_dir / "executed" / "05_evaluation_and_rendering.ipynb"
-    subprocess.run([sys.executable, "-m", "nbconvert", "--to", "html", "--output-dir", str(tmp_path), str(executed)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "nbconvert", "--to", "html", "--output-dir", str(tmp_path), str(executed)],
+        check=True,
+        capture_output=True,
+    )
     text = (tmp_path / "05_evaluation_and_rendering.html").read_text(encoding="utf-8")
     frames = re.findall(r"<iframe[^>]*>", text)
     assert len(frames) >= 4 and all('sandbox=""' in frame for frame in frames)
@@ -92,8 +107,12 @@ def test_notebook_05_html_export_shows_rendered_pages(chain, tmp_path):
 
 def _stream_text(run_dir, name, stream=None) -> str:
     notebook = nbformat.read(str(run_dir / "executed" / f"{name}.ipynb"), as_version=4)
-    return "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", [])
-                   if o.get("output_type") == "stream" and (stream is None or o.get("name") == stream))
+    return "".join(
+        o.get("text", "")
+        for c in notebook.cells
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "stream" and (stream is None or o.get("name") == stream)
+    )
 
 
 def test_executed_notebooks_show_no_library_warnings(chain):
@@ -105,10 +124,21 @@ def test_executed_notebooks_show_no_library_warnings(chain):
 def test_notebook_04_builds_one_step_by_hand_then_runs_the_package_loop(chain):
     run_dir, _ = chain
     text = _stream_text(run_dir, "04_training_loop")
-    for piece in ("with autocast_context(config.precision, device):", "scaler.scale(loss_sum / step_targets).backward()",
-                  "micro-batch 1/4: mean loss", "micro-batch 4/4", "scaler.unscale_(optimizer)", "gradient norm",
-                  "step taken", "loss scale", "def accumulate_gradients(",
-                  "in enumerate(micro_batches):  # gradient accumulation", "estimate:", "median_tokens_per_s", "eval_loss"):
+    for piece in (
+        "with autocast_context(config.precision, device):",
+        "scaler.scale(loss_sum / step_targets).backward()",
+        "micro-batch 1/4: mean loss",
+        "micro-batch 4/4",
+        "scaler.unscale_(optimizer)",
+        "gradient norm",
+        "step taken",
+        "loss scale",
+        "def accumulate_gradients(",
+        "in enumerate(micro_batches):  # gradient accumulation",
+        "estimate:",
+        "median_tokens_per_s",
+        "eval_loss",
+    ):
         assert piece in text, piece
 
 
@@ -116,10 +146,23 @@ def test_notebook_05_spells_out_each_score_and_the_base_comparison(chain):
     run_dir, _ = chain
     notebook = nbformat.read(str(run_dir / "executed" / "05_evaluation_and_rendering.ipynb"), as_version=4)
     sources = "\n".join(c.source for c in notebook.cells if c.cell_type == "code")
-    for call in ("generate_pages(", "rouge(pages, references)", "is_valid_html(", "tag_similarity(", "visible_text(",
-                 "tree_bleu(", "tree_edit_similarity(", "description_coverage(", "repetition(", "ends_with_html(",
-                 "layout_scores(", "evaluate_blocks(", "with model.disable_adapter():", "score_pages(",
-                 "BackgroundServer("):
+    for call in (
+        "generate_pages(",
+        "rouge(pages, references)",
+        "is_valid_html(",
+        "tag_similarity(",
+        "visible_text(",
+        "tree_bleu(",
+        "tree_edit_similarity(",
+        "description_coverage(",
+        "repetition(",
+        "ends_with_html(",
+        "layout_scores(",
+        "evaluate_blocks(",
+        "with model.disable_adapter():",
+        "score_pages(",
+        "BackgroundServer(",
+    ):
         assert call in sources, call
     text = _stream_text(run_dir, "05_evaluation_and_rendering")
     assert "ROUGE, as evaluate's rouge" in text and "share of valid pages" in text and "TreeBLEU" in text
@@ -132,8 +175,10 @@ def test_notebook_05_honours_its_own_overrides(chain, tmp_path):
     run_dir, _ = chain
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("executed", "checkpoints", "merged"))
-    run_pipeline(Config.from_preset("tiny", run_dir=str(copy), max_new_tokens=16, max_test_examples=3),
-                 notebooks=("05_evaluation_and_rendering",))
+    run_pipeline(
+        Config.from_preset("tiny", run_dir=str(copy), max_new_tokens=16, max_test_examples=3),
+        notebooks=("05_evaluation_and_rendering",),
+    )
     generation = json.loads((copy / "metrics.json").read_text())["generation"]
     assert generation["max_new_tokens"] == 16 and generation["examples"] == 3
     assert 0 < generation["new_tokens"] <= 16 * 3
@@ -171,16 +216,31 @@ def test_each_notebook_alone_in_a_fresh_runtime_rebuilds_or_names_what_it_needs(
     with pytest.raises(NotebookFailed, match="run notebook 04_training_loop first"):
         run_pipeline(Config.from_preset("tiny", run_dir=str(empty)), notebooks=("05_evaluation_and_rendering",))
     with pytest.raises(NotebookFailed, match=r"packed with other settings .*block_size 1024 there, 2048 here"):
-        run_pipeline(Config.from_preset("tiny", run_dir=str(run_dir), block_size=2048),
-                     notebooks=("03_qlora_model_setup",))
+        run_pipeline(
+            Config.from_preset("tiny", run_dir=str(run_dir), block_size=2048), notebooks=("03_qlora_model_setup",)
+        )
 
 
 def test_pipeline_cli_names_the_failing_notebook(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"title": "x", "page": "y"}]))
-    result = subprocess.run([sys.executable, "-m", "htmlgen_utils.pipeline", "--preset", "tiny", "--dataset", str(bad),
-                             "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO_DIR,
-                            timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "htmlgen_utils.pipeline",
+            "--preset",
+            "tiny",
+            "--dataset",
+            str(bad),
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_DIR,
+        timeout=300,
+    )
     assert result.returncode == 1
     assert "Notebook 01_dataset_exploration failed" in result.stderr and "no column(s)" in result.stderr
 

@@ -1,4 +1,5 @@
 """Scraped-web-like data: 200k-character pages, empty pages, duplicates, near-empty rows."""
+
 import json
 import subprocess
 import sys
@@ -12,15 +13,21 @@ from htmlgen_utils.packing import pack_splits
 
 
 def _long_page(seed: int, paragraphs: int) -> str:
-    body = "".join(f"<div class='c{seed}'><p>Item {i} of a long scraped page, {seed}.</p></div>\n" for i in range(paragraphs))
+    body = "".join(
+        f"<div class='c{seed}'><p>Item {i} of a long scraped page, {seed}.</p></div>\n" for i in range(paragraphs)
+    )
     return f"<!DOCTYPE html><html><head><title>Page {seed}</title></head><body>{body}</body></html>"
 
 
 @pytest.fixture(scope="module")
 def scraped_file(tmp_path_factory):
     rows = [{"label": f"A long news site number {i}", "html": _long_page(i, 3000 + 500 * i)} for i in range(4)]
-    rows += [{"label": "An empty page", "html": ""}, {"label": "", "html": "<p>no label</p>"},
-             {"label": "Almost nothing", "html": "<p>"}, {"label": "A tiny page", "html": "<b>hi</b>"}]
+    rows += [
+        {"label": "An empty page", "html": ""},
+        {"label": "", "html": "<p>no label</p>"},
+        {"label": "Almost nothing", "html": "<p>"},
+        {"label": "A tiny page", "html": "<b>hi</b>"},
+    ]
     rows += [rows[0], rows[1], rows[7]]  # exact duplicates
     rows += [{"label": f"Short page {i}", "html": f"<html><body><h1>{i}</h1></body></html>"} for i in range(6)]
     path = tmp_path_factory.mktemp("scraped") / "pages.json"
@@ -34,7 +41,9 @@ def test_load_split_pack_reports_the_policy(scraped_file):
     splits, report = load_splits(config)
     assert (report.rows_loaded, report.empty_dropped, report.duplicates_dropped) == (17, 2, 3)
     packed, stats = pack_splits(splits, load_tokenizer(config.model_id), config)
-    total = {k: sum(getattr(s, k) for s in stats.values()) for k in ("truncated", "kept", "dropped", "tokens_cut_by_policy")}
+    total = {
+        k: sum(getattr(s, k) for s in stats.values()) for k in ("truncated", "kept", "dropped", "tokens_cut_by_policy")
+    }
     assert total["truncated"] == 4 and total["kept"] == 8 and total["tokens_cut_by_policy"] > 100_000
     for split in packed.values():
         assert all(len(ids) == config.block_size for ids in split["input_ids"])
@@ -43,24 +52,55 @@ def test_load_split_pack_reports_the_policy(scraped_file):
 
 
 def test_pipeline_runs_on_scraped_pages(scraped_file, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "htmlgen_utils.pipeline", "--preset", "tiny", "--dataset",
-                             str(scraped_file), "--run-dir", str(tmp_path / "run"), "-p", "max_steps", "2",
-                             "-p", "max_new_tokens", "64"], capture_output=True, text=True, cwd=REPO_DIR, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "htmlgen_utils.pipeline",
+            "--preset",
+            "tiny",
+            "--dataset",
+            str(scraped_file),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "-p",
+            "max_steps",
+            "2",
+            "-p",
+            "max_new_tokens",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_DIR,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert {"rouge1", "rougeL", "html_valid_rate", "eval_loss", "token_accuracy"} <= set(metrics)
 
 
-MESSY_TEXT = ["line\u2028separator", "para\u2029graph", "next\u0085line", "form\x0cfeed", "windows\r\nline\r\nends",
-              "nul\x00byte", "emoji 🎉🧪 and ZWJ 👩‍💻", "Ελληνικά, русский, 中文, العربية, हिन्दी", "bom\ufeffinside",
-              "old mac\rline"]
+MESSY_TEXT = [
+    "line\u2028separator",
+    "para\u2029graph",
+    "next\u0085line",
+    "form\x0cfeed",
+    "windows\r\nline\r\nends",
+    "nul\x00byte",
+    "emoji 🎉🧪 and ZWJ 👩‍💻",
+    "Ελληνικά, русский, 中文, العربية, हिन्दी",
+    "bom\ufeffinside",
+    "old mac\rline",
+]
 
 
 def _messy_rows() -> list[dict]:
     rows = []
     for i, text in enumerate(MESSY_TEXT * 2):
-        page = (f"<!DOCTYPE html><html><head><title>{i}</title></head><body><p>{text}</p>"
-                f"<p>{'x' * (i % 3)}</p></body></html>")
+        page = (
+            f"<!DOCTYPE html><html><head><title>{i}</title></head><body><p>{text}</p>"
+            f"<p>{'x' * (i % 3)}</p></body></html>"
+        )
         rows.append({"label": f"A page with {text} number {i}", "html": page})
     long_line = "<!DOCTYPE html><html><head></head><body>" + "<span>one long line</span>" * 20_000 + "</body></html>"
     rows.append({"label": "A page that is one 500k-character line", "html": long_line})
@@ -85,7 +125,8 @@ def test_messy_text_comes_back_byte_identical_from_the_saved_splits(messy_file, 
     save_splits(splits, report, config.run_dir)
     saved = load_saved_splits(config.run_dir)
     assert sorted(zip(clean["label"], clean["html"])) == sorted(
-        pair for name in saved for pair in zip(saved[name]["label"], saved[name]["html"]))
+        pair for name in saved for pair in zip(saved[name]["label"], saved[name]["html"])
+    )
     pages = {page for name in saved for page in saved[name]["html"]}
     for text in MESSY_TEXT:  # inside pages nothing is normalised but line ends (\r\n and \r become \n)
         assert any(text.replace("\r\n", "\n").replace("\r", "\n") in page for page in pages), repr(text)
@@ -105,13 +146,35 @@ def test_csv_keeps_newlines_inside_quoted_fields(tmp_path):
 
 
 def test_the_chain_runs_on_messy_text_and_loses_nothing(messy_file, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "htmlgen_utils.pipeline", "--preset", "tiny", "--dataset",
-                             str(messy_file), "--run-dir", str(tmp_path / "run"), "-p", "max_steps", "2",
-                             "-p", "max_new_tokens", "32", "-p", "test_fraction", "0.2"],
-                            capture_output=True, text=True, cwd=REPO_DIR, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "htmlgen_utils.pipeline",
+            "--preset",
+            "tiny",
+            "--dataset",
+            str(messy_file),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "-p",
+            "max_steps",
+            "2",
+            "-p",
+            "max_new_tokens",
+            "32",
+            "-p",
+            "test_fraction",
+            "0.2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_DIR,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     from htmlgen_utils.data import load_saved_splits
 
     test_pages = list(load_saved_splits(tmp_path / "run")["test"]["html"])
     table = json.loads((tmp_path / "run" / "eval_table.json").read_text(encoding="utf-8"))
-    assert [row["reference"] for row in table] == test_pages[:len(table)]  # the eval table keeps them exactly
+    assert [row["reference"] for row in table] == test_pages[: len(table)]  # the eval table keeps them exactly

@@ -1,9 +1,10 @@
 """The sandboxed iframe, checked in a real headless Chromium."""
+
 import html
 
-from htmlgen_utils.rendering import gallery_html, iframe_html, preview_document
 import numpy as np
 
+from htmlgen_utils.rendering import gallery_html, iframe_html, preview_document
 from tests.browser import colour_fraction, dump_dom, nonblank_fraction, pixels, require_chromium, screenshot_url
 
 HOST = """<!DOCTYPE html><html><head><meta charset="utf-8"></head><body data-host="1">{frame}
@@ -12,11 +13,13 @@ HOST = """<!DOCTYPE html><html><head><meta charset="utf-8"></head><body data-hos
   document.body.setAttribute('data-iframes', document.querySelectorAll('iframe').length);
 }});</script></body></html>"""
 
-EVIL = ("<!DOCTYPE html><html><head></head><body style=\"background:rgb(255,255,255)\">"
-        "<script>document.body.style.background = 'rgb(255,0,0)';"
-        "try { parent.document.body.setAttribute('data-pwned', 'yes'); } catch (e) {}</script>"
-        "\"></iframe><div id=\"escaped\" style=\"background:rgb(0,0,255);width:900px;height:900px\"></div>"
-        "<script>document.body.setAttribute('data-pwned', 'yes');</script>'</body></html>")
+EVIL = (
+    '<!DOCTYPE html><html><head></head><body style="background:rgb(255,255,255)">'
+    "<script>document.body.style.background = 'rgb(255,0,0)';"
+    "try { parent.document.body.setAttribute('data-pwned', 'yes'); } catch (e) {}</script>"
+    '"></iframe><div id="escaped" style="background:rgb(0,0,255);width:900px;height:900px"></div>'
+    "<script>document.body.setAttribute('data-pwned', 'yes');</script>'</body></html>"
+)
 
 
 def _host(tmp_path, frame, name="host.html"):
@@ -33,14 +36,16 @@ def test_scripts_in_the_page_do_not_run_and_cannot_reach_the_notebook(tmp_path):
     assert "data-pwned" not in dom.split("<iframe")[0] + dom.split("</iframe>")[-1]
     png = screenshot_url(host.as_uri(), tmp_path / "sandboxed.png", 600, 400)
     assert colour_fraction(png, (255, 0, 0)) == 0.0  # the page's own script did not run either
-    blue = (np.abs(pixels(png) - np.array([0, 0, 255])).sum(axis=2) < 40)
+    blue = np.abs(pixels(png) - np.array([0, 0, 255])).sum(axis=2) < 40
     assert blue.any() and not blue[:, 320:].any() and not blue[220:, :].any()  # clipped to the 300x200 frame
 
 
 def test_the_checks_would_catch_a_leak(tmp_path):
     """Positive controls: the same page with scripts allowed turns red and reaches the parent; unescaped it escapes."""
     require_chromium()
-    allowed = iframe_html(EVIL, height=200, width="300px").replace('sandbox=""', 'sandbox="allow-scripts allow-same-origin"')
+    allowed = iframe_html(EVIL, height=200, width="300px").replace(
+        'sandbox=""', 'sandbox="allow-scripts allow-same-origin"'
+    )
     dom = dump_dom(_host(tmp_path, allowed, "allowed.html").as_uri())
     assert 'data-pwned="yes"' in dom
     png = screenshot_url(_host(tmp_path, allowed, "allowed2.html").as_uri(), tmp_path / "allowed.png", 600, 400)
@@ -51,7 +56,7 @@ def test_the_checks_would_catch_a_leak(tmp_path):
 
 
 def test_quotes_and_closing_tags_stay_inside_srcdoc():
-    page = 'a " b \' c </iframe> <script>x</script> &amp;'
+    page = "a \" b ' c </iframe> <script>x</script> &amp;"
     frame = iframe_html(page)
     assert frame.count("<iframe") == 1 and frame.count("</iframe>") == 1
     srcdoc = frame.split('srcdoc="', 1)[1].split('"', 1)[0]
@@ -61,8 +66,10 @@ def test_quotes_and_closing_tags_stay_inside_srcdoc():
 
 def test_gallery_renders_pages(tmp_path, bundled_rows):
     require_chromium()
-    rows = [{"description": r["label"], "reference": r["html"], "generated": r["html"], "rougeL": 1.0,
-             "well_formed": True} for r in bundled_rows[:2]]
+    rows = [
+        {"description": r["label"], "reference": r["html"], "generated": r["html"], "rougeL": 1.0, "well_formed": True}
+        for r in bundled_rows[:2]
+    ]
     page = tmp_path / "gallery.html"
     page.write_text("<!DOCTYPE html><html><body>" + gallery_html(rows, 300) + "</body></html>")
     empty = tmp_path / "empty.html"
@@ -83,10 +90,12 @@ def test_visual_similarity(bundled_rows):
 
 
 # ---------------------------------------------------------------------------------------------- layout scores
-LAYOUT_PAGE = ("<!DOCTYPE html><html><head><title>Acme</title></head><body style='margin:0'>"
-               "<h1 style='color:#1d4ed8'>Acme tools for makers</h1><p>Fast, simple and open.</p>"
-               "<footer style='color:#444'>Contact us any time</footer>"
-               "<script>document.body.innerHTML = '<h1>script ran</h1>'</script></body></html>")
+LAYOUT_PAGE = (
+    "<!DOCTYPE html><html><head><title>Acme</title></head><body style='margin:0'>"
+    "<h1 style='color:#1d4ed8'>Acme tools for makers</h1><p>Fast, simple and open.</p>"
+    "<footer style='color:#444'>Contact us any time</footer>"
+    "<script>document.body.innerHTML = '<h1>script ran</h1>'</script></body></html>"
+)
 
 
 def test_layout_scores_on_hand_made_pages():
@@ -100,16 +109,23 @@ def test_layout_scores_on_hand_made_pages():
     reworded = LAYOUT_PAGE.replace("Acme tools for makers", "Nothing alike here at all")
     blank = "<!DOCTYPE html><html><head></head><body></body></html>"
     reference, *others = render_pages([LAYOUT_PAGE, moved, recoloured, reworded, blank])
-    assert [b.text for b in reference.blocks] == ["Acme tools for makers", "Fast, simple and open.",
-                                                  "Contact us any time"]  # no "script ran"
+    assert [b.text for b in reference.blocks] == [
+        "Acme tools for makers",
+        "Fast, simple and open.",
+        "Contact us any time",
+    ]  # no "script ran"
     same = layout_scores(reference, reference)
     assert same == {"block_match": 1.0, "text_similarity": 1.0, "position_similarity": 1.0, "color_similarity": 1.0}
     position = layout_scores(others[0], reference)
-    assert position["position_similarity"] < 0.9 and {k: v for k, v in position.items() if k != "position_similarity"} \
-        == {"block_match": 1.0, "text_similarity": 1.0, "color_similarity": 1.0}
+    assert position["position_similarity"] < 0.9 and {
+        k: v for k, v in position.items() if k != "position_similarity"
+    } == {"block_match": 1.0, "text_similarity": 1.0, "color_similarity": 1.0}
     colour = layout_scores(others[1], reference)
-    assert colour["color_similarity"] < 0.9 and {k: v for k, v in colour.items() if k != "color_similarity"} == \
-        {"block_match": 1.0, "text_similarity": 1.0, "position_similarity": 1.0}
+    assert colour["color_similarity"] < 0.9 and {k: v for k, v in colour.items() if k != "color_similarity"} == {
+        "block_match": 1.0,
+        "text_similarity": 1.0,
+        "position_similarity": 1.0,
+    }
     words = layout_scores(others[2], reference)
     assert words["block_match"] < 1.0 and words["text_similarity"] == 1.0  # the other blocks still match exactly
     assert reference.non_blank and not others[3].non_blank

@@ -1,4 +1,5 @@
 """The query API on the tiny model: test.py as a subprocess, bad requests, and a bounded burst."""
+
 import concurrent.futures
 import json
 import subprocess
@@ -11,10 +12,10 @@ import urllib.request
 import pytest
 import uvicorn
 
-from tests.net import free_port
 from htmlgen_utils.config import REPO_DIR, Config
 from htmlgen_utils.model import load_base_model, load_tokenizer
 from htmlgen_utils.serve import create_app
+from tests.net import free_port
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +24,14 @@ def server():
     model = load_base_model(config)
     model.eval()
     model.config.use_cache = True
-    app = create_app(model, load_tokenizer(config.model_id), max_new_tokens_cap=700, default_max_new_tokens=600,
-                     max_waiting=256, description="tiny base")
+    app = create_app(
+        model,
+        load_tokenizer(config.model_id),
+        max_new_tokens_cap=700,
+        default_max_new_tokens=600,
+        max_waiting=256,
+        description="tiny base",
+    )
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -49,9 +56,22 @@ def _post(url, body: bytes, content_type="application/json", timeout=60):
 
 def test_client_gets_a_page(server, tmp_path):
     out = tmp_path / "page.html"
-    result = subprocess.run([sys.executable, "test.py", "--api_url", f"{server}/query", "--user_prompt",
-                             "A minimalist landing page for Acme with a download button", "--out", str(out)],
-                            capture_output=True, text=True, cwd=REPO_DIR, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "test.py",
+            "--api_url",
+            f"{server}/query",
+            "--user_prompt",
+            "A minimalist landing page for Acme with a download button",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_DIR,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     page = result.stdout.strip()
     assert page.endswith("</html>") and "### Instruction" not in page  # the page only, prompt stripped
@@ -66,41 +86,62 @@ def test_health_and_form(server):
     assert '<iframe id="preview" sandbox=""' in page
 
 
-@pytest.mark.parametrize("body,content_type,status", [
-    (b"not json", "application/json", 400),
-    (b'{"user_prompt": "x"}', "text/plain", 415),
-    (b"{}", "application/json", 422),
-    (b'{"user_prompt": ""}', "application/json", 422),
-    (b'{"user_prompt": 5}', "application/json", 422),
-    (json.dumps({"user_prompt": "x" * 5000}).encode(), "application/json", 422),
-    (json.dumps({"user_prompt": "y" * 20000}).encode(), "application/json", 413),
-    (b'{"user_prompt": "a page", "max_new_tokens": 100000}', "application/json", 422),
-    (b'{"user_prompt": "a page", "max_new_tokens": "10"}', "application/json", 422),
-    (b'{"user_prompt": "a page", "temperature": -1}', "application/json", 422),
-    (b'{"user_prompt": "a page", "surprise": 1}', "application/json", 422),
-    (b'["user_prompt"]', "application/json", 422),
-])
+@pytest.mark.parametrize(
+    "body,content_type,status",
+    [
+        (b"not json", "application/json", 400),
+        (b'{"user_prompt": "x"}', "text/plain", 415),
+        (b"{}", "application/json", 422),
+        (b'{"user_prompt": ""}', "application/json", 422),
+        (b'{"user_prompt": 5}', "application/json", 422),
+        (json.dumps({"user_prompt": "x" * 5000}).encode(), "application/json", 422),
+        (json.dumps({"user_prompt": "y" * 20000}).encode(), "application/json", 413),
+        (b'{"user_prompt": "a page", "max_new_tokens": 100000}', "application/json", 422),
+        (b'{"user_prompt": "a page", "max_new_tokens": "10"}', "application/json", 422),
+        (b'{"user_prompt": "a page", "temperature": -1}', "application/json", 422),
+        (b'{"user_prompt": "a page", "surprise": 1}', "application/json", 422),
+        (b'["user_prompt"]', "application/json", 422),
+    ],
+)
 def test_bad_requests_get_clear_4xx(server, body, content_type, status):
     code, answer = _post(f"{server}/query", body, content_type)
     assert code == status and isinstance(answer["error"], str) and answer["error"]
 
 
 def test_client_reports_errors_and_refused_connections(server):
-    refused = subprocess.run([sys.executable, "test.py", "--api_url", f"http://127.0.0.1:{free_port()}/query",
-                              "--user_prompt", "x"], capture_output=True, text=True, cwd=REPO_DIR, timeout=60)
+    refused = subprocess.run(
+        [sys.executable, "test.py", "--api_url", f"http://127.0.0.1:{free_port()}/query", "--user_prompt", "x"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_DIR,
+        timeout=60,
+    )
     assert refused.returncode == 3 and "could not connect" in refused.stderr
-    bad = subprocess.run([sys.executable, "test.py", "--api_url", f"{server}/query", "--user_prompt", "x",
-                          "--max_new_tokens", "999999"], capture_output=True, text=True, cwd=REPO_DIR, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "test.py", "--api_url", f"{server}/query", "--user_prompt", "x", "--max_new_tokens", "999999"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_DIR,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "422" in bad.stderr and "max_new_tokens" in bad.stderr
 
 
 def test_burst_of_concurrent_and_malformed_requests_leaves_server_healthy(server):
     """1,200 requests over loopback from 16 threads (bounded, stops by itself): mostly malformed, some real."""
-    bodies = [b"{", b'{"user_prompt": ""}', b'{"user_prompt": 3}', b'{"user_prompt": "x", "max_new_tokens": 0}',
-              b"[]", b'{"user_prompt": null}']
+    bodies = [
+        b"{",
+        b'{"user_prompt": ""}',
+        b'{"user_prompt": 3}',
+        b'{"user_prompt": "x", "max_new_tokens": 0}',
+        b"[]",
+        b'{"user_prompt": null}',
+    ]
     jobs = [(bodies[i % len(bodies)], 422 if bodies[i % len(bodies)] not in (b"{",) else 400) for i in range(1150)]
-    jobs += [(json.dumps({"user_prompt": f"A login page for Orbit {i}", "max_new_tokens": 8}).encode(), 200)
-             for i in range(50)]
+    jobs += [
+        (json.dumps({"user_prompt": f"A login page for Orbit {i}", "max_new_tokens": 8}).encode(), 200)
+        for i in range(50)
+    ]
     started = time.perf_counter()
 
     def send(job):
@@ -148,14 +189,29 @@ def test_streamed_answer_arrives_in_pieces_and_test_py_prints_it(server):
     import test as client
 
     pieces = []
-    final = client.query_stream(f"{server}/query", "A retro 404 error page for Nova", max_new_tokens=120,
-                                show=pieces.append)
+    final = client.query_stream(
+        f"{server}/query", "A retro 404 error page for Nova", max_new_tokens=120, show=pieces.append
+    )
     from htmlgen_utils.generation import clean_page
 
     assert len(pieces) > 3 and final["html"] and clean_page("".join(pieces)) == final["html"]
-    result = subprocess.run([sys.executable, "test.py", "--api_url", f"{server}/query", "--user_prompt",
-                             "A retro 404 error page for Nova", "--max_new_tokens", "120", "--stream"],
-                            capture_output=True, text=True, cwd=REPO_DIR, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "test.py",
+            "--api_url",
+            f"{server}/query",
+            "--user_prompt",
+            "A retro 404 error page for Nova",
+            "--max_new_tokens",
+            "120",
+            "--stream",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_DIR,
+        timeout=120,
+    )
     assert result.returncode == 0 and result.stdout.strip().startswith(final["html"][:40])
 
 
@@ -167,6 +223,7 @@ def test_a_full_queue_answers_503_and_loses_no_request():
 
     api = BackgroundServer(app, port=free_port())
     try:
+
         def send(i):
             return _post(f"{api.url}/query", json.dumps({"user_prompt": f"A page {i}", "max_new_tokens": 48}).encode())
 

@@ -1,4 +1,5 @@
 """The shipped tiny base: its card and report agree with the files, and a rebuild follows the recorded curve."""
+
 import json
 
 import pytest

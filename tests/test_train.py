@@ -12,8 +12,7 @@ from htmlgen_utils.export import save_outputs
 from htmlgen_utils.loss import count_targets, evaluate_blocks, next_token_loss
 from htmlgen_utils.model import load_for_training
 from htmlgen_utils.packing import IGNORE_INDEX, make_dataloader, pack_splits
-from htmlgen_utils.train import (NonFiniteLossError, build_scaler, forward_backward, latest_checkpoint, plan_steps,
-                                 train)
+from htmlgen_utils.train import NonFiniteLossError, build_scaler, forward_backward, latest_checkpoint, plan_steps, train
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +107,9 @@ def test_accumulated_micro_batches_give_the_one_big_batch_gradient(tiny_config, 
 def _resume_setup(tiny_config, small_splits, monkeypatch):
     """A 6-step run with LoRA dropout and loss scaling whose second step overflows (a NaN in one chosen block), so
     the RNG, the optimiser's moments, the schedule and the scaler's backed-off scale all matter after step 3."""
-    config = tiny_config.replace(max_steps=6, eval_every=3, checkpoint_every=0, lora_dropout=0.1, loss_scaling="on",
-                                 warmup_steps=4)
+    config = tiny_config.replace(
+        max_steps=6, eval_every=3, checkpoint_every=0, lora_dropout=0.1, loss_scaling="on", warmup_steps=4
+    )
     _, _, packed = _setup(config, small_splits)
     from htmlgen_utils.checkpoints import TrainState
 
@@ -168,15 +168,20 @@ def test_resume_test_notices_each_missing_restore(uninterrupted, small_splits, t
     from htmlgen_utils import checkpoints
 
     skip = lambda *args, **kwargs: None  # noqa: E731
-    target = {"rng": (checkpoints, "_set_rng_state"), "optimizer": (bnb.optim.AdamW8bit, "load_state_dict"),
-              "scheduler": (torch.optim.lr_scheduler.LambdaLR, "load_state_dict"),
-              "scaler": (torch.amp.GradScaler, "load_state_dict")}[restore]
+    target = {
+        "rng": (checkpoints, "_set_rng_state"),
+        "optimizer": (bnb.optim.AdamW8bit, "load_state_dict"),
+        "scheduler": (torch.optim.lr_scheduler.LambdaLR, "load_state_dict"),
+        "scaler": (torch.amp.GradScaler, "load_state_dict"),
+    }[restore]
     monkeypatch.setattr(*target, skip)
     config, full_model, full = uninterrupted
     resumed_model, resumed = _interrupted_then_resumed(config, small_splits, tmp_path / "resumed")
     same_trajectory = _trajectory(resumed) == pytest.approx(_trajectory(full), rel=1e-5)
-    same_weights = all(torch.allclose(weight, adapter_weights(resumed_model)[name], rtol=1e-5, atol=1e-6)
-                       for name, weight in adapter_weights(full_model).items())
+    same_weights = all(
+        torch.allclose(weight, adapter_weights(resumed_model)[name], rtol=1e-5, atol=1e-6)
+        for name, weight in adapter_weights(full_model).items()
+    )
     assert not (same_trajectory and same_weights)
 
 
@@ -228,8 +233,9 @@ def test_a_compiled_run_says_what_compiling_cost(tiny_config, small_splits, monk
         handle = model.get_base_model().model.register_forward_pre_hook(compile_once)
 
     monkeypatch.setattr(levers, "compile_decoder_layers", slow_first_call)
-    config = tiny_config.replace(compile_training=True, max_steps=10, gradient_accumulation_steps=1, eval_every=100,
-                                 checkpoint_every=0)
+    config = tiny_config.replace(
+        compile_training=True, max_steps=10, gradient_accumulation_steps=1, eval_every=100, checkpoint_every=0
+    )
     model, tokenizer, packed = _setup(config, small_splits)
     train(model, tokenizer, packed, config, config.run_dir, resume=False)
     printed = capsys.readouterr()
@@ -241,8 +247,11 @@ def test_checkpoints_come_by_the_plan_and_by_the_clock(tiny_config, small_splits
     """`auto` writes a checkpoint every fifth of the run (4 before the end of a 5-step run); with the steps' rule
     off (a cadence longer than the run), the minutes' rule still writes one once the time has passed."""
     saved = []
-    monkeypatch.setattr(train_module, "save_checkpoint", lambda run_dir, model, optimizer, scheduler, scaler, state,
-                        ranks: saved.append(state.step))
+    monkeypatch.setattr(
+        train_module,
+        "save_checkpoint",
+        lambda run_dir, model, optimizer, scheduler, scaler, state, ranks: saved.append(state.step),
+    )
     monkeypatch.setattr(train_module, "evaluate_blocks", lambda *a, **k: {"eval_loss": 0.0, "eval_token_accuracy": 0.0})
     config = tiny_config.replace(max_steps=5, checkpoint_every=-1, eval_every=-1, gradient_accumulation_steps=1)
     model, tokenizer, packed = _setup(config, small_splits)
@@ -250,8 +259,9 @@ def test_checkpoints_come_by_the_plan_and_by_the_clock(tiny_config, small_splits
     assert saved == [1, 2, 3, 4]
     saved.clear()
     clock = itertools.count(0, 250)  # the loop's clock: each reading 250 s after the last
-    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(monotonic=lambda: next(clock),
-                                                                   perf_counter=time.perf_counter))
+    monkeypatch.setattr(
+        train_module, "time", types.SimpleNamespace(monotonic=lambda: next(clock), perf_counter=time.perf_counter)
+    )
     config = config.replace(checkpoint_every=100, checkpoint_minutes=10)
     train(model, tokenizer, packed, config, config.run_dir, resume=False)
     assert saved == [3]  # 750 s after the start: the first step past 10 minutes

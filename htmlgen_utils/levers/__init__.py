@@ -15,24 +15,53 @@ call (`generate_pages(..., compile_decode=True)`). bench/RESULTS.md has what eac
     column_words  a 4-bit layout and kernel made for one token's products               (`decode_one(column_words=)`)
     fallback      one line, then the plain path, when a compiled or captured path fails
 """
+
 from __future__ import annotations
 
 import torch
 
 from ..config import Config
-from .attention import (FLEX_ATTENTION, PACKED_ATTENTION, example_spans, packed_attention, use_flex_attention,
-                        use_packed_attention, wants_flex_attention)
+from .attention import (
+    FLEX_ATTENTION,
+    PACKED_ATTENTION,
+    example_spans,
+    packed_attention,
+    use_flex_attention,
+    use_packed_attention,
+    wants_flex_attention,
+)
 from .compile import COMPILE_NOTE, compile_decoder_layers, uncompile_decoder_layers
 from .decoding import compiled_decoding, decode_one, static_cache, wants_compiled_decode
 from .fallback import fall_back, has_failed
 from .offload import CheckpointsOnCPU, offload_checkpoints
 from .recompute import RecomputePlan, leave_layers_unchecked, plan_recompute
 
-__all__ = ["COMPILE_MIN_STEPS", "COMPILE_NOTE", "FLEX_ATTENTION", "PACKED_ATTENTION", "CheckpointsOnCPU",
-           "RecomputePlan", "apply_training_levers", "fall_back", "has_failed", "stop_compiling",
-           "compile_decoder_layers", "compiled_decoding", "decode_one", "example_spans", "leave_layers_unchecked",
-           "memory_plan", "offload_checkpoints", "packed_attention", "plan_recompute", "static_cache",
-           "use_flex_attention", "use_packed_attention", "wants_compiled_decode", "wants_flex_attention"]
+__all__ = [
+    "COMPILE_MIN_STEPS",
+    "COMPILE_NOTE",
+    "FLEX_ATTENTION",
+    "PACKED_ATTENTION",
+    "CheckpointsOnCPU",
+    "RecomputePlan",
+    "apply_training_levers",
+    "fall_back",
+    "has_failed",
+    "stop_compiling",
+    "compile_decoder_layers",
+    "compiled_decoding",
+    "decode_one",
+    "example_spans",
+    "leave_layers_unchecked",
+    "memory_plan",
+    "offload_checkpoints",
+    "packed_attention",
+    "plan_recompute",
+    "static_cache",
+    "use_flex_attention",
+    "use_packed_attention",
+    "wants_compiled_decode",
+    "wants_flex_attention",
+]
 
 # Compiling the layers costs up to a minute once a process: a run of fewer optimiser steps than this would not win
 # that time back from its faster steps, and runs eagerly.
@@ -53,15 +82,21 @@ def apply_training_levers(model, config: Config, device: torch.device, total_ste
         wanted.append("offload_activations")  # CPU memory is what it would save
     wants_compile = config.compiles("compile_training") and not has_failed(model, "compile_training")
     if config.compile_training == "auto" and not wants_compile and device.type == "cuda":
-        print("compile_training: off on this GPU (auto compiles only from compute capability 8.0, where it was "
-              "measured); -p compile_training on opts in")
-    compiling = wants_compile and ("compile_training" in applied or total_steps is None
-                                   or total_steps >= COMPILE_MIN_STEPS)
+        print(
+            "compile_training: off on this GPU (auto compiles only from compute capability 8.0, where it was "
+            "measured); -p compile_training on opts in"
+        )
+    compiling = wants_compile and (
+        "compile_training" in applied or total_steps is None or total_steps >= COMPILE_MIN_STEPS
+    )
     if wants_compile and not compiling:
-        print(f"compile_training: not compiling for {total_steps} step(s) (compiling pays from "
-              f"{COMPILE_MIN_STEPS}); the layers run eagerly")
-    plan = plan_recompute(model, config, device, checkpoints_offloaded="offload_activations" in wanted + applied,
-                          compiled=compiling)
+        print(
+            f"compile_training: not compiling for {total_steps} step(s) (compiling pays from "
+            f"{COMPILE_MIN_STEPS}); the layers run eagerly"
+        )
+    plan = plan_recompute(
+        model, config, device, checkpoints_offloaded="offload_activations" in wanted + applied, compiled=compiling
+    )
     if plan.unchecked:
         wanted.append("unchecked_layers")
     if compiling:

@@ -4,6 +4,7 @@ Two levers: per-example attention (`packed_sdpa_attention`, a memory lever for l
 on its own) and block-sparse attention (`flex_packed_attention`, a speed lever: FlexAttention skips every tile
 of the block that lies between two examples or above the diagonal).
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,8 +37,17 @@ def example_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return spans
 
 
-def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                          position_ids: torch.Tensor | None = None, **kwargs):
+def packed_sdpa_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling=None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+):
     """Attention for packed blocks without a [block x block] mask: causal SDPA on each example on its own.
 
     transformers turns restarting position ids into a block-diagonal 4-D mask: 1 GiB (bool) at 32768 tokens,
@@ -52,8 +62,9 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2] or query.shape[2] == 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     return _attention_per_example(module, query, key, value, position_ids, dropout, scaling)
 
 
@@ -66,9 +77,18 @@ def _attention_per_example(module, query, key, value, position_ids, dropout, sca
         spans_per_row = spans_per_row[:1] * query.shape[0]
     rows = []
     for row, spans in enumerate(spans_per_row):
-        pieces = [sdpa_attention_forward(module, query[row:row + 1, :, a:b], key[row:row + 1, :, a:b],
-                                         value[row:row + 1, :, a:b], None, dropout=dropout, scaling=scaling)[0]
-                  for a, b in spans]
+        pieces = [
+            sdpa_attention_forward(
+                module,
+                query[row : row + 1, :, a:b],
+                key[row : row + 1, :, a:b],
+                value[row : row + 1, :, a:b],
+                None,
+                dropout=dropout,
+                scaling=scaling,
+            )[0]
+            for a, b in spans
+        ]
         rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
     return (rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)), None
 
@@ -120,8 +140,9 @@ def flex_packed_attention(module, query, key, value, attention_mask, dropout: fl
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if not isinstance(attention_mask, BlockMask):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     # eagerly FlexAttention is a slow reference that builds every score; on CUDA it is compiled (inside our
     # compiled layers it is traced with them)
     run = flex_attention if query.device.type != "cuda" or torch.compiler.is_compiling() else _compiled_flex()
@@ -137,19 +158,35 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_or_sdpa_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-                      mask_function=None, attention_mask: torch.Tensor | None = None, device="cpu", **kwargs):
+def flex_or_sdpa_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    device="cpu",
+    **kwargs,
+):
     """A `BlockMask` for a training block (gradients on, no cache, no padding mask), SDPA's mask otherwise."""
     from torch.nn.attention.flex_attention import create_block_mask
     from transformers.masking_utils import add_offsets_to_mask_function, causal_mask_function, sdpa_mask
 
     mask_function = mask_function or causal_mask_function
     if not (torch.is_grad_enabled() and q_length == kv_length and attention_mask is None):
-        return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
-                         device=device, **kwargs)
-    return create_block_mask(add_offsets_to_mask_function(mask_function, q_offset, kv_offset), B=batch_size, H=None,
-                             Q_LEN=q_length, KV_LEN=kv_length, device=device,
-                             _compile=torch.device(device).type == "cuda")
+        return sdpa_mask(
+            batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, device=device, **kwargs
+        )
+    return create_block_mask(
+        add_offsets_to_mask_function(mask_function, q_offset, kv_offset),
+        B=batch_size,
+        H=None,
+        Q_LEN=q_length,
+        KV_LEN=kv_length,
+        device=device,
+        _compile=torch.device(device).type == "cuda",
+    )
 
 
 def _register_flex_attention() -> None:

@@ -14,6 +14,7 @@ the kernel loads from the table, the same sums; on CPU the op itself is those su
 The same weights; the product to fp16 rounding of the table's values. The price is memory: the copy is as large
 as the 4-bit weights, kept beside them because prompts and training read bitsandbytes' layout.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,8 +24,9 @@ import torch
 WORD_CODES = 8  # 4-bit codes a 32-bit word holds
 
 
-def column_words(packed: torch.Tensor, absmax: torch.Tensor, rows: int, cols: int,
-                 codes_at_once: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+def column_words(
+    packed: torch.Tensor, absmax: torch.Tensor, rows: int, cols: int, codes_at_once: int = 1 << 24
+) -> tuple[torch.Tensor, torch.Tensor]:
     """bitsandbytes' packed NF4 bytes of a (rows, cols) weight (two codes a byte, the first in the high nibble)
     and its float32 absmax (one per 64 weights of a row) as (cols / 8, rows) int32 words and (cols / 64, rows)
     float32 scales. Rows are re-laid a slice at a time (`codes_at_once` codes: 64 MB of int32 working memory),
@@ -33,12 +35,12 @@ def column_words(packed: torch.Tensor, absmax: torch.Tensor, rows: int, cols: in
     words = torch.empty(cols // WORD_CODES, rows, dtype=torch.int32, device=packed.device)
     step = max(1, codes_at_once // cols)
     for start in range(0, rows, step):
-        part = packed[start:start + step]
+        part = packed[start : start + step]
         codes = torch.stack([part >> 4, part & 15], -1).view(-1, cols // WORD_CODES, WORD_CODES).int()
         word = codes[..., 0].clone()
         for j in range(1, WORD_CODES):
             word |= codes[..., j] << (4 * j)
-        words[:, start:start + step] = word.t()
+        words[:, start : start + step] = word.t()
     return words, absmax.float().reshape(rows, cols // 64).t().contiguous()
 
 
@@ -58,22 +60,37 @@ def prmt_lookup_asm(table: torch.Tensor) -> str:
     def four_bytes(values: list[int]) -> int:  # the first lowest
         return sum(value << (8 * i) for i, value in enumerate(values))
 
-    low = [four_bytes([b & 0xFF for b in bits[i:i + 4]]) for i in range(0, 16, 4)]
-    high = [four_bytes([b >> 8 for b in bits[i:i + 4]]) for i in range(0, 16, 4)]
-    lines = ["{", ".reg .b32 t0, t1, t2, t3, t4, t5, t6, t7, w4, s, la, lb, ha, hb, m, lo, hi, p, c;",
-             ".reg .b16 h0, h1;"]
+    low = [four_bytes([b & 0xFF for b in bits[i : i + 4]]) for i in range(0, 16, 4)]
+    high = [four_bytes([b >> 8 for b in bits[i : i + 4]]) for i in range(0, 16, 4)]
+    lines = [
+        "{",
+        ".reg .b32 t0, t1, t2, t3, t4, t5, t6, t7, w4, s, la, lb, ha, hb, m, lo, hi, p, c;",
+        ".reg .b16 h0, h1;",
+    ]
     lines += [f"mov.b32 t{i}, {value:#x};" for i, value in enumerate(low + high)]  # the word is $8
     lines += ["shl.b32 w4, $8, 4;"]  # each even code's fourth bit moved to the top of a byte, as the odd ones are
     for half, (shift, mask_select) in enumerate(((0, 0xD9C8), (16, 0xFBEA))):  # codes 0-3, then 4-7
-        lines += [f"shr.u32 s, $8, {shift};", "and.b32 s, s, 0x7777;",  # four codes' low three bits
-                  "prmt.b32 la, t0, t1, s;", "prmt.b32 lb, t2, t3, s;",  # low bytes of values 0-7 and 8-15
-                  "prmt.b32 ha, t4, t5, s;", "prmt.b32 hb, t6, t7, s;",  # high bytes
-                  f"mov.b32 c, {mask_select:#x};", "prmt.b32 m, w4, $8, c;",  # byte i 0xFF where code i >= 8
-                  "lop3.b32 lo, la, lb, m, 0xD8;", "lop3.b32 hi, ha, hb, m, 0xD8;"]  # (la & ~m) | (lb & m)
+        lines += [
+            f"shr.u32 s, $8, {shift};",
+            "and.b32 s, s, 0x7777;",  # four codes' low three bits
+            "prmt.b32 la, t0, t1, s;",
+            "prmt.b32 lb, t2, t3, s;",  # low bytes of values 0-7 and 8-15
+            "prmt.b32 ha, t4, t5, s;",
+            "prmt.b32 hb, t6, t7, s;",  # high bytes
+            f"mov.b32 c, {mask_select:#x};",
+            "prmt.b32 m, w4, $8, c;",  # byte i 0xFF where code i >= 8
+            "lop3.b32 lo, la, lb, m, 0xD8;",
+            "lop3.b32 hi, ha, hb, m, 0xD8;",
+        ]  # (la & ~m) | (lb & m)
         for pair, select in enumerate((0x5140, 0x7362)):  # codes 0 and 1 (low byte, high byte each), 2 and 3
             first = 4 * half + 2 * pair
-            lines += [f"mov.b32 c, {select:#x};", "prmt.b32 p, lo, hi, c;", "mov.b32 {h0, h1}, p;",
-                      f"cvt.f32.f16 ${first}, h0;", f"cvt.f32.f16 ${first + 1}, h1;"]
+            lines += [
+                f"mov.b32 c, {select:#x};",
+                "prmt.b32 p, lo, hi, c;",
+                "mov.b32 {h0, h1}, p;",
+                f"cvt.f32.f16 ${first}, h0;",
+                f"cvt.f32.f16 ${first + 1}, h1;",
+            ]
     return "\n".join(lines + ["}"])
 
 
@@ -83,8 +100,18 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def nf4_column_words(x_ptr, words_ptr, absmax_ptr, table_ptr, out_ptr, rows, cols,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+    def nf4_column_words(
+        x_ptr,
+        words_ptr,
+        absmax_ptr,
+        table_ptr,
+        out_ptr,
+        rows,
+        cols,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        ASM: tl.constexpr,
+    ):
         # a program: outputs n over inputs [k0, k0 + BLOCK_K); word row w holds inputs 8w .. 8w + 7. `cols`
         # (the inputs; the grid covers them) is an argument for the autotuner's key. ASM: the lookup in
         # registers (`prmt_lookup_asm`), or "" for loads from the table (Triton's interpreter)
@@ -96,21 +123,27 @@ def _kernel():
         x = x_ptr + word_row * 8
         if ASM != "":
             v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
-                ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [word], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+                ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [word], dtype=(tl.float32,) * 8, is_pure=True, pack=1
+            )
         else:
             v0, v1 = tl.load(table_ptr + (word & 15)), tl.load(table_ptr + ((word >> 4) & 15))
             v2, v3 = tl.load(table_ptr + ((word >> 8) & 15)), tl.load(table_ptr + ((word >> 12) & 15))
             v4, v5 = tl.load(table_ptr + ((word >> 16) & 15)), tl.load(table_ptr + ((word >> 20) & 15))
             v6, v7 = tl.load(table_ptr + ((word >> 24) & 15)), tl.load(table_ptr + ((word >> 28) & 15))
-        acc = (v0 * tl.load(x).to(tl.float32)[:, None] + v1 * tl.load(x + 1).to(tl.float32)[:, None]
-               + v2 * tl.load(x + 2).to(tl.float32)[:, None] + v3 * tl.load(x + 3).to(tl.float32)[:, None]
-               + v4 * tl.load(x + 4).to(tl.float32)[:, None] + v5 * tl.load(x + 5).to(tl.float32)[:, None]
-               + v6 * tl.load(x + 6).to(tl.float32)[:, None] + v7 * tl.load(x + 7).to(tl.float32)[:, None])
+        acc = (
+            v0 * tl.load(x).to(tl.float32)[:, None]
+            + v1 * tl.load(x + 1).to(tl.float32)[:, None]
+            + v2 * tl.load(x + 2).to(tl.float32)[:, None]
+            + v3 * tl.load(x + 3).to(tl.float32)[:, None]
+            + v4 * tl.load(x + 4).to(tl.float32)[:, None]
+            + v5 * tl.load(x + 5).to(tl.float32)[:, None]
+            + v6 * tl.load(x + 6).to(tl.float32)[:, None]
+            + v7 * tl.load(x + 7).to(tl.float32)[:, None]
+        )
         if BLOCK_K >= 64:  # several absmax blocks: scale each block's sum
             GROUPS: tl.constexpr = BLOCK_K // 64
             group = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
-            scale = tl.load(absmax_ptr + group.to(tl.int64)[:, None] * rows + n[None, :], mask=n_ok[None, :],
-                            other=0.0)
+            scale = tl.load(absmax_ptr + group.to(tl.int64)[:, None] * rows + n[None, :], mask=n_ok[None, :], other=0.0)
             total = tl.sum(tl.sum(tl.reshape(acc, (GROUPS, 8, BLOCK_N)), 1) * scale, 0)
         else:
             group = (tl.program_id(1) * BLOCK_K) // 64
@@ -147,18 +180,24 @@ def _tuned():
                 tiles_for(named_args["cols"])]  # fmt: skip
 
     return triton.autotune(
-        configs=configs, key=["rows", "cols"], reset_to_zero=["out_ptr"], prune_configs_by={"early_config_prune": covering}
+        configs=configs,
+        key=["rows", "cols"],
+        reset_to_zero=["out_ptr"],
+        prune_configs_by={"early_config_prune": covering},
     )(_kernel())
 
 
 @torch.library.custom_op("htmlgen::nf4_column_words_add", mutates_args=("out",))
-def _nf4_column_words_add(out: torch.Tensor, x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor,
-                          table: torch.Tensor, asm: str) -> None:
+def _nf4_column_words_add(
+    out: torch.Tensor, x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, asm: str
+) -> None:
     # adds the product into `out` (float32, zeroed by the caller): the kernel's programs each add their share,
     # and zeroing every group's output in one kernel (`zero_outputs`) saves a fill kernel a product
     cols, rows = words.shape[0] * WORD_CODES, words.shape[1]
     with torch.cuda.device(x.device):
-        _tuned()[lambda meta: grid(rows, cols, meta["BLOCK_N"], meta["BLOCK_K"])](x.reshape(cols).contiguous(), words, absmax, table, out, rows, cols, ASM=asm)
+        _tuned()[lambda meta: grid(rows, cols, meta["BLOCK_N"], meta["BLOCK_K"])](
+            x.reshape(cols).contiguous(), words, absmax, table, out, rows, cols, ASM=asm
+        )
 
 
 @_nf4_column_words_add.register_kernel("cpu")

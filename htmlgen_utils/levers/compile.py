@@ -1,4 +1,5 @@
 """Regional `torch.compile` of the decoder layers for training (a speed lever)."""
+
 from __future__ import annotations
 
 import torch

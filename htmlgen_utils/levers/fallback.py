@@ -6,6 +6,7 @@ catches it, calls `fall_back`, and runs the plain PyTorch path, which computes t
 remembers the failure (`has_failed`), so the lever is not tried again in this process. Running out of memory is
 not a lever's failure and is raised as it is.
 """
+
 from __future__ import annotations
 
 import torch

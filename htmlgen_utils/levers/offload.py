@@ -1,4 +1,5 @@
 """Layer checkpoints parked in CPU memory during the forward pass (a memory lever: a T4 has 15 GiB)."""
+
 from __future__ import annotations
 
 import functools
@@ -27,8 +28,13 @@ class CheckpointsOnCPU(torch.autograd.graph.saved_tensors_hooks):
         side = _copy_stream() if device_type == "cuda" else None
 
         def pack(tensor: torch.Tensor):
-            if (tensor.device.type != device_type or tensor.dim() < 2 or tensor.shape[-1] != hidden_size
-                    or not tensor.is_floating_point() or isinstance(tensor, torch.nn.Parameter)):
+            if (
+                tensor.device.type != device_type
+                or tensor.dim() < 2
+                or tensor.shape[-1] != hidden_size
+                or not tensor.is_floating_point()
+                or isinstance(tensor, torch.nn.Parameter)
+            ):
                 return tensor
             parked = torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=side is not None)
             if side is None:

@@ -18,6 +18,7 @@ the results in bench/RESULTS.md) and are expressed in hidden-size vectors, so th
 `memory_budget_gib = 0` (the `colab-t4-low-memory` preset) checkpoints every layer: the least memory, for long
 blocks and small GPUs.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -54,9 +55,11 @@ UNCHECKPOINTED = LayerRecompute(None, 29.3, 47.7, 1.0)
 # showed, below what one layer alone did (0.1's scaled as 0.2's was). That model ran block-sparse attention, which a
 # T4 does not; the lone layer, with plain causal attention, removed more, so on a T4 these may be low
 # (bench/RESULTS.md).
-BUDGETED = [LayerRecompute(0.8, 20.2, 44.0, 0.97),
-            LayerRecompute(0.2, 5.8, 42.7, 0.30),
-            LayerRecompute(0.1, 2.8, 42.7, 0.17)]
+BUDGETED = [
+    LayerRecompute(0.8, 20.2, 44.0, 0.97),
+    LayerRecompute(0.2, 5.8, 42.7, 0.30),
+    LayerRecompute(0.1, 2.8, 42.7, 0.17),
+]
 CHECKPOINTED_BACKWARD_PEAK = 47.4  # a checkpointed layer's backward: its recompute's activations and gradients
 
 
@@ -82,11 +85,16 @@ class RecomputePlan:
         return RECOMPUTE_SHARE * self.way.recompute_removed * self.unchecked / max(1, self.layers)
 
     def __str__(self) -> str:
-        how = (f", the compiler recomputing their cheap parts (activation budget {self.activation_budget:g})"
-               if self.activation_budget is not None else "")
-        return (f"{self.unchecked} of {self.layers} layers un-checkpointed{how} ({self.per_layer_gib:.2f} GiB "
-                f"each; estimated peak {self.estimate_gib:.1f} of a {self.budget_gib:g} GiB budget): "
-                f"~{self.recompute_saved:.0%} less matmul time a step")
+        how = (
+            f", the compiler recomputing their cheap parts (activation budget {self.activation_budget:g})"
+            if self.activation_budget is not None
+            else ""
+        )
+        return (
+            f"{self.unchecked} of {self.layers} layers un-checkpointed{how} ({self.per_layer_gib:.2f} GiB "
+            f"each; estimated peak {self.estimate_gib:.1f} of a {self.budget_gib:g} GiB budget): "
+            f"~{self.recompute_saved:.0%} less matmul time a step"
+        )
 
 
 def _decoder_layers(model) -> torch.nn.ModuleList:
@@ -94,15 +102,16 @@ def _decoder_layers(model) -> torch.nn.ModuleList:
     return causal_lm.model.layers
 
 
-def plan_recompute(model, config: Config, device: torch.device, checkpoints_offloaded: bool,
-                   compiled: bool | None = None) -> RecomputePlan:
+def plan_recompute(
+    model, config: Config, device: torch.device, checkpoints_offloaded: bool, compiled: bool | None = None
+) -> RecomputePlan:
     """The layers to leave un-checkpointed under `config.memory_budget_gib`, and how (0 on CPU, without
     checkpointing, with a zero budget, or when the checkpoints are offloaded: that is for memory that is short).
     `compiled` (default: whether `config.compile_training` is on here) says whether the layers will be compiled,
     which allows the compiler's activation budgets."""
     layers = len(_decoder_layers(model))
     budget = float(config.memory_budget_gib)
-    if (budget <= 0 or not config.gradient_checkpointing or device.type != "cuda" or checkpoints_offloaded):
+    if budget <= 0 or not config.gradient_checkpointing or device.type != "cuda" or checkpoints_offloaded:
         return RecomputePlan(layers, 0, budget, 0.0, 0.0)
     from ..model import compute_dtype
 
@@ -116,17 +125,31 @@ def plan_recompute(model, config: Config, device: torch.device, checkpoints_offl
     compiling = config.compiles("compile_training") if compiled is None else compiled
     has_budget = hasattr(functorch_config, "activation_memory_budget")  # torch >= 2.4
     ways = [UNCHECKPOINTED] + (BUDGETED if compiling and has_budget else [])
-    fitting = [(way, max(0, min(layers, int((room - tokens * vector * way.backward_peak_vectors)
-                                            // (tokens * vector * way.kept_vectors))))) for way in ways]
+    fitting = [
+        (
+            way,
+            max(
+                0,
+                min(
+                    layers,
+                    int((room - tokens * vector * way.backward_peak_vectors) // (tokens * vector * way.kept_vectors)),
+                ),
+            ),
+        )
+        for way in ways
+    ]
     way, unchecked = max(fitting, key=lambda fit: fit[1] * fit[0].recompute_removed)  # the most recompute gone
     per_layer = tokens * vector * way.kept_vectors
     peak = tokens * vector * (way.backward_peak_vectors if unchecked else CHECKPOINTED_BACKWARD_PEAK)
     estimate = (static + step + peak + unchecked * per_layer) / GIB + MARGIN_GIB
     if estimate > budget:
-        warnings.warn(f"A micro-batch of {config.micro_batch_size} x {config.block_size} tokens needs about "
-                      f"{estimate:.1f} GiB with every layer checkpointed, over memory_budget_gib={budget:g}: lower "
-                      f"micro_batch_size (raise gradient_accumulation_steps to keep the step) or use the "
-                      f"colab-t4-low-memory preset", stacklevel=2)
+        warnings.warn(
+            f"A micro-batch of {config.micro_batch_size} x {config.block_size} tokens needs about "
+            f"{estimate:.1f} GiB with every layer checkpointed, over memory_budget_gib={budget:g}: lower "
+            f"micro_batch_size (raise gradient_accumulation_steps to keep the step) or use the "
+            f"colab-t4-low-memory preset",
+            stacklevel=2,
+        )
     return RecomputePlan(layers, unchecked, round(budget, 2), round(estimate, 2), round(per_layer / GIB, 3), way)
 
 

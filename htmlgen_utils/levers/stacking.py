@@ -12,6 +12,7 @@ LoRA matrices are copied into stacked buffers, refreshed in place before each de
 the adapter as it is now. While `stacked_layers` is active, the first member computes the group's output for a
 one-token input and every member returns its slice; anything else runs the member's own forward.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -21,8 +22,12 @@ import torch
 
 from .column_words import ColumnWords, column_words_bytes, zero_outputs
 
-GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
-          ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
+GROUPS = (
+    ("self_attn", ("q_proj", "k_proj", "v_proj")),
+    ("self_attn", ("o_proj",)),
+    ("mlp", ("gate_proj", "up_proj")),
+    ("mlp", ("down_proj",)),
+)
 
 
 def unnested_absmax(state) -> torch.Tensor:
@@ -85,11 +90,16 @@ class SharedInput:
         start = 0
         for base in bases:  # each member's weight becomes its part of the stacked one: no second copy
             size = base.weight.data.numel()
-            base.weight.data = self.weight[start:start + size].view(base.weight.data.shape)
+            base.weight.data = self.weight[start : start + size].view(base.weight.data.shape)
             start += size
-        self.state = QuantState(absmax=torch.cat([unnested_absmax(state) for state in states]),
-                                shape=torch.Size([sum(self.rows), first.shape[1]]), code=first.code,
-                                blocksize=first.blocksize, quant_type=first.quant_type, dtype=first.dtype)
+        self.state = QuantState(
+            absmax=torch.cat([unnested_absmax(state) for state in states]),
+            shape=torch.Size([sum(self.rows), first.shape[1]]),
+            code=first.code,
+            blocksize=first.blocksize,
+            quant_type=first.quant_type,
+            dtype=first.dtype,
+        )
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -113,8 +123,13 @@ class SharedInput:
             x_in = x.to(self.compute_dtype or x.dtype)
             base = bnb.matmul_4bit(x_in, self.weight.view(-1, 1), quant_state=self.state).to(x.dtype)
         low_rank = (x.to(self.lora_a.dtype).unsqueeze(-2) * self.lora_a).sum(-1)  # (..., sum of ranks)
-        spread = torch.cat([part.unsqueeze(-2).expand(*part.shape[:-1], rows, part.shape[-1])
-                            for part, rows in zip(low_rank.split(self.ranks, -1), self.rows)], -2)
+        spread = torch.cat(
+            [
+                part.unsqueeze(-2).expand(*part.shape[:-1], rows, part.shape[-1])
+                for part, rows in zip(low_rank.split(self.ranks, -1), self.rows)
+            ],
+            -2,
+        )
         return base + ((spread * self.lora_b).sum(-1) * self.scales).to(base.dtype)
 
     def check_follows_first(self, x: torch.Tensor) -> None:
@@ -130,15 +145,22 @@ class StackedLora:
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         group, index = self._stacked_group
-        if (x.shape[:-1].numel() != 1 or self.training or self.disable_adapters or self.merged or args or kwargs
-                or list(self.active_adapters) != [group.adapter]):
+        if (
+            x.shape[:-1].numel() != 1
+            or self.training
+            or self.disable_adapters
+            or self.merged
+            or args
+            or kwargs
+            or list(self.active_adapters) != [group.adapter]
+        ):
             return super().forward(x, *args, **kwargs)
         if index == 0:
             group.input, group.out = x, group.output(x)
         else:
             group.check_follows_first(x)
         start = sum(group.rows[:index])
-        return group.out[..., start:start + group.rows[index]]
+        return group.out[..., start : start + group.rows[index]]
 
 
 def _stackable(member) -> bool:
@@ -148,17 +170,23 @@ def _stackable(member) -> bool:
         return False
     state = getattr(member.get_base_layer().weight, "quant_state", None)
     adapter = member.active_adapters[0]
-    return (state is not None and not getattr(state, "packing_format_for_cpu", False)
-            and state.shape.numel() % state.blocksize == 0  # whole blocks: the absmax stack as the weights do
-            and adapter in member.lora_A and adapter not in getattr(member, "lora_variant", {}))
+    return (
+        state is not None
+        and not getattr(state, "packing_format_for_cpu", False)
+        and state.shape.numel() % state.blocksize == 0  # whole blocks: the absmax stack as the weights do
+        and adapter in member.lora_A
+        and adapter not in getattr(member, "lora_variant", {})
+    )
 
 
 def _one_layout(members: list) -> bool:
     """Members whose weights can be read as one matrix: one adapter, one 4-bit format, the same input size."""
     states = [member.get_base_layer().weight.quant_state for member in members]
-    return (len({member.active_adapters[0] for member in members}) == 1
-            and len({(s.quant_type, s.blocksize, s.dtype, s.shape[1]) for s in states}) == 1
-            and all(torch.equal(s.code, states[0].code) for s in states))
+    return (
+        len({member.active_adapters[0] for member in members}) == 1
+        and len({(s.quant_type, s.blocksize, s.dtype, s.shape[1]) for s in states}) == 1
+        and all(torch.equal(s.code, states[0].code) for s in states)
+    )
 
 
 def shared_input_groups(model) -> list[SharedInput]:

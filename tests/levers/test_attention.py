@@ -72,9 +72,11 @@ def test_flex_attention_switches_on_where_measured(tiny_config, monkeypatch):
 
     monkeypatch.setattr(config_module, "gpu_capability", lambda: (9, 0))
     assert wants_flex_attention(t4_preset, cuda) and not wants_flex_attention(
-        t4_preset.replace(block_size=2048, max_example_tokens=2048), cuda)
+        t4_preset.replace(block_size=2048, max_example_tokens=2048), cuda
+    )
     assert not wants_flex_attention(t4_preset, cpu) and not wants_flex_attention(
-        t4_preset.replace(flex_attention="off"), cuda)
+        t4_preset.replace(flex_attention="off"), cuda
+    )
     monkeypatch.setattr(config_module, "gpu_capability", lambda: (7, 5))
     assert not wants_flex_attention(t4_preset, cuda)
     config = tiny_config.replace(model_id=BASE, packed_attention="on", flex_attention="on")

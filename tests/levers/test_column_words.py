@@ -32,7 +32,8 @@ def test_every_tile_the_tuner_may_pick_computes_the_four_bit_product(tmp_path):
         tuned = _tuned()
         for cols in (320, 704, 4096, 11008):
             pruned = tuned.early_config_prune(tuned.configs, {"cols": cols})
-            assert sorted((c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in pruned) == sorted(tiles_for(cols))
+            tiles = sorted((c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in pruned)
+            assert tiles == sorted(tiles_for(cols))
             weight = bnb.nn.Params4bit(torch.randn(rows, cols) * 0.02, requires_grad=False, quant_type="nf4",
                                        compress_statistics=True)
             weight._quantize("cpu")
@@ -48,22 +49,28 @@ def test_every_tile_the_tuner_may_pick_computes_the_four_bit_product(tmp_path):
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    errors = {(int(cols), int(block_k)): float(error) for cols, block_k, error in map(str.split, done.stdout.splitlines())}
+    errors = {
+        (int(cols), int(block_k)): float(error) for cols, block_k, error in map(str.split, done.stdout.splitlines())
+    }
     assert {cols for cols, _ in errors} == {320, 704, 4096, 11008} and {k for _, k in errors} == {16, 32, 64, 128}
     assert max(errors.values()) < 1e-5, errors
 
 
 def test_decoding_over_the_column_words_layout_writes_the_same_pages(monkeypatch):
-    """`decode_one` (`column_words=True`, the default from compute capability 8.0): every group of the step gets the decode layout and its
-    one-token products read it (here through the op's CPU form, the same sums in tensor operations; on CUDA the
-    Triton kernel), and the pages are those of the step over bitsandbytes' layout (`column_words=False`), with
-    the adapter mattering. The layout is what ran: with its absmax doubled the pages change, and the other
-    step's do not. The custom op passes torch's op checks (its shape-only form is what the compiler traces)."""
+    """`decode_one` (`column_words=True`, the default from compute capability 8.0): every group of the step gets
+    the decode layout and its one-token products read it (here through the op's CPU form, the same sums in tensor
+    operations; on CUDA the Triton kernel), and the pages are those of the step over bitsandbytes' layout
+    (`column_words=False`), with the adapter mattering. The layout is what ran: with its absmax doubled the pages
+    change, and the other step's do not. The custom op passes torch's op checks (its shape-only form is what the
+    compiler traces)."""
     from htmlgen_utils.levers import column_words
     from htmlgen_utils.levers.decoding import decode_one
 
-    monkeypatch.setattr(column_words.ColumnWords, "fits",  # the layout is built on CUDA only; here on CPU too
-                        staticmethod(lambda packed, state: column_words.ColumnWords.fits_format(state)))
+    monkeypatch.setattr(
+        column_words.ColumnWords,
+        "fits",  # the layout is built on CUDA only; here on CPU too
+        staticmethod(lambda packed, state: column_words.ColumnWords.fits_format(state)),
+    )
     model, tokenizer = adapted_tiny_model()
     ids = tokenizer(build_prompt("A modern landing page for Acme in blue"), return_tensors="pt").input_ids
     plain = list(decode_one(model, tokenizer, ids, 120, stop_at_html_end=False, column_words=False))
@@ -82,8 +89,9 @@ def test_decoding_over_the_column_words_layout_writes_the_same_pages(monkeypatch
     group = groups[0]
     x = torch.randn(1, 1, group.columns.words.shape[0] * 8, dtype=torch.float16)
     out = torch.zeros(group.columns.rows)
-    checks = torch.library.opcheck(column_words._nf4_column_words_add,
-                                   (out, x, group.columns.words, group.columns.absmax, group.columns.table, ""))
+    checks = torch.library.opcheck(
+        column_words._nf4_column_words_add, (out, x, group.columns.words, group.columns.absmax, group.columns.table, "")
+    )
     assert set(checks.values()) == {"SUCCESS"}, checks
 
 

@@ -21,8 +21,9 @@ def test_compiled_layers_match_eager_ones(training_model, packed_batch):
     layers = training_model.get_base_model().model.layers
     assert all(layer._compiled_call_impl is not None for layer in layers)
     assert_same(eager, loss_and_grads(training_model, packed_batch, chunk_tokens=256))
-    assert_same(eager_per_example, loss_and_grads(training_model, packed_batch, chunk_tokens=256,
-                                                  attention_per_example=True))
+    assert_same(
+        eager_per_example, loss_and_grads(training_model, packed_batch, chunk_tokens=256, attention_per_example=True)
+    )
     assert not any(name.startswith("_orig_mod") for name, _ in training_model.named_parameters())
 
 
@@ -33,4 +34,5 @@ def test_a_run_too_short_to_repay_compiling_runs_eagerly(tiny_config, capsys):
     assert "not compiling for 9 step(s)" in capsys.readouterr().out
     assert all(layer._compiled_call_impl is None for layer in model.get_base_model().model.layers)
     assert apply_training_levers(model, config, torch.device("cpu"), total_steps=COMPILE_MIN_STEPS) == [
-        "compile_training"]
+        "compile_training"
+    ]

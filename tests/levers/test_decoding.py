@@ -18,8 +18,13 @@ def test_static_cache_decoding_writes_the_same_pages():
     model = load_base_model(config)
     model.eval()
     tokenizer = load_tokenizer(config.model_id)
-    descriptions = ["A modern landing page for Acme in blue", "Build a retro 404 error page for Nova.",
-                    "A login page for Orbit", "A blog about cats with a dark theme", "Portfolio"]
+    descriptions = [
+        "A modern landing page for Acme in blue",
+        "Build a retro 404 error page for Nova.",
+        "A login page for Orbit",
+        "A blog about cats with a dark theme",
+        "Portfolio",
+    ]
     eager = generate_pages(model, tokenizer, descriptions, max_new_tokens=48, batch_size=2)
     static = generate_pages(model, tokenizer, descriptions, max_new_tokens=48, batch_size=2, compile_decode=True)
     assert static.pages == eager.pages and static.new_tokens == eager.new_tokens
@@ -49,8 +54,9 @@ def test_own_decode_loop_writes_what_generate_writes():
     descriptions = ["A modern landing page for Acme in blue", "Build a retro 404 error page for Nova."]
     for stop in (True, False):  # `</html>` stop string, then EOS only
         plain = generate_pages(model, tokenizer, descriptions, max_new_tokens=900, stop_at_html_end=stop)
-        ours = generate_pages(model, tokenizer, descriptions, max_new_tokens=900, batch_size=1, compile_decode=True,
-                              stop_at_html_end=stop)
+        ours = generate_pages(
+            model, tokenizer, descriptions, max_new_tokens=900, batch_size=1, compile_decode=True, stop_at_html_end=stop
+        )
         assert ours.pages == plain.pages and ours.new_tokens == plain.new_tokens
         assert all(n < 900 for n in plain.new_tokens) and any(n % STOP_CHECK_TOKENS for n in plain.new_tokens)
     ids = tokenizer(build_prompt(descriptions[0]), return_tensors="pt").input_ids
@@ -83,8 +89,10 @@ def test_one_query_attention_equals_sdpa_and_hands_prompts_to_it():
         torch.testing.assert_close(one_query_attention(module, query, key, value, mask, scaling=0.25)[0], sdpa)
     prompt = torch.randn(1, 4, 5, 16)
     module = SimpleNamespace(num_key_value_groups=1, is_causal=True)
-    torch.testing.assert_close(one_query_attention(module, prompt, prompt, prompt, None, scaling=0.25)[0],
-                               sdpa_attention_forward(module, prompt, prompt, prompt, None, scaling=0.25)[0])
+    torch.testing.assert_close(
+        one_query_attention(module, prompt, prompt, prompt, None, scaling=0.25)[0],
+        sdpa_attention_forward(module, prompt, prompt, prompt, None, scaling=0.25)[0],
+    )
 
 
 def test_one_token_lora_matrices_compute_what_linear_computes():
@@ -103,8 +111,9 @@ def test_one_token_lora_matrices_compute_what_linear_computes():
     layers = model.config.num_hidden_layers
     assert use_one_token_lora(model) == 2 * 7 * layers  # A and B of q, k, v, o, gate, up, down in every layer
     assert use_one_token_lora(model) == 0
-    assert all(type(m) is OneTokenLinear for name, m in model.named_modules()
-               if ".lora_A." in name or ".lora_B." in name)
+    assert all(
+        type(m) is OneTokenLinear for name, m in model.named_modules() if ".lora_A." in name or ".lora_B." in name
+    )
 
 
 def test_own_decode_loop_with_a_trained_adapter_writes_what_generate_writes():
@@ -145,8 +154,9 @@ def test_compiled_decoding_lifts_the_training_hook_for_the_call():
     assert hook_names() == ["make_inputs_require_grads"]
     model.eval()
     plain = generate_pages(model, tokenizer, ["A login page for Orbit"], max_new_tokens=24)
-    ours = generate_pages(model, tokenizer, ["A login page for Orbit"], max_new_tokens=24, batch_size=1,
-                          compile_decode=True)
+    ours = generate_pages(
+        model, tokenizer, ["A login page for Orbit"], max_new_tokens=24, batch_size=1, compile_decode=True
+    )
     assert ours.pages == plain.pages and hook_names() == ["make_inputs_require_grads"]
 
 

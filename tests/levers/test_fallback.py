@@ -1,6 +1,7 @@
 """Every compiled, captured or custom-kernel path falls back to the plain path when it fails: one line says what
 failed, the run completes, and the numbers are the plain path's. Each failure is injected where the real one
 would happen (CPU stand-ins where the real thing needs CUDA)."""
+
 import pytest
 import torch
 
@@ -38,8 +39,10 @@ def test_a_failed_compile_of_the_batched_decode_step_generates_plainly(monkeypat
     assert pages == plain_pages
     _one_fallback_line(capsys.readouterr().out, "compile_generation")
     # remembered: the next call does not try again, and says nothing more
-    assert generate_pages(model, tokenizer, DESCRIPTIONS, max_new_tokens=60, batch_size=2,
-                          compile_decode=True).pages == plain_pages
+    assert (
+        generate_pages(model, tokenizer, DESCRIPTIONS, max_new_tokens=60, batch_size=2, compile_decode=True).pages
+        == plain_pages
+    )
     assert "failed" not in capsys.readouterr().out
 
 
@@ -49,11 +52,15 @@ def test_a_failed_one_page_decode_step_generates_plainly(monkeypatch, capsys, pl
     product, here its CPU form) fails at the first token."""
     model, tokenizer = adapted_tiny_model()
     if where == "graph capture":
-        monkeypatch.setattr(decoding.DecodeStep, "__init__", _fail("CUDA error: operation not permitted when stream "
-                                                                   "is capturing"))
+        monkeypatch.setattr(
+            decoding.DecodeStep, "__init__", _fail("CUDA error: operation not permitted when stream is capturing")
+        )
     else:
-        monkeypatch.setattr(column_words.ColumnWords, "fits",
-                            staticmethod(lambda packed, state: column_words.ColumnWords.fits_format(state)))
+        monkeypatch.setattr(
+            column_words.ColumnWords,
+            "fits",
+            staticmethod(lambda packed, state: column_words.ColumnWords.fits_format(state)),
+        )
         monkeypatch.setattr(column_words.ColumnWords, "product", _fail("triton: out of resources: shared memory"))
         monkeypatch.setattr(decoding, "gpu_is_verified", lambda: True)  # the layout's default where it has run
     pages = generate_pages(model, tokenizer, DESCRIPTIONS, max_new_tokens=60, batch_size=1, compile_decode=True).pages
@@ -65,8 +72,11 @@ def test_a_failed_layout_build_decodes_over_bitsandbytes_layout(monkeypatch, cap
     model, tokenizer = adapted_tiny_model()
     ids = tokenizer(DESCRIPTIONS[0], return_tensors="pt").input_ids
     expected = list(decoding.decode_one(model, tokenizer, ids, 40, stop_at_html_end=False, column_words=False))
-    monkeypatch.setattr(column_words.ColumnWords, "fits",
-                        staticmethod(lambda packed, state: column_words.ColumnWords.fits_format(state)))
+    monkeypatch.setattr(
+        column_words.ColumnWords,
+        "fits",
+        staticmethod(lambda packed, state: column_words.ColumnWords.fits_format(state)),
+    )
     monkeypatch.setattr(column_words.ColumnWords, "__init__", _fail("no memory for the decode layout's copy"))
     model.__dict__.pop("_htmlgen_decode_steps", None)
     assert list(decoding.decode_one(model, tokenizer, ids, 40, stop_at_html_end=False, column_words=True)) == expected
@@ -87,8 +97,7 @@ def _raising_generator(*args, **kwargs):
     yield  # a generator, as decode_one is
 
 
-def test_a_failed_compile_of_the_decoder_layers_trains_eagerly_to_the_same_adapter(tiny_config, monkeypatch,
-                                                                                  capsys):
+def test_a_failed_compile_of_the_decoder_layers_trains_eagerly_to_the_same_adapter(tiny_config, monkeypatch, capsys):
     """The compiled layers fail in the first step (as a compile error does, inside the forward): the step is run
     again eagerly, one line says so, and the run trains the adapter the eager run trains."""
     from peft import get_peft_model_state_dict
@@ -98,20 +107,26 @@ def test_a_failed_compile_of_the_decoder_layers_trains_eagerly_to_the_same_adapt
     from htmlgen_utils.stages import prepare_data
     from htmlgen_utils.train import train
 
-    config = tiny_config.replace(model_id=str(TINY_BASE_DIR), max_steps=10, gradient_accumulation_steps=1,
-                                 checkpoint_every=0, eval_every=100, lora_dropout=0.0)
+    config = tiny_config.replace(
+        model_id=str(TINY_BASE_DIR),
+        max_steps=10,
+        gradient_accumulation_steps=1,
+        checkpoint_every=0,
+        eval_every=100,
+        lora_dropout=0.0,
+    )
     prepare_data(config)
     packed = load_packed(config.run_dir)
 
     def trained(compile_training):
         model, tokenizer = load_for_training(config.replace(compile_training=compile_training))
-        train(model, tokenizer, packed, config.replace(compile_training=compile_training), config.run_dir,
-              resume=False)
+        train(model, tokenizer, packed, config.replace(compile_training=compile_training), config.run_dir, resume=False)
         return get_peft_model_state_dict(model)
 
     eager = trained("off")
-    monkeypatch.setattr(compile_module.torch, "compile", lambda function, **kwargs: _fail("inductor: C compiler "
-                                                                                         "not found"))
+    monkeypatch.setattr(
+        compile_module.torch, "compile", lambda function, **kwargs: _fail("inductor: C compiler not found")
+    )
     capsys.readouterr()
     fallen_back = trained("on")
     _one_fallback_line(capsys.readouterr().out, "compile_training")

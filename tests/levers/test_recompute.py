@@ -46,8 +46,7 @@ class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(pack, lambda tensor: tensor)
 
 
-def test_an_activation_budget_keeps_less_for_the_backward_and_gives_the_same_gradients(training_model,
-                                                                                      packed_batch):
+def test_an_activation_budget_keeps_less_for_the_backward_and_gives_the_same_gradients(training_model, packed_batch):
     """Un-checkpointed compiled layers under the compiler's activation budget recompute their cheap parts in the
     backward: the numbers of the plain checkpointed path, with a fraction of what the compiler keeps by default."""
     checkpointed = loss_and_grads(training_model, packed_batch, chunk_tokens=256)
@@ -79,8 +78,9 @@ def test_memory_plan_fits_layers_into_the_budget(training_model, monkeypatch):
     config = Config.from_preset("colab-t4", block_size=2048, max_example_tokens=2048)
 
     def plan(**changes):
-        return plan_recompute(training_model, config.replace(**changes), gpu, checkpoints_offloaded=False,
-                              compiled=False)
+        return plan_recompute(
+            training_model, config.replace(**changes), gpu, checkpoints_offloaded=False, compiled=False
+        )
 
     plans = {budget: plan(memory_budget_gib=budget) for budget in (8.0, 10.0, 12.0)}
     counts = [plans[budget].unchecked for budget in sorted(plans)]
