@@ -77,3 +77,18 @@ def training_model(tiny_config):
     model, _ = load_for_training(config)
     model.train()
     return model
+
+
+def _tree_state(folder):
+    return sorted((str(path), path.stat().st_mtime_ns) for path in folder.rglob("*")) if folder.exists() else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def users_runs_untouched():
+    """The suite is hermetic: no test writes into the repository's `runs/`, where a user's own runs live (README
+    command 1 leaves one there). Reads are caught by CI, which runs the suite right after that command."""
+    from htmlgen_utils.config import REPO_DIR
+
+    before = _tree_state(REPO_DIR / "runs")
+    yield
+    assert _tree_state(REPO_DIR / "runs") == before, "a test wrote into the repository's runs/: give it a tmp run_dir"
