@@ -152,7 +152,7 @@ def write_report(report: dict, out_dir: Path, name: str, quiet: bool = False) ->
 KERNEL_KINDS = [  # (kind, pattern on the kernel's name), first match wins
     ("attention", r"sdpa|flash|fmha|attention"),
     ("4-bit dequantize", r"kDequantize"),
-    ("4-bit gemv", r"kgemm_4bit|gemm_4bit_simt|nf4_column_words"),  # bitsandbytes' (named so from 0.50 on), ours
+    ("4-bit gemv", r"kgemm_4bit|gemm_4bit_simt"),  # bitsandbytes' (named so from 0.50 on)
     ("16-bit gemv", r"gemv"),
     ("optimizer", r"kOptimizer|kPreconditionOptimizer|adam"),
     ("gemm", r"nvjet|gemm|cutlass|xmma|sm90_|sm80_|ampere_"),

@@ -3,12 +3,10 @@
     PYTHONPATH=$PWD python bench/profile_decode.py --out $OUT             # one CUDA GPU, ~3 minutes
     PYTHONPATH=$PWD python bench/profile_decode.py --smoke --out /tmp/b   # CPU, tiny model: checks the script
 
-One prompt, greedy, a fixed number of new tokens (no stop), six ways: plain `generate` (the original's way);
+One prompt, greedy, a fixed number of new tokens (no stop), five ways: plain `generate` (the original's way);
 `generate` with our static cache and transformers' compiled decode step; `before`, our batch-1 loop as it was
 (transformers' compiled step for each token); `levers`, the same with `one_query_attention` and
-`OneTokenLinear`; `bnb-layout`, `decode_one(column_words=False)` (the levers, its own CUDA graph `DecodeStep`,
-bitsandbytes' 4-bit kernel); and ours, `decode_one` as it is, its one-token 4-bit products over the decode
-layout (`levers/column_words.py`).
+`OneTokenLinear`; and ours, `decode_one` as it is (the levers in its own CUDA graph, `DecodeStep`).
 Each way is warmed up once (which compiles), then timed `--repeats` times, the ways interleaved (A B C A B C
 ...): tokens/s as the median, min and max of the repeats, and peak memory. Then a profile of a shorter run of
 each: wall time per token against the time the GPU was busy per token (the rest is the GPU waiting for the
@@ -94,8 +92,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="new tokens in each timed run")
     parser.add_argument(
         "--ways",
-        default="plain,static,before,levers,bnb-layout,ours",
-        help="which of plain, static, before, levers, bnb-layout, ours to run",
+        default="plain,static,before,levers,ours",
+        help="which of plain, static, before, levers, ours to run",
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each way, interleaved")
     parser.add_argument("--smoke", action="store_true")
@@ -119,13 +117,8 @@ def main() -> None:
         generate_with_static_cache(model, cache, input_ids=input_ids, **kwargs)
         return tokens
 
-    def ours(tokens: int, column_words: bool = True) -> int:
-        return sum(
-            len(piece)
-            for piece in decode_one(
-                model, tokenizer, input_ids, tokens, stop_at_html_end=False, column_words=column_words
-            )
-        )
+    def ours(tokens: int) -> int:
+        return sum(len(piece) for piece in decode_one(model, tokenizer, input_ids, tokens, stop_at_html_end=False))
 
     ways = {
         "plain generate": plain_generate,
@@ -136,12 +129,9 @@ def main() -> None:
         "levers: the same with one-query attention and one-token LoRA": lambda tokens: decode_one_as_before(
             model, tokenizer, input_ids, tokens, levers=True
         ),
-        "bnb-layout: decode_one(column_words=False), levers + DecodeStep, bitsandbytes' 4-bit kernel": lambda tokens: (
-            ours(tokens, column_words=False)
-        ),
-        "ours: decode_one, the 4-bit products over the decode layout": ours,
+        "ours: decode_one, the levers in its own CUDA graph": ours,
     }
-    chosen = dict(zip(("plain", "static", "before", "levers", "bnb-layout", "ours"), ways))
+    chosen = dict(zip(("plain", "static", "before", "levers", "ours"), ways))
     ways = {chosen[key]: ways[chosen[key]] for key in args.ways.split(",")}
     report = {
         **versions(),
@@ -215,9 +205,6 @@ def main() -> None:
         report["speedup_vs_before"] = {
             name: round(row["tokens_per_s"] / before, 2) for name, row in report["rows"].items()
         }
-    if {"bnb-layout", "ours"} <= set(args.ways.split(",")):
-        bnb_rate = report["rows"][chosen["bnb-layout"]]["tokens_per_s"]
-        report["column_words_speedup"] = round(report["rows"][chosen["ours"]]["tokens_per_s"] / bnb_rate, 3)
     report["compiler"] = {**compiler_counters(), "log": compiler_log.messages}
     write_report(report, args.out, "profile_decode.json")
 

@@ -29,10 +29,9 @@ SWITCH_MODES = ("auto", "on", "off")
 COMPILE_SWITCHES = ("compile_training", "compile_generation")
 VERIFIED_CAPABILITY = (8, 0)  # the oldest GPU generation our compiled and custom-kernel paths have run on
 ROPE_SCALING = ("auto", "none", "linear", "dynamic", "yarn")
-# `auto` switches the long-block levers on from this block size. Measured on the 7B shape (bench/README.md):
-# below it the block mask is small and faster than per-example attention, and offloading the checkpoints costs ~8%
-# speed for ~0.9 GiB (worth it on a T4, where `colab-t4` turns it on at every size); at 16384 offloading is what
-# lets a T4 train at all, and per-example attention saves 0.75 GiB at equal speed
+# `auto` switches the long-block levers on from this block size (measured on the 7B shape, bench/RESULTS.md):
+# below it the block mask is small and faster than per-example attention, and offloading the checkpoints costs
+# speed; from it offloading is what lets a T4 train at all, and per-example attention saves memory at equal speed
 LONG_BLOCK_TOKENS = 16384
 
 
@@ -334,9 +333,9 @@ def gpu_has_native_bf16() -> bool:
 
 
 PRESETS: dict[str, dict[str, Any]] = {  # each lists only what it changes from the defaults above
-    # Free Colab T4: 15 GiB, no native bf16, so fp16 with a GradScaler; whole examples up to Llama-2's native 4,096
-    # tokens; a T4 is bound by arithmetic, so memory up to 13 GiB (of ~14.6 usable) buys layers without checkpoint
-    # recompute.
+    # Free Colab T4: no native bf16, so fp16 with a GradScaler; whole examples up to Llama-2's native 4,096 tokens;
+    # a T4 is bound by arithmetic, so the memory it has to spare (13 of its ~14.6 usable) buys layers without
+    # checkpoint recompute.
     "colab-t4": dict(
         precision="fp16",
         block_size=4096,
@@ -346,8 +345,8 @@ PRESETS: dict[str, dict[str, Any]] = {  # each lists only what it changes from t
         compile_generation="auto",
         run_dir="runs/colab-t4",
     ),
-    # The T4 preset in the least memory (under 5 GiB at 2,048 tokens): every layer checkpointed, the checkpoints
-    # parked in CPU memory. For long examples (RoPE scaling: one of 24,576 tokens trains in 15 GiB) and small GPUs.
+    # The T4 preset in the least memory: every layer checkpointed, the checkpoints parked in CPU memory. For long
+    # examples (with RoPE scaling) and small GPUs; bench/RESULTS.md has its memory.
     "colab-t4-low-memory": dict(
         precision="fp16",
         block_size=4096,
@@ -368,8 +367,7 @@ PRESETS: dict[str, dict[str, Any]] = {  # each lists only what it changes from t
         run_dir="runs/ampere-bf16",
     ),
     # The small pre-trained Llama shipped with the package, on CPU: what tests, CI and GPU-less machines run.
-    # Blocks of 1,024 tokens: twice the optimiser steps of 2,048 in the same time, which is what teaches it to
-    # follow the description (measured: description coverage 0.05 -> 0.11 on the 12 test prompts, base 0.01).
+    # Blocks of 1,024 tokens: twice the optimiser steps of 2,048 in the same time.
     "tiny": dict(
         model_id=str(TINY_BASE_DIR),
         precision="fp32",

@@ -49,8 +49,8 @@ def next_token_loss(model, batch: dict, chunk_tokens: int, reduction: str = "mea
     """Cross-entropy of every labelled position against the next token: the model's own causal-LM loss
     (`reduction="mean"`), or its sum over the batch's target tokens (`"sum"`, what accumulation needs).
 
-    `chunk_tokens=0` runs the head on the whole block (its fp32 [tokens, 32000] logits exist at once: 0.25 GiB
-    at 2048 tokens, 4 GiB at 32768, plus their gradient). Otherwise the head and the loss run `chunk_tokens`
+    `chunk_tokens=0` runs the head on the whole block (its fp32 [tokens, vocabulary] logits and their gradient
+    exist at once: 4 x 32000 bytes a token for Llama-2). Otherwise the head and the loss run `chunk_tokens`
     positions at a time under checkpointing, so only one chunk's logits ever exist; the backward pass
     recomputes each chunk's logits (one extra head matmul, ~2% of a 7B step's FLOPs).
 

@@ -246,8 +246,8 @@ def prepare_4bit_for_training(model, config: Config) -> None:
     so the inputs need no `requires_grad` hook).
 
     With `embeddings_in_compute_dtype` the embeddings and head are never upcast at all (peft upcasts every
-    non-quantised weight, so casting them back afterwards still passes through 1 GiB of fp32 copies for
-    Llama-2-7B: a load-time peak above the whole 2048-token training step's)."""
+    non-quantised weight, so casting them back afterwards still passes through fp32 copies of both: for
+    Llama-2-7B a load-time peak above a whole 2048-token training step's)."""
     keep = set()
     if config.embeddings_in_compute_dtype:
         keep = {
@@ -273,9 +273,9 @@ def prepare_4bit_for_training(model, config: Config) -> None:
 def keep_frozen_embeddings_in(model, dtype: torch.dtype) -> None:
     """Keep the frozen input embeddings and output head in the compute dtype (fp16/bf16), not fp32.
 
-    For Llama-2-7B fp32 would cost 0.5 GiB of weights, a fp16 copy of the head that autocast makes on every
-    forward, and a fp32 residual stream (so every layer checkpoint is twice the size). Both stay frozen and
-    autocast runs the head in fp16/bf16 anyway, so the loss is unchanged within rounding.
+    In fp32 they would cost twice the memory (2 x 32000 x 4096 weights for Llama-2-7B), a fp16 copy of the head
+    that autocast makes on every forward, and a fp32 residual stream (so every layer checkpoint is twice the size).
+    Both stay frozen and autocast runs the head in fp16/bf16 anyway, so the loss is unchanged within rounding.
     """
     if dtype == torch.float32:
         return

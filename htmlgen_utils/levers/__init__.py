@@ -11,8 +11,6 @@ call (`generate_pages(..., compile_decode=True)`). bench/RESULTS.md has what eac
                   memory allows
     compile       regional torch.compile of the decoder layers                          (`compile_training`)
     decoding      static KV cache, compiled decode step, our own batch-1 loop           (`compile_generation`)
-    stacking      q/k/v and gate/up as one layer each in the batch-1 step               (part of `decoding`)
-    column_words  a 4-bit layout and kernel made for one token's products               (`decode_one(column_words=)`)
     fallback      one line, then the plain path, when a compiled or captured path fails
 """
 

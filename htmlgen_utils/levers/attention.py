@@ -50,7 +50,7 @@ def packed_sdpa_attention(
 ):
     """Attention for packed blocks without a [block x block] mask: causal SDPA on each example on its own.
 
-    transformers turns restarting position ids into a block-diagonal 4-D mask: 1 GiB (bool) at 32768 tokens,
+    transformers turns restarting position ids into a block-diagonal 4-D mask (block x block bools),
     and SDPA must then compute every masked-out score and cannot use its FlashAttention kernel. Cutting the
     block at the example boundaries gives the same result (each token sees only its own example, causally)
     with plain `is_causal` SDPA: no mask tensor, and attention work that grows with the examples' lengths

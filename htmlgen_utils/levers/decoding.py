@@ -4,9 +4,8 @@ A speed lever for generation on a GPU (`Config.compile_generation`). The plain p
 `compile_decode`, never touches what is here. Batches run `generate` over a static cache with a compiled step.
 One prompt at a time (the playground, the API) runs `decode_one`: `generate`'s per-token Python and its
 every-token stop check cost more than the step itself, so the loop reads its tokens back only every
-`STOP_CHECK_TOKENS`. Its step is built for one token: attention of one query as plain matmuls, the LoRA matrices
-as multiply-and-sums the compiler fuses, q/k/v and gate/up stacked (`stacking.py`), the 4-bit products over a
-layout made for one token (`column_words.py`), all captured in one CUDA graph (`DecodeStep`).
+`STOP_CHECK_TOKENS`. Its step is built for one token: attention of one query as plain matmuls and the LoRA
+matrices as multiply-and-sums the compiler fuses, all captured in one CUDA graph (`DecodeStep`).
 """
 
 from __future__ import annotations
@@ -18,12 +17,9 @@ from contextlib import contextmanager
 
 import torch
 
-from ..config import gpu_is_verified
 from ..packing import STOP_STRING
 from .attention import FLEX_ATTENTION, PACKED_ATTENTION
 from .compile import COMPILE_NOTE
-from .fallback import fall_back, has_failed
-from .stacking import SharedInput, shared_input_groups, stacked_layers
 
 ONE_QUERY_ATTENTION = "htmlgen_one_query"
 
@@ -147,9 +143,7 @@ def static_cache(model, batch_size: int, tokens: int):
 
 
 def generate_with_static_cache(model, cache, **kwargs):
-    """`generate` over our static cache. The stacked groups are built first: building them moves the 4-bit
-    weights into stacked buffers, which must not happen after a compiled step recorded their addresses."""
-    shared_input_groups(model)
+    """`generate` over our static cache, compiled (`compiled_decoding`)."""
     with compiled_decoding(model), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
         return model.generate(**kwargs, past_key_values=cache)
@@ -198,24 +192,9 @@ class DecodeStep:
     from two fixed buffers, so a token costs two small copies and one replay. Building it runs the step on the
     cache, so the cache is reset afterwards. On CPU the same step runs eagerly from the same buffers."""
 
-    def __init__(self, model, cache, cache_name: str, device: torch.device, groups: list[SharedInput],
-                 column_words: bool = False):  # fmt: skip
+    def __init__(self, model, cache, cache_name: str, device: torch.device):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.model, self.cache, self.cache_name, self.groups = model, cache, cache_name, groups
-        self.column_words = column_words
-        if column_words:
-            try:
-                left_out = [group for group in groups if not group.build_column_words()]
-            except Exception as error:  # the layout could not be built: bitsandbytes' layout for every group
-                fall_back(model, "column_words", error, "the decode step reads bitsandbytes' 4-bit layout (slower)")
-                for group in groups:
-                    group.columns = None
-                left_out, self.column_words = [], False
-            if left_out and device.type == "cuda":
-                print(
-                    f"column_words: {len(left_out)} of {len(groups)} projection groups keep bitsandbytes' layout "
-                    "(not NF4 in blocks of 64, or no GPU memory to spare for a second copy of their weights)"
-                )
+        self.model, self.cache, self.cache_name = model, cache, cache_name
         self.token = torch.zeros((1, 1), dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.forward = torch.compile(base, dynamic=False) if device.type == "cuda" else base
@@ -234,12 +213,11 @@ class DecodeStep:
             cache.reset()
 
     def _run(self) -> torch.Tensor:
-        with stacked_layers(self.groups, self.column_words):
-            cache = {self.cache_name: self.cache}
-            position_ids = self.position[None]
-            out = self.forward(
-                input_ids=self.token, **cache, cache_position=self.position, position_ids=position_ids, use_cache=True
-            )
+        cache = {self.cache_name: self.cache}
+        position_ids = self.position[None]
+        out = self.forward(
+            input_ids=self.token, **cache, cache_position=self.position, position_ids=position_ids, use_cache=True
+        )
         return out.logits[:, -1]
 
     def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -253,36 +231,29 @@ class DecodeStep:
         return self.logits
 
 
-def decode_step(model, cache, cache_name: str, device: torch.device, column_words: bool) -> DecodeStep:
-    """The `DecodeStep` for this cache, layout and adapter state, built at its first use (before the prompt goes
+def decode_step(model, cache, cache_name: str, device: torch.device) -> DecodeStep:
+    """The `DecodeStep` for this cache and adapter state, built at its first use (before the prompt goes
     in: building it resets the cache) and kept. A graph replays what it captured, so a step captured with the
     adapter on must never serve a call with it off (`disable_adapter`): the adapter state is part of the key."""
     steps = model.__dict__.setdefault("_htmlgen_decode_steps", {})
-    column_words = column_words and not has_failed(model, "column_words")
-    key = (id(cache), column_words, adapter_state(model))
+    key = (id(cache), adapter_state(model))
     if key not in steps:
         if device.type == "cuda":
             print(f"compile_generation: compiling and capturing the one-page decode step ({COMPILE_NOTE})", flush=True)
-        groups = shared_input_groups(model)
-        steps[key] = DecodeStep(model, cache, cache_name, device, groups, column_words)
+        steps[key] = DecodeStep(model, cache, cache_name, device)
     return steps[key]
 
 
 @torch.no_grad()
 def decode_one(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
                temperature: float = 0.7, top_p: float = 0.95, stop_at_html_end: bool = True,
-               repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-               column_words: bool | None = None) -> Iterator[list[int]]:  # fmt: skip
+               repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> Iterator[list[int]]:  # fmt: skip
     """One prompt's new tokens (its EOS included), yielded in pieces as they are read back.
 
     Prefill the static cache with the prompt, then one `DecodeStep` a token. The tokens stay on the GPU and are
     read back every `STOP_CHECK_TOKENS`, so the host launches steps ahead of the GPU; a page that ends mid-piece
-    is cut where it ended. Tokens are picked with `generate`'s logits processors for the same settings.
-    `column_words` (default: on from compute capability 8.0, where its kernel has run) reads the 4-bit weights
-    from the decode layout, built where the GPU keeps a quarter of its memory free besides."""
+    is cut where it ended. Tokens are picked with `generate`'s logits processors for the same settings."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if column_words is None:
-        column_words = gpu_is_verified()
     use_one_token_lora(model)
     length = input_ids.shape[1]
     cache = static_cache(model, 1, length + max_new_tokens)
@@ -297,9 +268,7 @@ def decode_one(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int, d
     )
     # the KV cache argument is `cache` from transformers 5.2x on, `past_key_values` before
     cache_name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    # the stacked groups are built before any step is captured (a graph keeps reading the addresses it saw)
-    shared_input_groups(model)
-    step = decode_step(model, cache, cache_name, input_ids.device, column_words)
+    step = decode_step(model, cache, cache_name, input_ids.device)
     positions = torch.arange(length + max_new_tokens, device=input_ids.device)
     sequence = torch.cat([input_ids, input_ids.new_zeros((1, max_new_tokens))], 1)  # what the processors see
     prompt = {cache_name: cache, "cache_position": positions[:length], "use_cache": True, "logits_to_keep": 1}

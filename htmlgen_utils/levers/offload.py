@@ -1,4 +1,4 @@
-"""Layer checkpoints parked in CPU memory during the forward pass (a memory lever: a T4 has 15 GiB)."""
+"""Layer checkpoints parked in CPU memory during the forward pass (a memory lever, for small GPUs and long blocks)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ class CheckpointsOnCPU(torch.autograd.graph.saved_tensors_hooks):
     """Inside this context, residual-stream tensors saved for backward (the layer checkpoints: one
     [batch, block, hidden] tensor per layer) wait in pinned CPU memory instead of on the GPU.
 
-    With gradient checkpointing those checkpoints are most of what grows with the block: 32 x 2048 x 4096 fp16
-    = 0.5 GiB at 2048 tokens, 8 GiB at 32768. Only tensors on `device_type` whose last dimension is the hidden
+    With gradient checkpointing those checkpoints are most of what grows with the block: layers x tokens x hidden
+    size values (2 bytes each in fp16). Only tensors on `device_type` whose last dimension is the hidden
     size move; masks, rotary tables and ids stay (they are shared by every layer). On CUDA the copies out run
     on a side stream, beside the layers' kernels instead of between them; they come back in backward, layer
     by layer, on the compute stream (which needs them at once).
