@@ -129,8 +129,7 @@ def test_own_decode_loop_with_a_trained_adapter_writes_what_generate_writes():
     ours = generate_pages(model, tokenizer, descriptions, max_new_tokens=150, batch_size=1, compile_decode=True)
     assert ours.pages == plain.pages and ours.new_tokens == plain.new_tokens
     steps = list(model.__dict__["_htmlgen_decode_steps"].values())
-    assert len(steps) == 1  # both pages ran on one cache and its one step ...
-    assert len(steps[0].groups) == 4 * model.config.num_hidden_layers  # ... with q/k/v, o, gate/up, down grouped
+    assert len(steps) == 1  # both pages ran on one cache and its one step
     for name, parameter in model.named_parameters():  # the adapter changes (back to its start): pages see it
         if "lora_B" in name:
             parameter.data.zero_()
