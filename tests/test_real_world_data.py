@@ -51,35 +51,6 @@ def test_load_split_pack_reports_the_policy(scraped_file):
     assert sum(s.dropped for s in dropped.values()) == 4
 
 
-def test_pipeline_runs_on_scraped_pages(scraped_file, tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "htmlgen_utils.pipeline",
-            "--preset",
-            "tiny",
-            "--dataset",
-            str(scraped_file),
-            "--run-dir",
-            str(tmp_path / "run"),
-            "-p",
-            "max_steps",
-            "2",
-            "-p",
-            "max_new_tokens",
-            "64",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO_DIR,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert {"rouge1", "rougeL", "html_valid_rate", "eval_loss", "token_accuracy"} <= set(metrics)
-
-
 MESSY_TEXT = [
     "line\u2028separator",
     "para\u2029graph",
@@ -145,36 +116,27 @@ def test_csv_keeps_newlines_inside_quoted_fields(tmp_path):
     assert any("line\u2028separator" in page for name in splits for page in splits[name]["html"])
 
 
-def test_the_chain_runs_on_messy_text_and_loses_nothing(messy_file, tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "htmlgen_utils.pipeline",
-            "--preset",
-            "tiny",
-            "--dataset",
-            str(messy_file),
-            "--run-dir",
-            str(tmp_path / "run"),
-            "-p",
-            "max_steps",
-            "2",
-            "-p",
-            "max_new_tokens",
-            "32",
-            "-p",
-            "test_fraction",
-            "0.2",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO_DIR,
-        timeout=600,
-    )
+def test_the_chain_runs_on_scraped_and_messy_pages_and_loses_nothing(scraped_file, tmp_path):
+    """One headless chain over both kinds of real-world data (one chain: each costs a minute): 200k-character pages,
+    empty rows and duplicates beside Unicode separators, NUL bytes and a byte-order mark. It finishes with every
+    score, and the evaluation table's references are the test split's pages byte for byte."""
+    rows = json.loads(scraped_file.read_text()) + _messy_rows()
+    path = tmp_path / "pages.jsonl"
+    body = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+    run_dir = tmp_path / "run"
+    settings = ["max_steps", "2", "max_new_tokens", "32", "test_fraction", "0.2"]
+    command = [sys.executable, "-m", "htmlgen_utils.pipeline", "--preset", "tiny", "--dataset", str(path)]
+    command += ["--run-dir", str(run_dir)] + [
+        part for pair in zip(["-p"] * 3, settings[::2], settings[1::2]) for part in pair
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_DIR, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"rouge1", "rougeL", "html_valid_rate", "eval_loss", "token_accuracy"} <= set(metrics)
     from htmlgen_utils.data import load_saved_splits
 
-    test_pages = list(load_saved_splits(tmp_path / "run")["test"]["html"])
-    table = json.loads((tmp_path / "run" / "eval_table.json").read_text(encoding="utf-8"))
-    assert [row["reference"] for row in table] == test_pages[: len(table)]  # the eval table keeps them exactly
+    test_pages = list(load_saved_splits(run_dir)["test"]["html"])
+    table = json.loads((run_dir / "eval_table.json").read_text(encoding="utf-8"))
+    assert len(table) >= 5 and [row["reference"] for row in table] == test_pages[: len(table)]
+    assert any(len(page) > 100_000 for page in test_pages + list(load_saved_splits(run_dir)["train"]["html"]))
