@@ -48,7 +48,7 @@ class Config:
     loss_scaling: str = "auto"  # auto = GradScaler exactly when precision is fp16 | on | off
     rope_scaling: str = "auto"  # for examples longer than the model's context: auto (= linear when needed) | none |
     #                             linear | dynamic | yarn; the factor is max_example_tokens / max_position_embeddings
-    # --- memory & speed levers (bench/README.md measures each) ---
+    # --- memory & speed levers (bench/RESULTS.md has what each measured) ---
     packed_attention: str = "auto"  # per-example attention, no block x block mask: auto = blocks >= 16384 | on | off
     flex_attention: str = "auto"  # block-sparse attention for packed blocks (FlexAttention; replaces the two above):
     #                               auto = blocks >= 4096 on CUDA GPUs of compute capability >= 8.0 | on | off
