@@ -332,57 +332,32 @@ def gpu_has_native_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] >= 8
 
 
+# fmt: off
 PRESETS: dict[str, dict[str, Any]] = {  # each lists only what it changes from the defaults above
     # Free Colab T4: no native bf16, so fp16 with a GradScaler; whole examples up to Llama-2's native 4,096 tokens;
     # a T4 is bound by arithmetic, so the memory it has to spare (13 of its ~14.6 usable) buys layers without
     # checkpoint recompute.
     "colab-t4": dict(
-        precision="fp16",
-        block_size=4096,
-        max_example_tokens=4096,
-        compile_training="auto",
-        memory_budget_gib=13.0,
-        compile_generation="auto",
-        run_dir="runs/colab-t4",
+        precision="fp16", block_size=4096, max_example_tokens=4096, compile_training="auto", memory_budget_gib=13.0,
+        compile_generation="auto", run_dir="runs/colab-t4",
     ),
     # The T4 preset in the least memory: every layer checkpointed, the checkpoints parked in CPU memory. For long
     # examples (with RoPE scaling) and small GPUs; bench/RESULTS.md has its memory.
     "colab-t4-low-memory": dict(
-        precision="fp16",
-        block_size=4096,
-        max_example_tokens=4096,
-        compile_training="auto",
-        offload_activations="on",
-        compile_generation="auto",
-        run_dir="runs/colab-t4",
+        precision="fp16", block_size=4096, max_example_tokens=4096, compile_training="auto",
+        offload_activations="on", compile_generation="auto", run_dir="runs/colab-t4",
     ),
     # Ampere or newer (A100, L4, H100): bf16 needs no loss scaling, so a bigger micro-batch.
     "ampere-bf16": dict(
-        precision="bf16",
-        micro_batch_size=4,
-        generation_batch_size=32,
-        compile_training="auto",
-        memory_budget_gib=20.0,
-        compile_generation="auto",
-        run_dir="runs/ampere-bf16",
+        precision="bf16", micro_batch_size=4, generation_batch_size=32, compile_training="auto",
+        memory_budget_gib=20.0, compile_generation="auto", run_dir="runs/ampere-bf16",
     ),
     # The small pre-trained Llama shipped with the package, on CPU: what tests, CI and GPU-less machines run.
     # Blocks of 1,024 tokens: twice the optimiser steps of 2,048 in the same time.
     "tiny": dict(
-        model_id=str(TINY_BASE_DIR),
-        precision="fp32",
-        gradient_checkpointing=False,
-        block_size=1024,
-        max_example_tokens=1024,
-        learning_rate=2e-3,
-        warmup_steps=3,
-        max_steps=32,
-        eval_every=16,
-        max_eval_batches=6,
-        checkpoint_every=16,
-        max_test_examples=12,
-        generation_batch_size=12,
-        run_dir="runs/tiny",
+        model_id=str(TINY_BASE_DIR), precision="fp32", gradient_checkpointing=False, block_size=1024,
+        max_example_tokens=1024, learning_rate=2e-3, warmup_steps=3, max_steps=32, eval_every=16, max_eval_batches=6,
+        checkpoint_every=16, max_test_examples=12, generation_batch_size=12, run_dir="runs/tiny",
         wandb_mode="disabled",
     ),
     # The tiny chain on long pages (`bundled-long`, 5k-33k characters), on the tiny base that has also seen long
@@ -390,20 +365,10 @@ PRESETS: dict[str, dict[str, Any]] = {  # each lists only what it changes from t
     # for testing (7 of 36, which its pre-training left out) and 128 steps (measured: after 32 no page ended
     # before the token limit).
     "tiny-long": dict(
-        model_id=str(TINY_LONG_BASE_DIR),
-        dataset=BUNDLED_LONG_DATASET,
-        test_fraction=0.2,
-        precision="fp32",
-        gradient_checkpointing=False,
-        learning_rate=2e-3,
-        warmup_steps=3,
-        max_steps=128,
-        eval_every=32,
-        max_eval_batches=6,
-        checkpoint_every=32,
-        max_test_examples=12,
-        generation_batch_size=12,
-        run_dir="runs/tiny-long",
-        wandb_mode="disabled",
+        model_id=str(TINY_LONG_BASE_DIR), dataset=BUNDLED_LONG_DATASET, test_fraction=0.2, precision="fp32",
+        gradient_checkpointing=False, learning_rate=2e-3, warmup_steps=3,
+        max_steps=128, eval_every=32, max_eval_batches=6, checkpoint_every=32, max_test_examples=12,
+        generation_batch_size=12, run_dir="runs/tiny-long", wandb_mode="disabled",
     ),
 }
+# fmt: on

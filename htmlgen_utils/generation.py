@@ -157,16 +157,9 @@ def generate_pages(
     order = sorted(range(len(prompts)), key=lengths.__getitem__)
     pages: list[str] = [""] * len(prompts)
     counts: list[int] = [0] * len(prompts)
-    kwargs = _generation_kwargs(
-        tokenizer,
-        max_new_tokens,
-        do_sample,
-        temperature,
-        top_p,
-        stop_at_html_end,
-        repetition_penalty,
-        no_repeat_ngram_size,
-    )
+    picking = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
+                   no_repeat_ngram_size=no_repeat_ngram_size)  # fmt: skip
+    kwargs = _generation_kwargs(tokenizer, max_new_tokens, stop_at_html_end=stop_at_html_end, **picking)
     looping: list[bool] = [False] * len(prompts)
     compile_decode = compile_decode and not has_failed(model, COMPILED_DECODING)
     was_training = model.training
@@ -180,18 +173,7 @@ def generate_pages(
             ids = tokenizer(prompts[rows[0]], return_tensors="pt").input_ids.to(device)
             tokens = []
             try:
-                pieces = decode_one(
-                    model,
-                    tokenizer,
-                    ids,
-                    max_new_tokens,
-                    do_sample,
-                    temperature,
-                    top_p,
-                    stop_at_html_end,
-                    repetition_penalty,
-                    no_repeat_ngram_size,
-                )
+                pieces = decode_one(model, tokenizer, ids, max_new_tokens, stop_at_html_end=stop_at_html_end, **picking)
                 for piece in pieces:
                     tokens += piece
                     if stop_on_repetition and is_looping(tokenizer.decode(tokens[-512:], skip_special_tokens=True)):
