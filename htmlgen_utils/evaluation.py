@@ -293,8 +293,9 @@ def description_coverage(description: str, page: str) -> float:
 
 def repetition(page: str) -> dict[str, float | bool]:
     """How much the page repeats itself: the share of its non-blank lines that repeat an earlier line, the share
-    of its 4-grams of tokens (tags and words) seen before, and `runaway`: the same line 8 or more times in a
-    row, or 4-grams 80% repeats -- a generation stuck in a loop."""
+    of its 4-grams of tokens seen before (tags, and words cut into pieces of at most 16 characters, so that a
+    one-line `<------...` repeats), and `runaway`, a generation stuck in a loop: the same line 8 or more times in
+    a row, 4-grams 90% repeats, or a page whose last 256 characters are one cycle of at most 64."""
     lines = [line.strip() for line in page.splitlines() if line.strip()]
     seen, repeated_lines, run, longest_run = set(), 0, 1, 1
     for index, line in enumerate(lines):
@@ -302,7 +303,7 @@ def repetition(page: str) -> dict[str, float | bool]:
         seen.add(line)
         run = run + 1 if index and line == lines[index - 1] else 1
         longest_run = max(longest_run, run)
-    tokens = re.findall(r"<[^>]*>|[^\s<>]+", page)
+    tokens = re.findall(r"<[^>]*>|[^\s<>]{1,16}", page)
     grams = [tuple(tokens[i : i + 4]) for i in range(max(0, len(tokens) - 3))]
     repeated_grams = len(grams) - len(set(grams))
     line_share = repeated_lines / len(lines) if lines else 0.0
@@ -310,8 +311,15 @@ def repetition(page: str) -> dict[str, float | bool]:
     return {
         "repeated_line_share": line_share,
         "repeated_4gram_share": gram_share,
-        "runaway": longest_run >= 8 or gram_share >= 0.8,
+        "runaway": longest_run >= 8 or gram_share >= 0.9 or ends_in_a_cycle(page),
     }
+
+
+def ends_in_a_cycle(page: str, window: int = 256, longest: int = 64) -> bool:
+    """Whether the page's last `window` characters (trailing whitespace aside) are one cycle of at most `longest`
+    characters: the end of a generation that looped to its token limit, on one line or many."""
+    tail = page.rstrip()[-window:]
+    return len(tail) == window and any(tail[period:] == tail[:-period] for period in range(1, longest + 1))
 
 
 def ends_with_html(page: str) -> bool:

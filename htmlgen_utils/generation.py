@@ -56,16 +56,28 @@ class GenerationResult:
 
 
 LOOP_LINES = 8  # a page whose last this-many non-blank lines are one line repeated is stuck in a loop
+LOOP_TOKENS = 64  # ... or whose last this-many tokens repeat one short cycle (one-line pages loop too: `<------...`)
+LOOP_PERIOD = 16  # the longest cycle, in tokens, that counts
 
 
-def is_looping(text: str) -> bool:
+def repeats_one_cycle(tokens: list[int], window: int = LOOP_TOKENS, longest: int = LOOP_PERIOD) -> bool:
+    """Whether the last `window` tokens are one cycle of at most `longest` tokens, repeated (`- - - -`,
+    `<td></td><td></td>...`): at least four turns of the longest cycle, which real pages, minified or not, do
+    not hold at their end while they are still being written."""
+    tail = tokens[-window:]
+    return len(tail) == window and any(tail[period:] == tail[:-period] for period in range(1, longest + 1))
+
+
+def is_looping(text: str, tokens: list[int] | None = None) -> bool:
+    """A generation stuck in a loop: its last `LOOP_LINES` lines are one line, or its last `LOOP_TOKENS` tokens
+    one short cycle (given the tokens)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()][-LOOP_LINES:]
-    return len(lines) == LOOP_LINES and len(set(lines)) == 1
+    return (len(lines) == LOOP_LINES and len(set(lines)) == 1) or (tokens is not None and repeats_one_cycle(tokens))
 
 
 class RepetitionStop(StoppingCriteria):
-    """Ends each row of a batch whose newest lines repeat one line `LOOP_LINES` times (checked every 16 tokens,
-    on the row's last 512 tokens): a generation stuck in a loop would otherwise run to the token limit."""
+    """Ends each row of a batch that is stuck in a loop (`is_looping`, checked every 16 tokens on the row's last
+    512 tokens): a generation stuck in a loop would otherwise run to the token limit."""
 
     def __init__(self, tokenizer, prompt_length: int):
         self.tokenizer, self.prompt_length = tokenizer, prompt_length
@@ -75,7 +87,7 @@ class RepetitionStop(StoppingCriteria):
         if (input_ids.shape[1] - self.prompt_length) % 16:
             return done
         for row, ids in enumerate(input_ids[:, self.prompt_length :][:, -512:].tolist()):
-            done[row] = is_looping(self.tokenizer.decode(ids, skip_special_tokens=True))
+            done[row] = is_looping(self.tokenizer.decode(ids, skip_special_tokens=True), ids)
         return done
 
 
@@ -176,7 +188,8 @@ def generate_pages(
                 pieces = decode_one(model, tokenizer, ids, max_new_tokens, stop_at_html_end=stop_at_html_end, **picking)
                 for piece in pieces:
                     tokens += piece
-                    if stop_on_repetition and is_looping(tokenizer.decode(tokens[-512:], skip_special_tokens=True)):
+                    recent = tokens[-512:]
+                    if stop_on_repetition and is_looping(tokenizer.decode(recent, skip_special_tokens=True), recent):
                         looping[rows[0]] = True
                         break
             except Exception as error:  # compiling, capturing or a kernel failed: this page again, plainly
@@ -214,7 +227,7 @@ def generate_pages(
                 ids.pop()
             counts[row] = len(ids)
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            looping[row] = stop_on_repetition and is_looping(text) and STOP_STRING not in text
+            looping[row] = stop_on_repetition and is_looping(text, ids) and STOP_STRING not in text
             pages[row] = clean_page(text)
         bar.update(len(rows))
     seconds = time.perf_counter() - started

@@ -217,3 +217,34 @@ def test_repetition_flags_a_generation_stuck_in_a_loop():
     loop = repetition(stuck)
     assert loop["runaway"] and loop["repeated_line_share"] > 0.9 and loop["repeated_4gram_share"] > 0.8
     assert ends_with_html(normal) and ends_with_html("<html></html>\n ") and not ends_with_html(stuck)
+
+
+def minified_long_page(characters: int = 50_000) -> str:
+    """Bundled long pages on one line, as scraped pages come: whitespace between tags gone, the rest collapsed."""
+    import json
+    import re
+
+    from htmlgen_utils.config import REPO_DIR
+
+    page = ""
+    for line in (REPO_DIR / "data" / "long_pages.jsonl").read_text().splitlines():
+        page += re.sub(r"\s+", " ", re.sub(r">\s+<", "><", json.loads(line)["html"])).strip()
+        if len(page) >= characters:
+            return page
+    raise AssertionError("not enough long pages")
+
+
+def test_runaway_sees_one_line_loops_and_spares_minified_pages():
+    """A generation stuck on one line (`<a class="------...`) is a runaway, its 4-grams nearly all repeats; a real
+    page minified onto one line (50k characters of repetitive cards and grids) is not, nor is a page that ends in
+    a short run of one character. The line rule alone saw neither loop."""
+    from htmlgen_utils.evaluation import ends_in_a_cycle
+
+    stuck = repetition('<html><body><a class="' + "-" * 1000)
+    assert stuck["runaway"] and stuck["repeated_4gram_share"] > 0.9 and stuck["repeated_line_share"] == 0
+    assert repetition("<p>" + "ab" * 300)["runaway"]
+    page = minified_long_page()
+    assert "\n" not in page and len(page) >= 50_000
+    real = repetition(page)
+    assert not real["runaway"] and not ends_in_a_cycle(page), real
+    assert not ends_in_a_cycle("<p>" + "x" * 200 + "</p></body></html>")

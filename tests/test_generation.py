@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from htmlgen_utils.config import Config
 from htmlgen_utils.generation import clean_page, generate_pages
@@ -78,3 +79,29 @@ def test_playground_button_renders_a_sandboxed_page(tiny_base):
     controls.children[0].click()
     assert "characters" in status.value
     assert '<iframe sandbox=""' in preview.value
+
+
+def test_a_one_line_loop_stops_early_on_every_path():
+    """A model that writes `-` forever (its head replaced by one that always picks the dash token) writes one
+    line, which the line rule cannot see: the token-cycle guard stops it at its first check after `LOOP_TOKENS`,
+    batched through `generate` and one page at a time through `decode_one`, and counts it. Without the guard the
+    page runs to the limit."""
+    from htmlgen_utils.config import Config
+    from htmlgen_utils.generation import LOOP_TOKENS
+    from htmlgen_utils.model import load_base_model, load_tokenizer
+
+    config = Config.from_preset("tiny")
+    model, tokenizer = load_base_model(config), load_tokenizer(config.model_id)
+    dash = tokenizer("--", add_special_tokens=False).input_ids[0]
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    head.bias.data[dash] = 10.0
+    model.lm_head = head
+    descriptions = ["A modern landing page for Acme in blue", "A login page for Orbit"]
+    for batch_size, compiled in ((2, False), (1, True)):
+        stopped = generate_pages(model, tokenizer, descriptions, 300, batch_size=batch_size, compile_decode=compiled)
+        assert stopped.endings == ["repetition"] * 2 and all(n <= LOOP_TOKENS + 16 for n in stopped.new_tokens)
+        assert "\n" not in stopped.pages[0] and set(stopped.pages[0]) == {"-"}
+    running = generate_pages(model, tokenizer, descriptions, 300, stop_on_repetition=False)
+    assert running.new_tokens == [300, 300] and running.endings == ["token limit"] * 2

@@ -131,3 +131,19 @@ def test_small_test_splits_are_said_out_loud():
 
     assert "Only 2 test example(s)" in small_data_warning(2) and "test_fraction" in small_data_warning(2)
     assert small_data_warning(32) is None
+
+
+def test_the_token_guard_spares_a_minified_page_at_every_check(tokenizer):
+    """Generation checks every 16 tokens whether the last `LOOP_TOKENS` are one short cycle: at no such point of
+    a 50k-character minified page, nor of the first 100 bundled pages, does it say so."""
+    import json
+
+    from htmlgen_utils.config import BUNDLED_DATA_FILE
+    from htmlgen_utils.generation import LOOP_TOKENS, repeats_one_cycle
+    from tests.test_evaluation import minified_long_page
+
+    pages = [minified_long_page()] + [json.loads(line)["html"] for line in BUNDLED_DATA_FILE.open()][:100]
+    for page in pages:
+        ids = tokenizer(page, add_special_tokens=False).input_ids
+        assert not any(repeats_one_cycle(ids[:end]) for end in range(LOOP_TOKENS, len(ids) + 1, 16))
+    assert repeats_one_cycle(tokenizer("<a class=" + "-" * 400, add_special_tokens=False).input_ids)
