@@ -27,6 +27,7 @@ CHALLENGE_PHRASES = (
     "access denied",
     "request unsuccessful. incapsula",
     "are you a robot",
+    "you need to enable javascript to run this app",  # a framework shell whose scripts never ran
 )
 CONSENT_PHRASES = ("we value your privacy", "accept all cookies", "manage cookie preferences", "cookie consent")
 ERROR_PHRASES = ("404 not found", "page not found", "500 internal server error", "502 bad gateway", "403 forbidden")
@@ -115,13 +116,14 @@ def _clean_outside_pre(part: str, policy: str) -> str:
     json_types = r"""type\s*=\s*["']?application/(?:ld\+)?json"""
     part = re.sub(rf"<script\b[^>]*{json_types}[^>]*>.*?</script\s*>", "", part, flags=re.I | re.S)  # inline state
     part = re.sub(r"(<script\b[^>]*>).*?(</script\s*>)", r"\1\2", part, flags=re.I | re.S)  # script bodies
-    part = re.sub(r"data:[\w/+.-]+;base64,[A-Za-z0-9+/=\s]+", PLACEHOLDER_URL, part)
+    part = re.sub(r"data:[\w/+.-]+;base64,[A-Za-z0-9+/=\n\r]+", PLACEHOLDER_URL, part)
     part = _in_tags(part, lambda tag: re.sub(r"""\sdata-[\w.:-]+(\s*=\s*("[^"]*"|'[^']*'|[^\s>]+))?""", "", tag))
     if policy == "aggressive":
         part = re.sub(r"(<svg\b.*?</svg\s*>)", lambda m: re.sub(r"""\sd\s*=\s*("[^"]*"|'[^']*')""", ' d=""',
                       m.group(1)), part, flags=re.I | re.S)  # fmt: skip
         part = _in_tags(part, _drop_hashed_classes)
-    return re.sub(r">\s+<", lambda m: ">\n<" if "\n" in m.group(0) else "> <", part)  # one whitespace renders alike
+    # runs of HTML's own whitespace between tags render as one (not a no-break space: that one shows)
+    return re.sub(r">[ \t\n\r\f]+<", lambda m: ">\n<" if "\n" in m.group(0) else "> <", part)
 
 
 def clean_markup(page: str, policy: str = "safe") -> str:

@@ -78,6 +78,7 @@ def test_safe_cleaning_removes_what_never_renders_and_keeps_the_rest():
                  '<div class="card">', "placeholder.png", "<pre>  keep   this\n    spacing</pre>"):  # fmt: skip
         assert kept in cleaned, kept
     assert clean_markup(SCRAPED, "none") == SCRAPED and clean_markup(cleaned, "safe") == cleaned
+    assert clean_markup("<b>a</b>\xa0<b>b</b>", "safe") == "<b>a</b>\xa0<b>b</b>"  # a no-break space shows
     svg = '<svg><path d="M0 0L10 10L20 0Z"/></svg><div class="sc-AxjAm kITaNo card">x</div>'
     assert clean_markup(svg, "aggressive") == '<svg><path d=""/></svg><div class="card">x</div>'
     with pytest.raises(ValueError, match="page_cleaning must be one of"):
