@@ -9,10 +9,9 @@ with its reasons; `clean_markup` removes the invisible weight by a policy, leavi
 
 from __future__ import annotations
 
+import html
 import re
 from dataclasses import dataclass, field
-
-from .evaluation import visible_text
 
 # What bot checks, consent walls and error pages say: one place, lower case, matched in the visible text.
 CHALLENGE_PHRASES = (
@@ -33,9 +32,9 @@ CONSENT_PHRASES = ("we value your privacy", "accept all cookies", "manage cookie
 ERROR_PHRASES = ("404 not found", "page not found", "500 internal server error", "502 bad gateway", "403 forbidden")
 ERROR_WORDS = ("404", "error", "not found", "missing", "does not exist", "403", "500")  # a description asking for one
 
-MIN_VISIBLE_WORDS = 5  # fewer words render as an empty page: a shell whose scripts never ran
+MIN_VISIBLE_WORDS = 1  # a page that renders no word at all: a shell whose scripts never ran
 SCRIPT_SHARE = 0.8  # more of the page's bytes than this in <script> and <style>: the model would learn scripts
-MIN_DESCRIPTION_WORDS = 3  # "basic landing page" says too little to learn which page to write
+MIN_DESCRIPTION_WORDS = 4  # "basic landing page" says too little to learn which page to write
 UNTEACHABLE = ("not a page", "challenge page", "consent wall", "error page", "empty render")  # dropped by default
 
 
@@ -50,6 +49,13 @@ class Triage:
         return not any(flag in UNTEACHABLE for flag in self.reasons)
 
 
+def rendered_text(page: str) -> str:
+    """The words a browser shows of `page`: no head (its title renders in no page), scripts, styles or comments."""
+    for hidden in (r"<head\b.*?</head\s*>", r"<(script|style|template)\b.*?</\1\s*>", r"<!--.*?-->"):
+        page = re.sub(hidden, " ", page, flags=re.I | re.S)
+    return " ".join(html.unescape(re.sub(r"<[^>]*>", " ", page)).split())
+
+
 def _script_bytes(page: str) -> int:
     return sum(len(m.group(0)) for m in re.finditer(r"<(script|style)\b.*?</\1\s*>", page, re.I | re.S))
 
@@ -61,7 +67,7 @@ def triage(description: str, page: str, tokens: int | None = None, max_tokens: i
     lower = page.lower()
     if "<html" not in lower and "<body" not in lower:
         flags["not a page"] = "no <html> or <body> tag"
-    text = visible_text(page).lower() if page.strip() else ""
+    text = rendered_text(page).lower()
     words = len(text.split())
     asked_for_error = any(word in description.lower() for word in ERROR_WORDS)
     for flag, phrases in (("challenge page", CHALLENGE_PHRASES), ("consent wall", CONSENT_PHRASES)):
@@ -148,3 +154,19 @@ def clean_markup(page: str, policy: str = "safe") -> str:
         if index + 1 < len(parts):
             out.append(parts[index + 1])
     return "".join(out)
+
+
+def triage_and_clean(dataset, drop_unteachable: bool, policy: str):
+    """Triage every (label, html) row of `dataset`, drop the unteachable ones if asked, clean the pages by
+    `policy`. Returns the dataset, the flag counts of all rows and the counts of the rows dropped, by reason."""
+    results = [triage(row["label"], row["html"]) for row in dataset]
+    keep = [index for index, result in enumerate(results) if result.teachable or not drop_unteachable]
+    dropped = triage_counts(
+        [Triage({k: v for k, v in r.reasons.items() if k in UNTEACHABLE}) for r in results if not r.teachable]
+    ) if drop_unteachable else {}  # fmt: skip
+    if len(keep) < len(dataset):
+        dataset = dataset.select(keep)
+    if policy != "none":
+        dataset = dataset.map(lambda batch: {"html": [clean_markup(page, policy) for page in batch["html"]]},
+                              batched=True, desc=f"page_cleaning={policy}")  # fmt: skip
+    return dataset, triage_counts(results), dropped

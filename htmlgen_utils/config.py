@@ -25,6 +25,7 @@ PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 LOSS_SCALING = ("auto", "on", "off")
 WANDB_MODES = ("disabled", "offline", "online", "auto")
 LONG_PAGE_POLICIES = ("truncate_close", "truncate", "drop")
+PAGE_CLEANING = ("none", "safe", "aggressive")
 SWITCH_MODES = ("auto", "on", "off")
 COMPILE_SWITCHES = ("compile_training", "compile_generation")
 VERIFIED_CAPABILITY = (8, 0)  # the oldest GPU generation our compiled and custom-kernel paths have run on
@@ -66,6 +67,10 @@ class Config:
     label_column: str = "label"  # the description column
     html_column: str = "html"  # the page column
     dataset_encoding: str = "utf-8"  # of a local dataset file (a byte-order mark is fine), e.g. latin-1, cp1252
+    # scraped pages (cleaning.py): rows that cannot teach a page (not a page, a bot check, a consent wall, an error
+    # page not asked for, nothing rendered) are dropped and counted; and what never renders is cleaned away
+    drop_unteachable: bool = True
+    page_cleaning: str = "safe"  # none | safe (renders the same; no bundled page changes) | aggressive
     validation_fraction: float = 0.05
     test_fraction: float = 0.05
     max_test_examples: int = 32  # held-out descriptions generated for in evaluation
@@ -204,6 +209,8 @@ class Config:
             fail("wandb_mode", f"must be one of {WANDB_MODES}")
         if self.long_page_policy not in LONG_PAGE_POLICIES:
             fail("long_page_policy", f"must be one of {LONG_PAGE_POLICIES}")
+        if self.page_cleaning not in PAGE_CLEANING:
+            fail("page_cleaning", f"must be one of {PAGE_CLEANING}")
         for name in ("model_id", "dataset", "label_column", "html_column", "run_dir", "dataset_encoding"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
 
+from .cleaning import triage_and_clean
 from .config import BUNDLED_DATA_FILE, BUNDLED_DATASET, BUNDLED_LONG_DATASET, BUNDLED_LONG_FILE, Config
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv"}
@@ -83,6 +84,9 @@ class DataReport:
     empty_dropped: int
     duplicates_dropped: int
     rows_kept: int
+    flagged: dict = field(default_factory=dict)  # rows flagged by triage, by reason (cleaning.triage)
+    unteachable_dropped: dict = field(default_factory=dict)  # of those, dropped (`drop_unteachable`), by reason
+    page_cleaning: str = "none"
     train: int = 0
     validation: int = 0
     test: int = 0
@@ -365,11 +369,16 @@ def load_splits(config: Config) -> tuple[datasets.DatasetDict, DataReport]:
     raw = load_raw(config.dataset, config.dataset_encoding)
     columns = ("label", "html") if config.dataset in DATASET_PROFILES else (config.label_column, config.html_column)
     clean, report = validate_and_clean(raw, *columns, config.dataset)
+    clean, report.flagged, report.unteachable_dropped = triage_and_clean(
+        clean, config.drop_unteachable, config.page_cleaning
+    )
+    report.rows_kept, report.page_cleaning = len(clean), config.page_cleaning
     if len(clean) < 3:
+        unteachable = sum(report.unteachable_dropped.values())
         raise ValueError(
-            f"Dataset {config.dataset!r}: {report.rows_loaded} rows, {report.empty_dropped} empty and "
-            f"{report.duplicates_dropped} duplicates dropped, {len(clean)} distinct left; train, "
-            f"validation and test need at least 3 (better hundreds)"
+            f"Dataset {config.dataset!r}: {report.rows_loaded} rows, {report.empty_dropped} empty, "
+            f"{report.duplicates_dropped} duplicates and {unteachable} that cannot teach a page dropped, "
+            f"{len(clean)} left; train, validation and test need at least 3 (better hundreds)"
         )
     splits = split_dataset(clean, config.validation_fraction, config.test_fraction, config.seed)
     report.train, report.validation, report.test = (len(splits[s]) for s in ("train", "validation", "test"))

@@ -296,3 +296,44 @@ def evaluation_settings(config: Config, tokenizer, quick_evaluation: str = "auto
             max_new_tokens=min(config.max_new_tokens, QUICK_TOKENS),
         )
     return config, quick
+
+
+SCRAPED_DATA_ADVICE = (
+    "These look like scraped pages. Keep `page_cleaning` at safe (or try aggressive) and `drop_unteachable` on, "
+    "and train as the `tiny-long` preset does: examples of the model's whole context, `long_page_policy` "
+    "truncate_close (README: Real scraped pages)."
+)
+
+
+def triage_table(config: Config, tokenizer, examples: int = 2, sample: int = 200):
+    """Notebook 01's look at the raw rows: how many triage flags (`cleaning.triage`) and for which reasons, up to
+    `examples` flagged pages rendered (sandboxed), and the median tokens of up to `sample` pages under each
+    cleaning policy. Says what to do when the rows look scraped. Returns the per-policy token table."""
+    import statistics
+
+    import pandas as pd
+    from IPython.display import HTML, display
+
+    from .cleaning import CLEANING, clean_markup, triage, triage_counts
+    from .data import DATASET_PROFILES, load_raw, validate_and_clean
+    from .rendering import page_card
+
+    raw = load_raw(config.dataset, config.dataset_encoding)
+    columns = ("label", "html") if config.dataset in DATASET_PROFILES else (config.label_column, config.html_column)
+    rows, _ = validate_and_clean(raw, *columns, config.dataset)
+    results = [triage(row["label"], row["html"]) for row in rows]
+    counts = triage_counts(results)
+    print(f"{len(rows)} rows; flagged: {counts or 'none'}")
+    flagged = [(row, result) for row, result in zip(rows, results) if result.reasons][:examples]
+    for row, result in flagged:
+        reasons = "; ".join(f"{flag}: {why}" for flag, why in result.reasons.items())
+        display(HTML(page_card(row["html"], heading=f"{row['label'][:80]} ({reasons})", height=200)))
+    pages = [row["html"] for row in rows.select(range(min(sample, len(rows))))]
+    medians = {
+        p: statistics.median(len(tokenizer(clean_markup(page, p)).input_ids) for page in pages) for p in CLEANING
+    }
+    if any(flag in counts for flag in ("challenge page", "consent wall", "empty render", "script-dominated")) or (
+        medians["safe"] < 0.9 * medians["none"]
+    ):
+        print(SCRAPED_DATA_ADVICE)
+    return pd.DataFrame({"median tokens a page": medians}).T

@@ -55,7 +55,10 @@ def test_triage_leaves_good_pages_and_asked_for_error_pages_alone():
     assert all(result.teachable for result in results), triage_counts(results)
     assert not triage("A retro 404 error page for Nova", PLANTED["error page"][1]).reasons.get("error page")
     assert "too long" in triage("A blog post about ferns", ARTICLE, tokens=5000, max_tokens=4096).reasons
-    assert triage_counts([triage(*PLANTED["not a page"]), triage(*PLANTED["empty render"])])["empty render"] == 2
+    counts = triage_counts(
+        [triage(*PLANTED["not a page"]), triage(*PLANTED["empty render"]), triage(*PLANTED["empty render"])]
+    )
+    assert counts["empty render"] == 2 and counts["not a page"] == 1
 
 
 SCRAPED = (
@@ -107,3 +110,26 @@ def test_cleaned_pages_render_the_same_text_where_it_was_with_fewer_tokens():
         assert rendered[index].blocks and scores["text_similarity"] >= 0.95, (index, scores)
         assert scores["position_similarity"] >= 0.95, (index, scores)
         assert len(tokenizer(clean).input_ids) < len(tokenizer(page).input_ids), index
+
+
+def test_a_scraped_style_dataset_loses_its_unteachable_rows_and_its_dead_weight(tmp_path):
+    """`load_splits` on the scraped-style set (`tests/scraped.py`): the bot checks, consent walls and shells are
+    dropped and counted by reason, nothing else is, and the kept pages lose their scripts' bodies, JSON state
+    and base64 images; with `drop_unteachable` off and no cleaning every row stays as it was."""
+    from htmlgen_utils.config import Config
+    from htmlgen_utils.data import load_splits
+    from tests.scraped import scraped_rows
+
+    rows = scraped_rows()
+    path = tmp_path / "scraped.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    splits, report = load_splits(Config.from_preset("tiny", dataset=str(path), test_fraction=0.2))
+    assert report.unteachable_dropped == {"challenge page": 8, "consent wall": 4, "empty render": 4}
+    assert report.rows_kept == len(rows) - 16 and report.flagged["short description"] >= 1
+    pages = [page for name in splits for page in splits[name]["html"]]
+    assert not any("__NEXT_DATA__" in page or ";base64," in page or "gtag(" in page for page in pages)
+    kept, report = load_splits(
+        Config.from_preset("tiny", dataset=str(path), test_fraction=0.2, drop_unteachable=False, page_cleaning="none")
+    )
+    assert report.rows_kept == len(rows) and report.unteachable_dropped == {}
+    assert sorted(p for name in kept for p in kept[name]["html"]) == sorted(row["html"] for row in rows)

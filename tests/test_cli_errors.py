@@ -80,7 +80,7 @@ CASES = [
             ),
         ],
         2,
-        ["4 rows, 1 empty and 1 duplicates dropped, 2 distinct left", "at least 3"],
+        ["4 rows, 1 empty, 1 duplicates and 1 that cannot teach a page dropped, 1 left", "at least 3"],
     ),
     ("missing dataset", lambda t: ["train", "--dataset", str(t / "nope.jsonl")], 2, ["does not exist"]),
     (

@@ -29,7 +29,7 @@ def scraped_file(tmp_path_factory):
         {"label": "A tiny page", "html": "<b>hi</b>"},
     ]
     rows += [rows[0], rows[1], rows[7]]  # exact duplicates
-    rows += [{"label": f"Short page {i}", "html": f"<html><body><h1>{i}</h1></body></html>"} for i in range(6)]
+    rows += [{"label": f"Short page {i}", "html": f"<html><body><h1>{i}</h1></body></html>"} for i in range(10)]
     path = tmp_path_factory.mktemp("scraped") / "pages.json"
     path.write_text(json.dumps(rows))
     assert max(len(r["html"]) for r in rows) > 200_000
@@ -39,12 +39,14 @@ def scraped_file(tmp_path_factory):
 def test_load_split_pack_reports_the_policy(scraped_file):
     config = Config.from_preset("tiny", dataset=str(scraped_file))
     splits, report = load_splits(config)
-    assert (report.rows_loaded, report.empty_dropped, report.duplicates_dropped) == (17, 2, 3)
+    assert (report.rows_loaded, report.empty_dropped, report.duplicates_dropped) == (21, 2, 3)
     packed, stats = pack_splits(splits, load_tokenizer(config.model_id), config)
     total = {
         k: sum(getattr(s, k) for s in stats.values()) for k in ("truncated", "kept", "dropped", "tokens_cut_by_policy")
     }
-    assert total["truncated"] == 4 and total["kept"] == 8 and total["tokens_cut_by_policy"] > 100_000
+    # the two fragments (`<p>`, `<b>hi</b>`) are no page and were dropped, counted: 10 short pages kept whole
+    assert report.unteachable_dropped == {"not a page": 2, "empty render": 1} and report.rows_kept == 14
+    assert total["truncated"] == 4 and total["kept"] == 10 and total["tokens_cut_by_policy"] > 100_000
     for split in packed.values():
         assert all(len(ids) == config.block_size for ids in split["input_ids"])
     dropped = pack_splits(splits, load_tokenizer(config.model_id), config.replace(long_page_policy="drop"))[1]
