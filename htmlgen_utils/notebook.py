@@ -300,8 +300,8 @@ def evaluation_settings(config: Config, tokenizer, quick_evaluation: str = "auto
 
 SCRAPED_DATA_ADVICE = (
     "These look like scraped pages. Keep `page_cleaning` at safe (or try aggressive) and `drop_unteachable` on, "
-    "and train as the `tiny-long` preset does: examples of the model's whole context, `long_page_policy` "
-    "truncate_close (README: Real scraped pages)."
+    "and train as the `tiny-long` preset does (examples of the model's whole context, `long_page_policy` "
+    "truncate_close), with twice its steps for a few dozen rows: -p max_steps 256 (README: Real scraped pages)."
 )
 
 
