@@ -35,17 +35,10 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=chromium,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--no-first-run",
-                "--disable-sync",
-            ],
-        )
+        from htmlgen_utils.layout import CHROMIUM_FLAGS
+
+        flags = [flag for flag in CHROMIUM_FLAGS if flag not in ("--headless", "--hide-scrollbars")]  # playwright's
+        launched = playwright.chromium.launch(executable_path=chromium, args=flags)
         yield launched
         launched.close()
 
