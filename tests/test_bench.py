@@ -28,30 +28,19 @@ def run_bench(script: str, *args: str, out: Path, name: str = "") -> dict:
 
 
 def test_training_comparison_runs(tmp_path):
+    """Two systems interleaved twice (the chunked loss against the whole block is tests/test_loss.py's)."""
     report = run_bench(
         "train_compare.py",
-        "--systems",
-        "seed-style,ours,levers",
-        "--blocks",
-        "256",
-        "--repeats",
-        "2",
-        "--steps",
-        "2",
-        "--levers",
-        "whole-block",
-        "--work",
-        str(tmp_path / "work"),
+        *("--systems", "seed-style,ours", "--blocks", "256", "--repeats", "2", "--steps", "2"),
+        *("--work", str(tmp_path / "work")),
         out=tmp_path,
     )
     systems = [row["system"] for row in report["rows"]]
-    assert systems == ["seed-style", "ours", "seed-style", "ours", "ours, whole-block logits (loss_chunk_tokens=0)"]
+    assert systems == ["seed-style", "ours", "seed-style", "ours"]
     for row in report["rows"]:
         assert row["block"] == 256 and row["oom"] is False and row["tokens_per_s"] > 0 and row["measured_steps"] == 2
     ours = [row for row in report["rows"] if row["system"] == "ours"]
     assert all(isinstance(row["levers"], list) for row in ours)  # which levers the row ran with
-    # the chunked loss and the whole-block loss train the same run
-    assert abs(ours[0]["final_loss"] - report["rows"][-1]["final_loss"]) < 1e-3
     cell = report["summary"]["ours"]["256"]
     assert cell["runs"] == 2 and cell["tokens_per_s_min"] <= cell["tokens_per_s_median"] <= cell["tokens_per_s_max"]
     assert cell["ratio_of_medians_vs_seed-style"] > 0
