@@ -364,11 +364,16 @@ def split_dataset(
     )
 
 
-def load_splits(config: Config) -> tuple[datasets.DatasetDict, DataReport]:
-    """Load, validate, dedupe and split the dataset that `config` names."""
+def load_clean_rows(config: Config) -> tuple[datasets.Dataset, DataReport]:
+    """The dataset `config` names, validated, normalised and deduplicated (before triage and the split)."""
     raw = load_raw(config.dataset, config.dataset_encoding)
     columns = ("label", "html") if config.dataset in DATASET_PROFILES else (config.label_column, config.html_column)
-    clean, report = validate_and_clean(raw, *columns, config.dataset)
+    return validate_and_clean(raw, *columns, config.dataset)
+
+
+def load_splits(config: Config) -> tuple[datasets.DatasetDict, DataReport]:
+    """Load, validate, dedupe and split the dataset that `config` names."""
+    clean, report = load_clean_rows(config)
     clean, report.flagged, report.unteachable_dropped = triage_and_clean(
         clean, config.drop_unteachable, config.page_cleaning
     )

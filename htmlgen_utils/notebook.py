@@ -315,12 +315,10 @@ def triage_table(config: Config, tokenizer, examples: int = 2, sample: int = 200
     from IPython.display import HTML, display
 
     from .cleaning import CLEANING, clean_markup, triage, triage_counts
-    from .data import DATASET_PROFILES, load_raw, validate_and_clean
+    from .data import load_clean_rows
     from .rendering import page_card
 
-    raw = load_raw(config.dataset, config.dataset_encoding)
-    columns = ("label", "html") if config.dataset in DATASET_PROFILES else (config.label_column, config.html_column)
-    rows, _ = validate_and_clean(raw, *columns, config.dataset)
+    rows, _ = load_clean_rows(config)
     results = [triage(row["label"], row["html"]) for row in rows]
     counts = triage_counts(results)
     print(f"{len(rows)} rows; flagged: {counts or 'none'}")
