@@ -81,6 +81,11 @@ def device_for(config: Config) -> torch.device:
     return torch.device("cpu")
 
 
+def device_name() -> str:
+    """What trained the model, for the run's summary and its model card."""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+
+
 def autocast_context(precision: str, device: torch.device):
     """Mixed precision for the forward pass: fp16/bf16 autocast on GPU, nothing on CPU/fp32."""
     precision = resolve_precision(precision)
@@ -98,15 +103,22 @@ def quantization_config(config: Config) -> BitsAndBytesConfig:
     )
 
 
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>")  # Llama-3.x's spare special tokens
+
+
 def load_tokenizer(model_id: str):
-    """The base model's tokenizer with a pad token (Llama-2 has none; we reuse UNK, never EOS, so padding
-    can never be confused with the end of a page)."""
+    """The base model's tokenizer with a pad token. Llama-2 and Mistral have none: we reuse UNK; Llama-3.x has no
+    UNK either: one of its spare special tokens. Only where there is neither (or the model names it, as Qwen2.5
+    does) is pad EOS: padding never carries a label and generation cuts each page at its first EOS, so even then
+    padding is never taken for the end of a page."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, token=hf_token())
     except OSError as error:
         raise OSError(f"{gated_help(model_id)} ({error})") from error
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        vocab = tokenizer.get_vocab()
+        spare = next((token for token in PAD_CANDIDATES if token in vocab), None)
+        tokenizer.pad_token = tokenizer.unk_token or spare or tokenizer.eos_token
     # Pages run to tens of thousands of tokens; lengths are ours to manage (long-page policy, RoPE scaling), so the
     # tokenizer's warning about sequences over the model's context would only be noise.
     tokenizer.model_max_length = 10**9

@@ -17,6 +17,7 @@ from .config import Config
 from .data import DataReport, load_saved_splits, load_splits, save_splits
 from .evaluation import write_metrics
 from .model import load_tokenizer
+from .model_card import write_model_card
 from .packing import PackingStats, load_packed, pack_splits, packing_fingerprint, packing_mismatch, save_packed
 from .tracking import log_eval_table
 
@@ -147,4 +148,7 @@ def save_evaluation(config: Config, metrics: dict, table, base_table=None) -> Pa
     if base_table is not None:
         base_table.to_json(run_dir / "eval_table_base.json", orient="records", indent=1, force_ascii=False)
     log_eval_table(config, table, metrics)
+    for folder in (run_dir / "adapter", run_dir / "merged"):  # the cards now carry the scores
+        if folder.is_dir():
+            write_model_card(run_dir, folder)
     return path

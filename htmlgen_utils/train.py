@@ -49,7 +49,8 @@ from .distributed import (
 from .export import check_merge_possible, merge_to_16bit, push_adapter_to_hub, save_outputs
 from .levers import apply_training_levers, stop_compiling
 from .loss import count_targets, evaluate_blocks, next_token_loss
-from .model import autocast_context, device_for, load_for_training, load_tokenizer, resolve_precision
+from .model import autocast_context, device_for, device_name, load_for_training, load_tokenizer, resolve_precision
+from .model_card import write_model_card
 from .packing import load_packed, make_dataloader
 from .stages import ensure_packed
 from .tracking import start_wandb
@@ -411,8 +412,9 @@ def finish_run(model, tokenizer, config: Config, state: TrainState, run_dir: str
     """Save the adapter, tokenizer, config and history; mark the run finished; merge and push when asked."""
     run_dir = Path(run_dir)
     adapter_dir = save_outputs(model, tokenizer, config, state, run_dir)
-    summary = {"state": asdict(state), "world_size": launched_ranks().world_size}
+    summary = {"state": asdict(state), "world_size": launched_ranks().world_size, "device": device_name()}
     (run_dir / TRAINING_SUMMARY).write_text(json.dumps(summary) + "\n")
+    write_model_card(run_dir, adapter_dir)
     if config.merge_after_training:
         merge_to_16bit(run_dir)
     if config.push_to_hub:

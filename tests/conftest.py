@@ -51,6 +51,16 @@ BASE = str(TINY_BASE_DIR)  # trained weights: its attention matters, so a leak o
 
 
 @pytest.fixture(scope="session")
+def chain(tmp_path_factory):
+    """The whole tiny chain, run once: papermill executes notebooks 01-05 (test_pipeline, test_export use it)."""
+    from htmlgen_utils.pipeline import run_pipeline
+
+    run_dir = tmp_path_factory.mktemp("chain") / "tiny"
+    metrics = run_pipeline(Config.from_preset("tiny", run_dir=str(run_dir)))
+    return run_dir, metrics
+
+
+@pytest.fixture(scope="session")
 def packed_batch(bundled_rows):
     """Two packed blocks of several examples each (pages cut to 300 tokens; position ids restart per example)."""
     import datasets

@@ -28,13 +28,6 @@ def _outputs_text(notebook) -> str:
     return "\n".join(parts)
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("chain") / "tiny"
-    metrics = run_pipeline(Config.from_preset("tiny", run_dir=str(run_dir)))
-    return run_dir, metrics
-
-
 def test_chain_runs_every_notebook_without_errors(chain):
     run_dir, metrics = chain
     for name in NOTEBOOKS:
@@ -243,25 +236,6 @@ def test_pipeline_cli_names_the_failing_notebook(tmp_path):
     )
     assert result.returncode == 1
     assert "Notebook 01_dataset_exploration failed" in result.stderr and "no column(s)" in result.stderr
-
-
-def test_merge_writes_a_16bit_model_equal_to_base_plus_adapter(chain):
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from htmlgen_utils.export import merge_to_16bit
-
-    run_dir, _ = chain
-    merged_dir = merge_to_16bit(run_dir, dtype=torch.float32)
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
-    assert not any("lora" in name for name, _ in merged.named_parameters())
-    base = AutoModelForCausalLM.from_pretrained(Config.load(run_dir).model_id, dtype=torch.float32)
-    unmerged = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
-    ids = torch.randint(5, 500, (1, 32))
-    with torch.no_grad():
-        assert torch.allclose(merged(ids).logits, unmerged(ids).logits, atol=1e-3)
-    assert (merged_dir / "tokenizer.json").exists()
 
 
 def test_publishing_keeps_outputs_and_drops_this_machines_paths(chain, tmp_path):
