@@ -14,6 +14,9 @@ no reference page. (Scores of the *rendered* pages are in `layout`.) README's ev
 * Structure: `tag_similarity` (difflib ratio of the tag sequences), `tree_bleu` (WebCode2M's TreeBLEU) and
   `tree_edit_similarity` (1 - normalised Zhang-Shasha tree edit distance between the DOMs).
 * No reference needed: `description_coverage`, `repetition` (and a runaway flag), `ends_with_html`.
+* Does the page follow its description (`prompt_following`): `follows_description` and the kind, brand, colour
+  and component checks for data whose rows carry attributes (the bundled data); `distinct_pages` and the pages'
+  mean pairwise similarity beside the references', for every dataset.
 * token accuracy / loss: next-token accuracy on the held-out *test* split under teacher forcing (`loss`).
 """
 
@@ -26,6 +29,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+
+from .prompt_following import distinct_pages, follows_description, mean_pairwise_similarity, requested_attributes
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 VOID_ELEMENTS = frozenset(
@@ -240,9 +245,10 @@ TREE_EDIT_MAX_NODES = 400  # Zhang-Shasha is quadratic or worse in nodes: larger
 
 
 def tree_edit_similarity(generated: str, reference: str, max_nodes: int = TREE_EDIT_MAX_NODES) -> float:
-    """1 - (tree edit distance between the two DOMs of element tags) / (the larger DOM's size), with `zss`'s
-    Zhang-Shasha algorithm (insert, delete and relabel cost 1 each). 1.0 = the same tree of tags. Each DOM is
-    taken in document order up to `max_nodes` elements."""
+    """1 - (tree edit distance between the two DOMs of element tags) / (the sum of their sizes), with `zss`'s
+    Zhang-Shasha algorithm (insert, delete and relabel cost 1 each). 1.0 = the same tree of tags; 0.0 = deleting
+    every element and inserting the other tree's is the cheapest edit (the distance never exceeds that sum, so the
+    score stays within [0, 1]). Each DOM is taken in document order up to `max_nodes` elements."""
     import zss
 
     def as_zss(page: str) -> tuple[zss.Node, int]:
@@ -259,7 +265,7 @@ def tree_edit_similarity(generated: str, reference: str, max_nodes: int = TREE_E
         return convert(dom_tree(page)), count[0]
 
     (a, size_a), (b, size_b) = as_zss(generated), as_zss(reference)
-    return 1.0 - zss.simple_distance(a, b) / max(size_a, size_b)
+    return 1.0 - zss.simple_distance(a, b) / (size_a + size_b)
 
 
 # ---------------------------------------------------------------------------------------------- no reference needed
@@ -331,12 +337,18 @@ LAYOUT_KEYS = ("block_match", "text_similarity", "position_similarity", "color_s
 
 
 def score_pages(
-    descriptions: list[str], generated: list[str], references: list[str], layout: bool = True, visual: bool = False
+    descriptions: list[str],
+    generated: list[str],
+    references: list[str],
+    layout: bool = True,
+    visual: bool = False,
+    clip_model: str | None = None,
 ):
     """A per-page DataFrame of every score, and the means (rates for yes/no checks) over the pages.
 
     `layout` adds the rendered-page scores (Design2Code's four, and whether the page renders non-blank) when a
-    Chromium is found; otherwise the summary says why they are missing. `visual` adds the screenshot score."""
+    Chromium is found, and Design2Code's CLIP score when `clip_model` (default: its ViT-B/32) loads; otherwise the
+    summary says why they are missing. `visual` adds the screenshot score."""
     import pandas as pd
 
     from . import layout as rendered
@@ -380,7 +392,11 @@ def score_pages(
     ):
         summary[name] = float(table[column].mean())
     summary["examples"] = len(table)
+    summary["distinct_pages"] = distinct_pages(generated)
+    summary["pairwise_similarity"] = mean_pairwise_similarity(generated)
+    summary["reference_pairwise_similarity"] = mean_pairwise_similarity(references)
     chromium = rendered.find_chromium() if layout or visual else None
+    gen_pages = None
     if layout and chromium is None:
         summary["layout_scores"] = f"skipped: {rendered.NO_CHROMIUM}"
         print(f"layout scores skipped: {rendered.NO_CHROMIUM}")
@@ -394,6 +410,27 @@ def score_pages(
         table["renders_non_blank"] = [p.non_blank for p in gen_pages]
         summary["renders_non_blank_rate"] = float(table["renders_non_blank"].mean())
         summary["layout_scores"] = "chromium"
+        clip, reason = rendered.load_clip(clip_model or rendered.CLIP_MODEL)
+        if clip is None:
+            summary["clip_score"] = reason
+        else:
+            table["clip"] = [rendered.clip_similarity(g, r, clip, chromium) for g, r in zip(generated, references)]
+            summary["clip"] = float(table["clip"].mean())
+            summary["clip_score"] = clip_model or rendered.CLIP_MODEL
+    attributes = requested_attributes(descriptions)
+    if attributes is not None:
+        follows = [
+            follows_description(a, p, None if gen_pages is None else gen_pages[i])
+            for i, (a, p) in enumerate(zip(attributes, generated))
+        ]
+        table["follows_description"] = [f["overall"] for f in follows]
+        summary["follows_description"] = float(table["follows_description"].mean())
+        for check in ("kind", "brand", "scheme"):
+            if all(f[check] is not None for f in follows):
+                table[f"{check}_right"] = [f[check] for f in follows]
+                summary[f"{check}_right_rate"] = float(table[f"{check}_right"].mean())
+        asked = [v for f in follows for k, v in f.items() if k.startswith("component:")]
+        summary["components_present_rate"] = sum(asked) / len(asked) if asked else 1.0
     if visual and chromium is not None:
         table["visual_similarity"] = [rendered.visual_similarity(g, r, chromium) for g, r in zip(generated, references)]
         summary["visual_similarity"] = float(table["visual_similarity"].mean())

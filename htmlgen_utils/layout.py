@@ -106,6 +106,8 @@ class TextBlock:
 class RenderedPage:
     blocks: list[TextBlock]
     visible_boxes: int  # elements with a visible box of their own: images, backgrounds, borders, controls
+    background: tuple[int, int, int] | None = None  # the body's computed background colour
+    accent: tuple[int, int, int] | None = None  # the most saturated background or border colour drawn
 
     @property
     def non_blank(self) -> bool:
@@ -117,7 +119,7 @@ class RenderedPage:
 _MEASURE = r"""
 function measure(frame) {
   const doc = frame.contentDocument, win = frame.contentWindow;
-  if (!doc || !doc.body) return {blocks: [], boxes: 0, width: 1, height: 1};
+  if (!doc || !doc.body) return {blocks: [], boxes: 0, width: 1, height: 1, background: null, accent: null};
   const skip = new Set(['SCRIPT', 'STYLE', 'NOSCRIPT', 'TEMPLATE', 'TITLE', 'HEAD']);
   const shown = (el) => { const s = win.getComputedStyle(el);
     return s.display !== 'none' && s.visibility !== 'hidden' && parseFloat(s.opacity) !== 0; };
@@ -147,10 +149,27 @@ function measure(frame) {
       || parseFloat(s.borderTopWidth) > 0;
     if (drawn) boxes++;
   }
+  // the page's colours: its background, and its accent (the most saturated background or border colour drawn)
+  const opaque = (c) => c && !/rgba\(0, 0, 0, 0\)|transparent/.test(c);
+  const bodyBg = win.getComputedStyle(doc.body).backgroundColor;
+  const background = opaque(bodyBg) ? bodyBg : win.getComputedStyle(doc.documentElement).backgroundColor;
+  let accent = null, best = -1;
+  for (const el of doc.body.querySelectorAll('*')) {
+    if (skip.has(el.tagName) || !shown(el)) continue;
+    const s = win.getComputedStyle(el);
+    for (const c of [s.backgroundColor, parseFloat(s.borderTopWidth) > 0 ? s.borderTopColor : null,
+                     parseFloat(s.borderBottomWidth) > 0 ? s.borderBottomColor : null]) {
+      if (!opaque(c)) continue;
+      const v = (c.match(/[\d.]+/g) || []).slice(0, 3).map(Number);
+      const saturation = Math.max(...v) - Math.min(...v);
+      if (saturation > best) { best = saturation; accent = c; }
+    }
+  }
   const width = Math.max(doc.documentElement.scrollWidth, win.innerWidth, 1);
   const height = Math.max(doc.documentElement.scrollHeight, win.innerHeight, 1);
   return {blocks: blocks.map(b => ({text: b.text, x: b.x0 / width, y: b.y0 / height, width: (b.x1 - b.x0) / width,
-                                    height: (b.y1 - b.y0) / height, color: b.color})), boxes, width, height};
+                                    height: (b.y1 - b.y0) / height, color: b.color})), boxes, width, height,
+          background, accent};
 }
 window.addEventListener('load', () => {
   const out = document.createElement('pre');
@@ -196,6 +215,8 @@ def render_pages(pages: list[str], chromium: str | None = None, timeout: float =
         RenderedPage(
             [TextBlock(b["text"], b["x"], b["y"], b["width"], b["height"], _color(b["color"])) for b in m["blocks"]],
             m["boxes"],
+            _color(m["background"]) if m.get("background") else None,
+            _color(m["accent"]) if m.get("accent") else None,
         )
         for m in measured
     ]
@@ -210,25 +231,141 @@ def ciede2000(rgb_a: tuple[int, int, int], rgb_b: tuple[int, int, int]) -> float
     return float(deltaE_ciede2000(lab[0], lab[1]))
 
 
-def match_blocks(generated: list[TextBlock], reference: list[TextBlock]) -> list[tuple[int, int, float]]:
-    """One-to-one pairs (generated index, reference index, text similarity) maximising total similarity."""
-    if not generated or not reference:
-        return []
+CONSECUTIVE_BONUS, CONTEXT_WINDOW = 0.1, 1  # Design2Code's context bonus for the final matching
+MERGE_GAIN = 0.05  # a merge of two neighbouring blocks is kept when it improves the matching by more than this
+MERGE_MAX_BLOCKS = 80  # above this on either page the merge search (cubic per trial) is skipped
+
+
+class _Similarities:
+    """Text similarity (difflib's ratio, as Design2Code's) of block texts, each pair computed once."""
+
+    def __init__(self) -> None:
+        self.known: dict[tuple[str, str], float] = {}
+
+    def costs(self, a: list[TextBlock], b: list[TextBlock]) -> np.ndarray:
+        out = np.zeros((len(a), len(b)))
+        for i, x in enumerate(a):
+            for j, y in enumerate(b):
+                key = (x.text, y.text)
+                if key not in self.known:
+                    self.known[key] = difflib.SequenceMatcher(None, x.text, y.text).ratio()
+                out[i, j] = -self.known[key]
+        return out
+
+
+def _with_context(cost: np.ndarray, bonus: float, window: int) -> np.ndarray:
+    """Design2Code's `adjust_cost_for_context`: a good pair gains from good pairs next to it (reading order)."""
+    if window <= 0 or bonus == 0:
+        return cost
+    n, m = cost.shape
+    adjusted = cost.copy()
+    for i in range(n):
+        for j in range(m):
+            if cost[i, j] >= -0.5:
+                continue
+            nearby = np.sort(cost[max(0, i - window) : i + window + 1, max(0, j - window) : j + window + 1].ravel())
+            nearby = np.delete(nearby[::-1], np.where(nearby[::-1] == cost[i, j])[0][0])
+            adjusted[i, j] += bonus * nearby[-window * 2 :].sum()
+    return adjusted
+
+
+def _assignment(a, b, similarities: _Similarities, bonus: float = 0.0, window: int = 0):
     from scipy.optimize import linear_sum_assignment
 
-    similarity = np.array(
-        [[difflib.SequenceMatcher(None, g.text, r.text).ratio() for r in reference] for g in generated]
-    )
-    rows, cols = linear_sum_assignment(-similarity)
-    return [(i, j, float(similarity[i, j])) for i, j in zip(rows, cols) if similarity[i, j] >= MATCH_THRESHOLD]
+    cost = _with_context(similarities.costs(a, b), bonus, window)
+    rows, cols = linear_sum_assignment(cost)
+    return list(zip(rows, cols)), cost[rows, cols].tolist()
+
+
+def _merged(a: TextBlock, b: TextBlock) -> TextBlock:
+    x0, y0 = min(a.x, b.x), min(a.y, b.y)
+    x1, y1 = max(a.x + a.width, b.x + b.width), max(a.y + a.height, b.y + b.height)
+    color = tuple((p + q) // 2 for p, q in zip(a.color, b.color))
+    return TextBlock(f"{a.text} {b.text}", x0, y0, x1 - x0, y1 - y0, color)
+
+
+def _gain(current: list[float], updated: list[float]) -> float:
+    """Design2Code's `difference_of_means`: how much lower (better) the updated matching's costs are."""
+    from collections import Counter
+
+    left, right = Counter(current), Counter(updated)
+    for value in set(current) & set(updated):
+        common = min(left[value], right[value])
+        left[value] -= common
+        right[value] -= common
+    only_current, only_updated = list(left.elements()), list(right.elements())
+    mean_current = sum(only_current) / len(only_current) if only_current else 0
+    mean_updated = sum(only_updated) / len(only_updated) if only_updated else 0
+    if mean_current - mean_updated > 0 and only_current and only_updated and min(only_current) <= min(only_updated):
+        return 0.0
+    return mean_current - mean_updated
+
+
+def _merge_listed(blocks: list[TextBlock], merges: list[tuple[int, int, float]]) -> list[TextBlock]:
+    blocks, gone = list(blocks), []
+    while merges:
+        i, j, _ = merges.pop(0)
+        blocks[i] = _merged(blocks[i], blocks[j])
+        gone.append(j)
+        merges = [m for m in merges if not {m[0], m[1]} & {i, j}]
+    return [b for k, b in enumerate(blocks) if k not in gone]
+
+
+def merge_consecutive_blocks(a: list[TextBlock], b: list[TextBlock], similarities: _Similarities | None = None):
+    """Design2Code's `find_possible_merge`: merge neighbouring blocks of either page (a heading split over two lines,
+    a sentence over two elements) while that makes the matching better by more than MERGE_GAIN."""
+    similarities = similarities or _Similarities()
+    while True:
+        changed = False
+        for side in (0, 1):
+            blocks = a if side == 0 else b
+            if len(blocks) < 2:
+                continue
+            _, current = _assignment(a, b, similarities)
+            merges = []
+            for i in range(len(blocks) - 1):
+                trial = blocks[:i] + [_merged(blocks[i], blocks[i + 1])] + blocks[i + 2 :]
+                _, updated = _assignment(*((trial, b) if side == 0 else (a, trial)), similarities)
+                if (gain := _gain(current, updated)) > MERGE_GAIN:
+                    merges.append((i, i + 1, gain))
+            if merges:
+                changed = True
+                merged = _merge_listed(blocks, sorted(merges, key=lambda m: m[2], reverse=True))
+                a, b = (merged, b) if side == 0 else (a, merged)
+        if not changed:
+            return a, b
+
+
+def match_blocks(
+    generated: list[TextBlock], reference: list[TextBlock], similarities: _Similarities | None = None
+) -> list[tuple[int, int, float]]:
+    """One-to-one pairs (generated index, reference index, text similarity) maximising total similarity with
+    Design2Code's context bonus; pairs less alike than MATCH_THRESHOLD are dropped."""
+    if not generated or not reference:
+        return []
+    similarities = similarities or _Similarities()
+    pairs, _ = _assignment(generated, reference, similarities, CONSECUTIVE_BONUS, CONTEXT_WINDOW)
+    scored = [(i, j, -similarities.costs([generated[i]], [reference[j]])[0, 0]) for i, j in pairs]
+    return [(i, j, s) for i, j, s in scored if s >= MATCH_THRESHOLD]
 
 
 def layout_scores(generated: RenderedPage, reference: RenderedPage) -> dict[str, float]:
-    """Design2Code's block-match, text, position and colour scores of a generated page against its reference."""
+    """Design2Code-style block-match, text, position and colour scores of a generated page against its reference.
+
+    As Design2Code computes them: neighbouring blocks merged where that improves the matching, matched with its
+    context bonus, pairs under 0.5 text similarity dropped, and 0 on all four when either page has no text block.
+    Where ours differs: blocks come from the rendered DOM (each element's own text, its box and computed colour),
+    not from detecting text in a screenshot, so there is no merge of blocks sharing a box; the page is the whole
+    scrollable document, not a screenshot's crop; pages of more than MERGE_MAX_BLOCKS blocks (long scraped pages)
+    are matched without the merge search, whose cost grows with the fourth power of the blocks; the CLIP score is
+    `clip_similarity`, apart."""
     gen, ref = generated.blocks, reference.blocks
-    if not gen and not ref:
-        return {"block_match": 1.0, "text_similarity": 1.0, "position_similarity": 1.0, "color_similarity": 1.0}
-    pairs = match_blocks(gen, ref)
+    if not gen or not ref:
+        return {"block_match": 0.0, "text_similarity": 0.0, "position_similarity": 0.0, "color_similarity": 0.0}
+    similarities = _Similarities()
+    if max(len(gen), len(ref)) <= MERGE_MAX_BLOCKS:
+        gen, ref = merge_consecutive_blocks(gen, ref, similarities)
+    pairs = match_blocks(gen, ref, similarities)
     if not pairs:
         return {"block_match": 0.0, "text_similarity": 0.0, "position_similarity": 0.0, "color_similarity": 0.0}
     total = sum(b.area for b in gen) + sum(b.area for b in ref)
@@ -297,3 +434,48 @@ def visual_similarity(generated: str, reference: str, chromium: str | None = Non
         a = screenshot(generated, Path(tmp) / "a.png", chromium=chromium)
         b = screenshot(reference, Path(tmp) / "b.png", chromium=chromium)
         return image_similarity(a, b)
+
+
+# ---------------------------------------------------------------------------------------------- CLIP
+CLIP_MODEL = "openai/clip-vit-base-patch32"  # Design2Code's ViT-B/32
+_NO_TEXT = "<style>*{color:transparent !important;text-shadow:none !important;caret-color:transparent}</style>"
+
+
+def load_clip(model: str = CLIP_MODEL):
+    """(CLIP model, image processor), or None and the reason. Weights load from a local folder or the local hub
+    cache anywhere, and from the hub on Colab; nowhere else is a download attempted."""
+    import sys
+
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    local_only = "google.colab" not in sys.modules and not Path(model).is_dir()
+    try:
+        return (
+            CLIPModel.from_pretrained(model, local_files_only=local_only).eval(),
+            CLIPImageProcessor.from_pretrained(model, local_files_only=local_only),
+        ), None
+    except (OSError, ValueError) as error:
+        reason = str(error).splitlines()[0][:160]
+        return None, f"skipped: no CLIP weights for {model} here (a local folder or Colab loads them): {reason}"
+
+
+def clip_similarity(generated: str, reference: str, clip, chromium: str | None = None) -> float:
+    """Design2Code's CLIP score: cosine similarity of CLIP image embeddings of both pages' screenshots with their
+    text taken out (Design2Code in-paints the text boxes; we render the text transparent, which shows exactly what
+    lies behind it), so the score sees layout and colour, not words."""
+    import torch
+    from PIL import Image
+
+    model, processor = clip
+    with tempfile.TemporaryDirectory() as tmp:
+        shots = [
+            screenshot(_NO_TEXT + page, Path(tmp) / f"{name}.png", chromium=chromium)
+            for name, page in (("a", generated), ("b", reference))
+        ]
+        images = [Image.open(path).convert("RGB") for path in shots]
+        with torch.no_grad():
+            features = model.get_image_features(**processor(images=images, return_tensors="pt"))
+    if not isinstance(features, torch.Tensor):  # newer transformers return an output object
+        features = features.pooler_output
+    features = torch.nn.functional.normalize(features, dim=-1)
+    return float((features[0] * features[1]).sum())

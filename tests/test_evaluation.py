@@ -181,13 +181,58 @@ def test_tree_bleu_counts_the_reference_parent_children_patterns_found():
 
 def test_tree_edit_similarity_is_one_minus_the_normalised_distance():
     assert tree_edit_similarity(TREE, TREE) == 1.0
-    # 9 elements: html head title body ul li li div p; one li fewer is one deletion
-    size = 9
-    assert tree_edit_similarity(TREE.replace("<li>b</li>", ""), TREE) == pytest.approx(1 - 1 / size)
+    # 9 elements: html head title body ul li li div p; one li fewer is one deletion, over 8 + 9 elements
+    assert tree_edit_similarity(TREE.replace("<li>b</li>", ""), TREE) == pytest.approx(1 - 1 / 17)
     assert tree_edit_similarity(
         TREE.replace("<div>", "<section>").replace("</div>", "</section>"), TREE
-    ) == pytest.approx(1 - 1 / size)  # one relabel
-    assert tree_edit_similarity("<p>x</p>", TREE) < 0.7
+    ) == pytest.approx(1 - 1 / 18)  # one relabel
+    assert tree_edit_similarity("<p>x</p>", TREE) < 0.8
+
+
+def test_tree_edit_similarity_stays_within_zero_and_one():
+    """A chain of 30 nested divs against 30 sibling spans costs more edits than the larger tree has elements (the
+    old normalisation gave -0.79); over the two sizes together it stays in [0, 1]."""
+    chain = "<div>" * 30 + "</div>" * 30
+    siblings = "<span>x</span>" * 30
+    assert 0.0 <= tree_edit_similarity(chain, siblings) <= 0.2
+    assert tree_edit_similarity(siblings, chain) == tree_edit_similarity(chain, siblings)
+
+
+def test_layout_scores_are_zero_when_either_page_has_no_text():
+    """As Design2Code: no text blocks on either side scores 0 on all four (two blank pages scored 1.0 before)."""
+    from htmlgen_utils.layout import RenderedPage, TextBlock, layout_scores
+
+    blank, text = RenderedPage([], 0), RenderedPage([TextBlock("Hello", 0.1, 0.1, 0.2, 0.05, (0, 0, 0))], 1)
+    for a, b in ((blank, blank), (blank, text), (text, blank)):
+        assert set(layout_scores(a, b).values()) == {0.0}
+    assert set(layout_scores(text, text).values()) == {1.0}
+
+
+def test_layout_scores_merge_a_block_the_other_page_wrote_in_two():
+    """A heading written as two elements (two blocks) against the same heading in one: Design2Code's merge of
+    neighbouring blocks pairs them whole; without it each half matches poorly or not at all."""
+    from htmlgen_utils.layout import RenderedPage, TextBlock, layout_scores, merge_consecutive_blocks
+
+    black = (0, 0, 0)
+    reference = RenderedPage(
+        [
+            TextBlock("Welcome to the Zephyr analytics dashboard", 0.1, 0.1, 0.6, 0.05, black),
+            TextBlock("Sign in to see your numbers", 0.1, 0.2, 0.4, 0.03, black),
+        ],
+        2,
+    )
+    split = RenderedPage(
+        [
+            TextBlock("Welcome to the Zephyr", 0.1, 0.1, 0.3, 0.05, black),
+            TextBlock("analytics dashboard", 0.4, 0.1, 0.3, 0.05, black),
+            TextBlock("Sign in to see your numbers", 0.1, 0.2, 0.4, 0.03, black),
+        ],
+        3,
+    )
+    merged, _ = merge_consecutive_blocks(split.blocks, reference.blocks)
+    assert [b.text for b in merged] == ["Welcome to the Zephyr analytics dashboard", "Sign in to see your numbers"]
+    scores = layout_scores(split, reference)
+    assert scores["text_similarity"] == pytest.approx(1.0) and scores["block_match"] == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------------------------------------- no reference needed
