@@ -322,7 +322,16 @@ def generate_example(rng: random.Random) -> dict[str, str]:
         + "\n</body>\n</html>"
     )
     label = _describe(rng, kind, scheme, style, brand, product, extras)
-    return {"label": label, "html": html, "kind": kind, "scheme": scheme, "style": style}
+    # what the description asks for, recorded so evaluation can check a generated page against it
+    return {
+        "label": label,
+        "html": html,
+        "kind": kind,
+        "scheme": scheme,
+        "style": style,
+        "brand": brand,
+        "components": extras,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- long pages
@@ -476,7 +485,8 @@ def datasheet(rows: list[dict[str, str]], seed: int) -> str:
             "# Datasheet: the bundled htmlgen dataset",
             "",
             "`html_pages.jsonl`: one JSON object a line with `label` (a plain-English description), `html` (the page),",
-            "and the generator's choices `kind`, `scheme`, `style` (kept for analysis; training uses label and html).",
+            "and the generator's choices `kind`, `scheme`, `style`, `brand` and `components` (training uses label and",
+            "html; evaluation checks a generated page against the choices: `prompt_following.py`).",
             "",
             "## How it was made",
             f"By `python -m htmlgen_utils.dataset_generator` (seed {seed}): a page kind, a colour "
