@@ -13,6 +13,9 @@ under a T4's 15 GiB (`torch.cuda.set_per_process_memory_fraction`):
   (`prepare_model_for_kbit_training` defaults, `model(input_ids, labels=input_ids).loss`, `loss.item()` each
   micro-batch, model in train mode);
 - `trl`: TRL's `SFTTrainer` with packing (its own best-fit packing of the same tokenised examples);
+- `unsloth`: Unsloth's 4-bit load, LoRA and `"unsloth"` checkpointing in the seed-style loop, in its own process
+  with `--unsloth-path` first on its path (it pins older transformers and trl); `unsloth-dropout-0` the same with
+  LoRA dropout 0, the only setting where its fused LoRA kernels run;
 - `ours`: the `colab-t4` preset through `htmlgen_utils.train.train` (the loop notebook 04 runs), and the same
   with one lever switched the other way each (`LEVERS`, at the blocks named there), to show what each bought;
 - `ours bf16`: the `ampere-bf16` preset at its own micro-batch, without the memory cap.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -125,11 +129,8 @@ def measured(step_records: list[tuple[int, float]], warmup: int) -> float:
 
 # ---------------------------------------------------------------------------------------------- systems
 def seed_style(model_path: str, data_dir: Path, block_size: int, steps: int, precision: str) -> dict:
-    import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from htmlgen_utils.packing import load_packed
 
     dtype = torch.float16 if precision == "fp16" else torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -149,6 +150,17 @@ def seed_style(model_path: str, data_dir: Path, block_size: int, steps: int, pre
             r=16, lora_alpha=64, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM", target_modules="all-linear"
         ),
     )
+    return plain_loop(model, data_dir, block_size, steps, precision)
+
+
+def plain_loop(model, data_dir: Path, block_size: int, steps: int, precision: str) -> dict:
+    """The seed-style loop: each packed block one causal sequence, every token a label, 4 micro-batches a step."""
+    import bitsandbytes as bnb
+
+    from htmlgen_utils.packing import load_packed
+
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     optimizer = (bnb.optim.PagedAdamW8bit if device == "cuda" else bnb.optim.AdamW8bit)(
         [p for p in model.parameters() if p.requires_grad], lr=2e-4
     )
@@ -176,6 +188,45 @@ def seed_style(model_path: str, data_dir: Path, block_size: int, steps: int, pre
         records.append((4 * block_size, now - started))
         started = now
     return {"records": records, "final_loss": round(statistics.mean(losses[-4:]), 4)}
+
+
+UNSLOTH_ENV = {  # offline, no telemetry, its compiled modules in /tmp (as its own docs say to run it without a hub)
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "UNSLOTH_DISABLE_STATISTICS": "1",
+    "UNSLOTH_COMPILE_LOCATION": "/tmp/unsloth_compiled_cache",
+}
+
+
+def unsloth(model_path: str, data_dir: Path, block_size: int, steps: int, precision: str, dropout: float) -> dict:
+    """Unsloth's own 4-bit load (NF4, double quant, fp16) and LoRA as `colab-t4` (r 16, alpha 64, all seven
+    projections), its gradient checkpointing ("unsloth": offloaded to CPU), in the seed-style loop (its model
+    attends causally over the whole block and trains on every token, as that loop does)."""
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=model_path,
+        max_seq_length=block_size,
+        dtype=torch.float16,
+        load_in_4bit=True,
+        use_exact_model_name=True,
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=16,
+        lora_alpha=64,
+        lora_dropout=dropout,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=42,
+    )
+    FastLanguageModel.for_training(model)
+    for parameter in model.parameters():  # fp32 LoRA weights, as the fp16 GradScaler needs (and ours keeps)
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    return plain_loop(model, data_dir, block_size, steps, precision)
 
 
 def trl_sft(model_path: str, data_dir: Path, block_size: int, steps: int, precision: str) -> dict:
@@ -296,6 +347,8 @@ def ours(
 # ---------------------------------------------------------------------------------------------- one process each
 def worker(args: argparse.Namespace) -> None:
     """Run one system over the given blocks (ascending) in this process; print one JSON line per block."""
+    if args.system == "unsloth":
+        import unsloth  # noqa: F401  (it patches transformers and peft, so it comes first)
     cap_memory(None if args.uncapped or args.smoke else T4_USABLE_GIB if args.as_t4 else T4_GIB)
     if args.as_t4 and not args.smoke:
         run_as_t4()
@@ -315,6 +368,9 @@ def worker(args: argparse.Namespace) -> None:
                 result = seed_style(args.model, data_dir, block, steps, precision)
             elif args.system == "trl":
                 result = trl_sft(args.model, data_dir, block, steps, precision)
+            elif args.system == "unsloth":
+                dropout = json.loads(args.overrides).get("lora_dropout", 0.05)
+                result = unsloth(args.model, data_dir, block, steps, precision, dropout)
             else:
                 result = ours(args.model, data_dir, block, steps, preset, overrides, args.as_t4)
             records = result.pop("records")
@@ -375,8 +431,12 @@ def run_worker(
     command += ["--smoke"] if args.smoke else []
     command += ["--uncapped"] if uncapped else []
     command += ["--as-t4"] if args.as_t4 else []
+    command += ["--unsloth-path", args.unsloth_path] if args.unsloth_path else []
+    env = dict(os.environ)
+    if system == "unsloth":  # its own process and path: it pins older transformers and trl than ours
+        env.update(UNSLOTH_ENV, PYTHONPATH=os.pathsep.join(filter(None, [args.unsloth_path, env.get("PYTHONPATH")])))
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
     rows = [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")]
     for row in rows:
         row["system"] = label or system
@@ -437,6 +497,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each system, interleaved (A B C A B C ...)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, short blocks: checks the script")
     parser.add_argument(
+        "--unsloth-path", default="", help="a folder with unsloth, unsloth_zoo and trl<=1.15, first on its path"
+    )
+    parser.add_argument(
         "--as-t4",
         action="store_true",
         help="as a T4 runs colab-t4: its usable memory as the cap, compute capability 7.5 for our "
@@ -470,11 +533,13 @@ def main() -> None:
     }
     rows = report["rows"]
     for repeat in range(args.repeats):  # A B C, A B C, ...: the GPU's drift touches every system alike
-        for system in ("seed-style", "trl", "ours", "low-memory"):
+        for system in ("seed-style", "trl", "unsloth", "unsloth-dropout-0", "ours", "low-memory"):
             if system in systems:
                 preset = "colab-t4-low-memory" if system == "low-memory" else "colab-t4"
+                worker_system = {"low-memory": "ours", "unsloth-dropout-0": "unsloth"}.get(system, system)
+                overrides = {"lora_dropout": 0.0} if system == "unsloth-dropout-0" else None
                 found = run_worker(
-                    "ours" if system == "low-memory" else system, blocks, args, model_path, preset=preset, label=system
+                    worker_system, blocks, args, model_path, preset=preset, overrides=overrides, label=system
                 )
                 rows += [{**row, "repeat": repeat} for row in found]
                 report["summary"] = summarise(rows)
