@@ -28,44 +28,23 @@ def run_bench(script: str, *args: str, out: Path, name: str = "") -> dict:
 
 
 def test_training_comparison_runs(tmp_path):
-    """Two systems interleaved twice (the chunked loss against the whole block is tests/test_loss.py's)."""
+    """Two systems, each in its own process (the chunked loss against the whole block is tests/test_loss.py's)."""
     report = run_bench(
         "train_compare.py",
-        *("--systems", "seed-style,ours", "--blocks", "256", "--repeats", "2", "--steps", "2"),
+        *("--systems", "seed-style,ours", "--blocks", "256", "--repeats", "1", "--steps", "2"),
         *("--work", str(tmp_path / "work")),
         out=tmp_path,
     )
     systems = [row["system"] for row in report["rows"]]
-    assert systems == ["seed-style", "ours", "seed-style", "ours"]
+    assert systems == ["seed-style", "ours"]
     for row in report["rows"]:
         assert row["block"] == 256 and row["oom"] is False and row["tokens_per_s"] > 0 and row["measured_steps"] == 2
     ours = [row for row in report["rows"] if row["system"] == "ours"]
     assert all(isinstance(row["levers"], list) for row in ours)  # which levers the row ran with
     cell = report["summary"]["ours"]["256"]
-    assert cell["runs"] == 2 and cell["tokens_per_s_min"] <= cell["tokens_per_s_median"] <= cell["tokens_per_s_max"]
+    assert cell["runs"] == 1 and cell["tokens_per_s_min"] <= cell["tokens_per_s_median"] <= cell["tokens_per_s_max"]
     assert cell["ratio_of_medians_vs_seed-style"] > 0
     assert report["longest_block_under_cap"]["ours"] == 256
-
-
-def test_layer_recompute_runs(tmp_path):
-    """One compiled layer three ways: checkpointed it saves (almost) nothing for the backward, and under the
-    compiler's activation budget it saves less than the compiler's default."""
-    report = run_bench(
-        "layer_recompute.py",
-        "--ways",
-        "checkpointed,unchecked,budget-0.2",
-        "--work",
-        str(tmp_path / "work"),
-        out=tmp_path,
-    )
-    rows = {row["way"]: row for row in report["rows"]}
-    assert set(rows) == {"checkpointed", "unchecked", "budget-0.2"}, report
-    assert all(row["ms_median"] > 0 for row in rows.values())
-    assert (
-        rows["checkpointed"]["saved_vectors"]
-        < rows["budget-0.2"]["saved_vectors"]
-        < 0.5 * rows["unchecked"]["saved_vectors"]
-    )
 
 
 def test_step_profile_runs(tmp_path):
