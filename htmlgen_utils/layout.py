@@ -446,9 +446,19 @@ def load_clip(model: str = CLIP_MODEL):
     cache anywhere, and from the hub on Colab; nowhere else is a download attempted."""
     import sys
 
-    from transformers import CLIPImageProcessor, CLIPModel
+    import transformers
+    from huggingface_hub import try_to_load_from_cache
 
     local_only = "google.colab" not in sys.modules and not Path(model).is_dir()
+    missing = f"skipped: no CLIP weights for {model} here (a local folder, the hub cache or Colab loads them)"
+    try:
+        if local_only and not isinstance(try_to_load_from_cache(model, "config.json"), str):
+            return None, missing
+    except ValueError:  # not a folder, nor a hub id
+        return None, missing
+    CLIPModel = transformers.CLIPModel
+    # without torchvision, the PIL processor (the default one warns, then falls back to it)
+    CLIPImageProcessor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
     try:
         return (
             CLIPModel.from_pretrained(model, local_files_only=local_only).eval(),
