@@ -132,10 +132,11 @@ def test_clip_similarity_runs_on_text_free_screenshots(tmp_path, rows):
     )
     clip, reason = load_clip(str(tmp_path / "clip"))
     assert reason is None
-    page = rows[0]["html"]
-    assert clip_similarity(page, page, clip) == pytest.approx(1.0, abs=1e-5)
-    assert clip_similarity(page.replace(rows[0]["brand"], "Somebody Else Entirely"), page, clip) == pytest.approx(
-        1.0, abs=1e-5
-    )
-    other = next(r["html"] for r in rows if r["scheme"] != rows[0]["scheme"] and r["kind"] != rows[0]["kind"])
-    assert clip_similarity(other, page, clip) < 1.0 - 1e-4
+    light = next(r for r in rows if r["scheme"] == "orange")
+    page = light["html"]
+    same = clip_similarity(page, page, clip)
+    renamed = clip_similarity(page.replace(light["brand"], "Somebody Else Entirely"), page, clip)
+    dark = next(r["html"] for r in rows if r["scheme"] == "dark" and r["kind"] != light["kind"])
+    other = clip_similarity(dark, page, clip)
+    # two renders of one page may differ by a pixel or two: "the same" is within 1e-3
+    assert same > 0.999 and renamed > 0.999 and other < min(same, renamed) - 1e-3, (same, renamed, other)
