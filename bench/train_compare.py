@@ -199,7 +199,9 @@ UNSLOTH_ENV = {  # offline, no telemetry, its compiled modules in /tmp (as its o
 }
 
 
-def unsloth(model_path: str, data_dir: Path, block_size: int, steps: int, precision: str, dropout: float) -> dict:
+def unsloth_system(
+    model_path: str, data_dir: Path, block_size: int, steps: int, precision: str, dropout: float
+) -> dict:
     """Unsloth's own 4-bit load (NF4, double quant, fp16) and LoRA as `colab-t4` (r 16, alpha 64, all seven
     projections), its gradient checkpointing ("unsloth": offloaded to CPU), in the seed-style loop (its model
     attends causally over the whole block and trains on every token, as that loop does)."""
@@ -370,7 +372,7 @@ def worker(args: argparse.Namespace) -> None:
                 result = trl_sft(args.model, data_dir, block, steps, precision)
             elif args.system == "unsloth":
                 dropout = json.loads(args.overrides).get("lora_dropout", 0.05)
-                result = unsloth(args.model, data_dir, block, steps, precision, dropout)
+                result = unsloth_system(args.model, data_dir, block, steps, precision, dropout)
             else:
                 result = ours(args.model, data_dir, block, steps, preset, overrides, args.as_t4)
             records = result.pop("records")
