@@ -11,6 +11,7 @@ failing cell.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import tempfile
@@ -54,6 +55,30 @@ def _failing_cell(executed: Path) -> str:
     return "no error cell recorded"
 
 
+CHAIN_RECORD = "chain_record.json"
+FINGERPRINTED = ("htmlgen_utils", "notebooks", "data", "pyproject.toml")
+COMPUTING_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "tokenizers")
+
+
+def code_fingerprint() -> str:
+    """A hash of everything that decides a chain's outputs: the package with its shipped tiny models, the notebooks
+    (not their executed copies), the bundled data, and the versions of the packages that compute."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    digest = hashlib.sha256()
+    for root in map(REPO_DIR.joinpath, FINGERPRINTED):
+        files = sorted(root.rglob("*")) if root.is_dir() else [root] if root.exists() else []
+        for file in files:
+            if file.is_file() and not {"__pycache__", "executed"} & set(file.parts):
+                digest.update(str(file.relative_to(REPO_DIR)).encode() + b"\0" + file.read_bytes())
+    for package in COMPUTING_PACKAGES:
+        try:
+            digest.update(f"{package}=={version(package)}".encode())
+        except PackageNotFoundError:
+            digest.update(f"{package} absent".encode())
+    return digest.hexdigest()
+
+
 def run_pipeline(
     config: Config,
     notebooks: tuple[str, ...] = NOTEBOOKS,
@@ -65,6 +90,8 @@ def run_pipeline(
     import papermill as pm
 
     run_dir = Path(config.run_dir).resolve()
+    fresh = not (run_dir / "adapter").exists() and not (run_dir / "data").exists()  # nothing made by older code
+    (run_dir / CHAIN_RECORD).unlink(missing_ok=True)
     executed_dir = run_dir / "executed"
     executed_dir.mkdir(parents=True, exist_ok=True)
     defaults = Config.from_preset(config.preset).to_dict()
@@ -102,6 +129,9 @@ def run_pipeline(
         timings[name] = round(time.perf_counter() - started, 1)
         print(f"    done in {timings[name]} s", flush=True)
     (run_dir / "pipeline_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    if fresh and notebooks == NOTEBOOKS and not notebook_parameters:  # what made this whole run, end to end
+        made_by = {"code": code_fingerprint(), "parameters": {k: v for k, v in parameters.items() if k != "run_dir"}}
+        (run_dir / CHAIN_RECORD).write_text(json.dumps(made_by, indent=2) + "\n")
     metrics_file = run_dir / "metrics.json"
     return json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
 
