@@ -8,6 +8,7 @@ writes the merged model, a GGUF file for llama.cpp / Ollama and an Ollama `Model
 
 from __future__ import annotations
 
+import itertools
 import json
 import resource
 import shutil
@@ -153,9 +154,9 @@ def merge_to_16bit(
     for number, shard in enumerate(plan, 1):
         name = f"model-{number:05d}-of-{len(plan):05d}.safetensors" if len(plan) > 1 else "model.safetensors"
         tensors = {}
-        for file in dict.fromkeys(f for f, _ in shard):
+        for file, items in itertools.groupby(shard, key=lambda item: item[0]):  # the plan is in file order
             with safe_open(file, framework="pt") as handle:
-                for _, key in filter(lambda item: item[0] == file, shard):
+                for _, key in items:
                     weight = handle.get_tensor(key).to(dtype)
                     if key in deltas:
                         a, b, scale = deltas.pop(key)

@@ -101,6 +101,10 @@ def vocabulary(model_dir: Path, n_vocab: int) -> tuple[str, str, list[bytes], li
     return vocab.tokenizer_model, pre, tokens, scores, [int(t) for t in types]
 
 
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def rope_settings(config) -> dict:
     """RoPE's theta and scaling, from transformers 5's `rope_parameters` or 4.x's `rope_theta` + `rope_scaling`."""
     if getattr(config, "rope_parameters", None):
@@ -111,7 +115,7 @@ def rope_settings(config) -> dict:
 def llama3_rope_factors(config) -> torch.Tensor:
     """The per-frequency divisors of Llama-3.1's RoPE scaling, as llama.cpp reads them from `rope_freqs`."""
     scaling = rope_settings(config)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = _head_dim(config)
     freqs = 1.0 / (scaling["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_context = scaling["original_max_position_embeddings"]
@@ -138,7 +142,7 @@ def _tensor_type(name: str, shape: tuple[int, ...], qtype: str):
 
 
 def _tensors(model_dir: Path, config, arch: str):
-    """(gguf name, HF name) pairs and a loader for each, in file order, q/k rows permuted where the arch wants it."""
+    """(GGUF name, shape, loader) for each tensor, in file order; the loader permutes q/k rows where the arch wants."""
     import gguf
     from safetensors import safe_open
 
@@ -162,14 +166,13 @@ def _tensors(model_dir: Path, config, arch: str):
 
                 yield name, handle.get_slice(key).get_shape(), load
     if rope_settings(config).get("rope_type") == "llama3":
-        yield "rope_freqs.weight", [config.hidden_size // heads // 2], lambda: llama3_rope_factors(config)
+        yield "rope_freqs.weight", [_head_dim(config) // 2], lambda: llama3_rope_factors(config)
 
 
 def _add_metadata(writer, config, qtype: str, name: str) -> None:
     import gguf
 
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    heads, head_dim = config.num_attention_heads, _head_dim(config)
     rope = rope_settings(config)
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)

@@ -242,15 +242,14 @@ class _Similarities:
     def __init__(self) -> None:
         self.known: dict[tuple[str, str], float] = {}
 
+    def ratio(self, x: TextBlock, y: TextBlock) -> float:
+        key = (x.text, y.text)
+        if key not in self.known:
+            self.known[key] = difflib.SequenceMatcher(None, x.text, y.text).ratio()
+        return self.known[key]
+
     def costs(self, a: list[TextBlock], b: list[TextBlock]) -> np.ndarray:
-        out = np.zeros((len(a), len(b)))
-        for i, x in enumerate(a):
-            for j, y in enumerate(b):
-                key = (x.text, y.text)
-                if key not in self.known:
-                    self.known[key] = difflib.SequenceMatcher(None, x.text, y.text).ratio()
-                out[i, j] = -self.known[key]
-        return out
+        return np.array([[-self.ratio(x, y) for y in b] for x in a]).reshape(len(a), len(b))
 
 
 def _with_context(cost: np.ndarray, bonus: float, window: int) -> np.ndarray:
@@ -345,7 +344,7 @@ def match_blocks(
         return []
     similarities = similarities or _Similarities()
     pairs, _ = _assignment(generated, reference, similarities, CONSECUTIVE_BONUS, CONTEXT_WINDOW)
-    scored = [(i, j, -similarities.costs([generated[i]], [reference[j]])[0, 0]) for i, j in pairs]
+    scored = [(i, j, similarities.ratio(generated[i], reference[j])) for i, j in pairs]
     return [(i, j, s) for i, j, s in scored if s >= MATCH_THRESHOLD]
 
 

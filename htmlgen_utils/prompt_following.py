@@ -71,7 +71,7 @@ def page_kind(page: str) -> str | None:
     """The bundled kind the page's structure says it is (the first rule that holds), or None."""
     tree = _document(page)
     text = _visible_text(tree).lower()
-    inputs = {(i.get("type") or "text").lower(): i for i in tree.iter("input")}
+    inputs = {(i.get("type") or "text").lower() for i in tree.iter("input")}
     names = {(i.get("name") or i.get("id") or "").lower() for i in tree.iter("input")}
     heading = next((_text(h).lower() for h in tree.iter("h1")), "")
     tables = [_text(t).lower() for t in tree.iter("table")]
