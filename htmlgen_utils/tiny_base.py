@@ -47,6 +47,9 @@ RECIPE = dict(
 )
 
 
+EARLY_STEPS = 10  # the report keeps these first steps' mean loss: a quick rebuild check compares it
+
+
 def pretraining_texts(seed: int = 42) -> tuple[list[str], list[str]]:
     """(pages, descriptions) of the bundled training split (the tiny preset's split and seed)."""
     splits, _ = load_splits(Config.from_preset("tiny", seed=seed))
@@ -80,9 +83,9 @@ def pretrain(
     warmup: int,
     log_every: int,
     stop_after: int | None = None,
-) -> tuple[list[float], float]:
+) -> tuple[list[float], float, float]:
     """Causal-LM training on random rows of `chunks` (AdamW, cosine schedule): the loss every `log_every`
-    steps, and the seconds it took."""
+    steps, the seconds it took, and the mean loss of the first `EARLY_STEPS`."""
     from transformers import get_cosine_schedule_with_warmup
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
@@ -103,7 +106,7 @@ def pretrain(
             recent = sum(losses[-log_every:]) / len(losses[-log_every:])
             loss_log.append(round(recent, 4))
             print(f"step {step}/{steps} loss {recent:.4f} ({time.perf_counter() - started:.0f}s)", flush=True)
-    return loss_log, time.perf_counter() - started
+    return loss_log, time.perf_counter() - started, round(sum(losses[:EARLY_STEPS]) / EARLY_STEPS, 4)
 
 
 def build(out: Path | None, steps: int = RECIPE["steps"], log_every: int = 50, stop_after: int | None = None) -> dict:
@@ -118,10 +121,12 @@ def build(out: Path | None, steps: int = RECIPE["steps"], log_every: int = 50, s
     chunks, corpus_tokens = token_chunks(tokenizer, pages + descriptions)
     model = LlamaForCausalLM(tiny_llama_config(tokenizer, **ARCHITECTURE))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    loss_log, seconds = pretrain(model, chunks, steps, RECIPE["learning_rate"], RECIPE["warmup"], log_every, stop_after)
+    loss_log, seconds, early = pretrain(
+        model, chunks, steps, RECIPE["learning_rate"], RECIPE["warmup"], log_every, stop_after
+    )
     if stop_after is not None:
-        return {"loss_log": loss_log, "steps": stop_after, "seconds": round(seconds, 1)}
-    report = _report(model, steps, loss_log, log_every, seconds, corpus_tokens)
+        return {"loss_log": loss_log, "early_loss": early, "steps": stop_after, "seconds": round(seconds, 1)}
+    report = _report(model, steps, loss_log, log_every, seconds, corpus_tokens, early_loss=early)
     _save(model, tokenizer, out, report, model_card(report))
     return report
 
@@ -137,7 +142,7 @@ def build_long(out: Path, tiny_base: Path = TINY_BASE_DIR, log_every: int = 50) 
     pages, descriptions = pretraining_texts()
     long_pages = long_pretraining_pages()
     chunks, corpus_tokens = token_chunks(tokenizer, pages + long_pages + descriptions)
-    loss_log, seconds = pretrain(
+    loss_log, seconds, _ = pretrain(
         model, chunks, RECIPE["long_steps"], RECIPE["long_learning_rate"], RECIPE["long_warmup"], log_every
     )
     report = _report(
