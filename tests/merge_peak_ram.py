@@ -19,7 +19,7 @@ def status(field: str) -> int:
     return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field))
 
 
-Path("/proc/self/clear_refs").write_text("5")  # forget the peak of the imports
+Path("/proc/self/clear_refs").write_text("5")  # forget the peak of the imports and the warm-up
 before = status("VmRSS:")
 export.merge_to_16bit(sys.argv[2], shard_bytes=int(sys.argv[3]))
 print(json.dumps({"before": before, "peak": status("VmHWM:")}))

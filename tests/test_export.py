@@ -93,7 +93,6 @@ def test_merge_holds_about_one_shard_in_ram_not_the_model(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     ram = json.loads(result.stdout.strip().splitlines()[-1])
-    print("merge grew RSS by", ram["peak"] - ram["before"], "for a model of", model_bytes)
     assert ram["peak"] - ram["before"] < 0.8 * model_bytes, (ram, model_bytes)
     assert len(list((tmp_path / "run" / "merged").glob("model-*.safetensors"))) >= 10
 
