@@ -426,9 +426,10 @@ def score_pages(
         table["follows_description"] = [f["overall"] for f in follows]
         summary["follows_description"] = float(table["follows_description"].mean())
         for check in ("kind", "brand", "scheme"):
-            if all(f[check] is not None for f in follows):
+            checked = [f[check] for f in follows if f[check] is not None]
+            if checked:  # a scheme is checked only where the description names a colour
                 table[f"{check}_right"] = [f[check] for f in follows]
-                summary[f"{check}_right_rate"] = float(table[f"{check}_right"].mean())
+                summary[f"{check}_right_rate"] = sum(checked) / len(checked)
         asked = [v for f in follows for k, v in f.items() if k.startswith("component:")]
         summary["components_present_rate"] = sum(asked) / len(asked) if asked else 1.0
     if visual and chromium is not None:

@@ -5,8 +5,9 @@
   brand, colour scheme, style and components): the share of requested attributes the generated page has. The
   brand is named in its visible text; its kind is recognised from structure (a login page has a password field
   and no name field, pricing a table of prices, 404 says the page does not exist...); each requested component
-  is there (nav, footer, FAQ, testimonials, a download button, a newsletter form); the colour scheme's family
-  is that of the page's computed background and accent colours in Chromium (`layout.render_pages`).
+  is there (nav, footer, FAQ, testimonials, a download button, a newsletter form); where the description names a
+  colour (some bundled ones name none, and then no colour is asked for), its family is that of the page's computed
+  background and accent colours in Chromium (`layout.render_pages`).
 * `distinct_pages`: the share of prompts whose page differs from every other prompt's page (whitespace aside),
   and `mean_pairwise_similarity` of the pages beside the references': a model that ignores its prompt is flagged.
 
@@ -41,10 +42,17 @@ def bundled_attributes() -> dict[str, dict]:
 
 
 def requested_attributes(descriptions: list[str]) -> list[dict] | None:
-    """Each description's attributes when every one is a bundled row's; None otherwise (no attributes known)."""
+    """What each description asks for, when every one is a bundled row's; None otherwise (no attributes known).
+    The generator records every page's colour scheme, but not every description names it: `scheme` is None where
+    the description does not."""
     known = bundled_attributes()
     found = [known.get(d) for d in descriptions]
-    return found if found and all(found) and all(len(a) == len(ATTRIBUTES) for a in found) else None
+    if not (found and all(found) and all(len(a) == len(ATTRIBUTES) for a in found)):
+        return None
+    return [
+        {**a, "scheme": a["scheme"] if re.search(rf"\b{a['scheme']}\b", d.lower()) else None}
+        for a, d in zip(found, descriptions)
+    ]
 
 
 def _document(page: str):
@@ -129,15 +137,15 @@ def colour_family(background: tuple[int, int, int] | None, accent: tuple[int, in
 
 
 def follows_description(attributes: dict, page: str, rendered=None) -> dict[str, float | bool | None]:
-    """Per requested attribute, whether the page has it (`scheme` is None without a rendered page), and `overall`,
-    the share of the checked ones it has (each component counts as one)."""
+    """Per requested attribute, whether the page has it (`scheme` is None without a rendered page or where no colour
+    was asked for), and `overall`, the share of the checked ones it has (each component counts as one)."""
     tree = _document(page)
     text = _visible_text(tree).lower()
     checks: dict[str, bool | None] = {
         "brand": attributes["brand"].lower() in text,
         "kind": page_kind(page) == attributes["kind"],
         "scheme": None
-        if rendered is None
+        if rendered is None or attributes["scheme"] is None
         else colour_family(rendered.background, rendered.accent) == attributes["scheme"],
     }
     for component in attributes["components"]:
