@@ -3,23 +3,30 @@
 A randomly initialised model can only write noise, so a CPU run would show nothing and a broken stage
 would look like a working one. This script makes the tiny base the way real base models are made,
 only smaller: a tokenizer trained on our data, then full-precision causal-LM pre-training on web pages
-and, separately, on descriptions -- never on (description, page) pairs, so following an instruction
-is left for the QLoRA fine-tune to teach. Only the training split's rows are used: the held-out test
-pages stay unseen.
+(carrying their `<meta name="description">`, as many web pages do) and, separately, on descriptions. It never
+sees the prompt's (instruction, response) form: following an instruction is left for the QLoRA fine-tune to
+teach. Only the training split's rows are used: the held-out test pages stay unseen.
+
+What real bases learnt from the web and a base of 30 brands would not: to copy a name from its context. So in
+most documents the brand is an invented name (`RECIPE`), and the tokenizer keeps spaces apart, so a name is one
+token wherever it stands. `copy_probe` checks the result; the first tiny base, without these, scored 0.
 
 `--long` makes the `tiny-long` preset's base from it: 300 more steps that add the long-page set's training
 pages (`bundled-long`, 5k-33k characters), as real bases have seen long pages too.
 
-    python -m htmlgen_utils.tiny_base --out htmlgen_utils/tiny_base      # ~20 min on 2 CPU cores
-    python -m htmlgen_utils.tiny_base --long                             # ~4 min: htmlgen_utils/tiny_base_long
+    python -m htmlgen_utils.tiny_base --device cuda   # ~8 min on one GPU (hours on 2 CPU cores): tiny_base
+    python -m htmlgen_utils.tiny_base --long          # ~5 min on 2 CPU cores: htmlgen_utils/tiny_base_long
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
+import re
 import time
+from html import escape
 from pathlib import Path
 
 import torch
@@ -27,27 +34,36 @@ import torch
 from .config import TINY_BASE_DIR, TINY_LONG_BASE_DIR, Config
 from .data import load_splits
 from .packing import build_prompt
+from .prompt_following import bundled_attributes
 from .tiny_model import tiny_llama_config, train_tokenizer
 
 ARCHITECTURE = dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=704, max_position_embeddings=1024)
 RECIPE = dict(
     vocab_size=2048,
     seq_len=512,
-    batch_size=8,
-    steps=900,
+    batch_size=32,
+    steps=6000,
     learning_rate=3e-3,
-    warmup=50,
+    warmup=100,
     seed=0,
     threads=2,
+    # Web pages often carry a <meta name="description">: this share of the pages gets one (their own description).
+    # It is what teaches the base that a page follows what is said of it: without it no copying formed at all.
+    meta_description_share=1.0,
+    # The bundled pages name only 30 brands, few enough to memorise, and a model that can memorise never learns
+    # to copy. In this share of the documents the brand is swapped for an invented name (syllables drawn afresh
+    # each time), which the model can only get right by copying it from earlier in the page.
+    invented_name_share=0.75,
     # the long-page base: short and long pages together, from the tiny base's weights
     long_steps=300,
+    long_batch_size=8,
     long_learning_rate=1e-3,
     long_warmup=20,
     long_test_fraction=0.2,
 )
+SYLLABLES = "ba be bo da del fa fen ga gil ka kel ko la lin lu ma mer mo na nor pa pel ra ren ro sa sel ta tor".split()
 
-
-EARLY_STEPS = 10  # the report keeps these first steps' mean loss: a quick rebuild check compares it
+EARLY_STEPS = 3  # the report keeps these first steps' mean loss: a quick rebuild check compares it
 
 
 def pretraining_texts(seed: int = 42) -> tuple[list[str], list[str]]:
@@ -65,6 +81,47 @@ def long_pretraining_pages(seed: int = 42) -> list[str]:
     return list(splits["train"]["html"])
 
 
+def with_meta_description(page: str, description: str) -> str:
+    """The page with `<meta name="description">` after its charset, as many web pages have."""
+    meta = f'<meta name="description" content="{escape(description)}">\n'
+    head = '<meta charset="utf-8">\n'
+    return page.replace(head, head + meta, 1) if head in page else page
+
+
+def invented_name(rng: random.Random) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+
+
+class PretrainingStream:
+    """Rows of `seq_len` tokens cut from an endless, seeded stream of documents: each a training page (a share with
+    its meta description) or a description, its brand swapped for an invented name in a share of them; each
+    document starts with BOS and ends with EOS."""
+
+    def __init__(self, tokenizer, pages: list[str], descriptions: list[str], seed: int = RECIPE["seed"]):
+        brands = bundled_attributes()
+        self.documents = [(page, label, brands[label]["brand"]) for page, label in zip(pages, descriptions)]
+        self.tokenizer, self.rng, self.buffer = tokenizer, random.Random(seed), []
+
+    def _document(self) -> str:
+        page, label, brand = self.rng.choice(self.documents)
+        if self.rng.random() < 0.5:
+            text = label
+        else:
+            text = with_meta_description(page, label) if self.rng.random() < RECIPE["meta_description_share"] else page
+        if self.rng.random() < RECIPE["invented_name_share"]:
+            text = re.sub(rf"\b{re.escape(brand)}\b", invented_name(self.rng), text)
+        return text
+
+    def rows(self, count: int) -> torch.Tensor:
+        seq = RECIPE["seq_len"]
+        while len(self.buffer) < count * seq:
+            texts = [self._document() for _ in range(16)]
+            for ids in self.tokenizer(texts).input_ids:
+                self.buffer += ids + [self.tokenizer.eos_token_id]
+        rows, self.buffer = self.buffer[: count * seq], self.buffer[count * seq :]
+        return torch.tensor(rows).view(count, seq)
+
+
 def token_chunks(tokenizer, texts: list[str]) -> tuple[torch.Tensor, int]:
     """Each text tokenized and ended with EOS, shuffled (seeded), concatenated and cut into `seq_len` rows;
     and how many tokens the texts make."""
@@ -77,24 +134,24 @@ def token_chunks(tokenizer, texts: list[str]) -> tuple[torch.Tensor, int]:
 
 def pretrain(
     model,
-    chunks: torch.Tensor,
+    next_batch,
     steps: int,
     learning_rate: float,
     warmup: int,
     log_every: int,
     stop_after: int | None = None,
 ) -> tuple[list[float], float, float]:
-    """Causal-LM training on random rows of `chunks` (AdamW, cosine schedule): the loss every `log_every`
-    steps, the seconds it took, and the mean loss of the first `EARLY_STEPS`."""
+    """Causal-LM training on `next_batch()` rows (AdamW, cosine schedule) on the model's device: the loss every
+    `log_every` steps, the seconds it took, and the mean loss of the first `EARLY_STEPS`."""
     from transformers import get_cosine_schedule_with_warmup
 
+    device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
-    generator = torch.Generator().manual_seed(RECIPE["seed"])
     model.train()
     started, losses, loss_log = time.perf_counter(), [], []
     for step in range(1, (stop_after or steps) + 1):
-        batch = chunks[torch.randint(len(chunks), (RECIPE["batch_size"],), generator=generator)]
+        batch = next_batch().to(device)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -109,7 +166,13 @@ def pretrain(
     return loss_log, time.perf_counter() - started, round(sum(losses[:EARLY_STEPS]) / EARLY_STEPS, 4)
 
 
-def build(out: Path | None, steps: int = RECIPE["steps"], log_every: int = 50, stop_after: int | None = None) -> dict:
+def build(
+    out: Path | None,
+    steps: int = RECIPE["steps"],
+    log_every: int = 250,
+    stop_after: int | None = None,
+    device: str = "cpu",
+) -> dict:
     """Pre-train the tiny base and save it to `out`. `stop_after` runs only the first steps of the same schedule
     and saves nothing: a quick check that a rebuild follows the recorded loss curve."""
     _seed_and_threads()
@@ -117,57 +180,124 @@ def build(out: Path | None, steps: int = RECIPE["steps"], log_every: int = 50, s
 
     pages, descriptions = pretraining_texts()
     # The tokenizer sees the prompt template too, so the instruction costs few tokens.
-    tokenizer = train_tokenizer(pages + [build_prompt(d) for d in descriptions], RECIPE["vocab_size"])
-    chunks, corpus_tokens = token_chunks(tokenizer, pages + descriptions)
-    model = LlamaForCausalLM(tiny_llama_config(tokenizer, **ARCHITECTURE))
+    tokenizer = train_tokenizer(
+        pages + [build_prompt(d) for d in descriptions], RECIPE["vocab_size"], spaces_apart=True
+    )
+    stream, first_rows = PretrainingStream(tokenizer, pages, descriptions), []
+
+    def next_batch() -> torch.Tensor:
+        rows = stream.rows(RECIPE["batch_size"])
+        if not first_rows:  # a fingerprint of the data: a rebuild must draw the very same first batch
+            first_rows.append(hashlib.sha256(rows.numpy().astype("<i8").tobytes()).hexdigest()[:16])
+        return rows
+
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer, **ARCHITECTURE)).to(device)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     loss_log, seconds, early = pretrain(
-        model, chunks, steps, RECIPE["learning_rate"], RECIPE["warmup"], log_every, stop_after
+        model, next_batch, steps, RECIPE["learning_rate"], RECIPE["warmup"], log_every, stop_after
     )
     if stop_after is not None:
-        return {"loss_log": loss_log, "early_loss": early, "steps": stop_after, "seconds": round(seconds, 1)}
-    report = _report(model, steps, loss_log, log_every, seconds, corpus_tokens, early_loss=early)
+        return {"loss_log": loss_log, "early_loss": early, "first_batch": first_rows[0], "steps": stop_after}
+    model.cpu()
+    report = _report(
+        model,
+        steps,
+        loss_log,
+        log_every,
+        seconds,
+        RECIPE["batch_size"],
+        device=_device_name(device),
+        copying=copy_probe(model, tokenizer),
+        vocabulary=len(tokenizer),
+        early_loss=early,
+        first_batch=first_rows[0],
+    )
     _save(model, tokenizer, out, report, model_card(report))
     return report
 
 
-def build_long(out: Path, tiny_base: Path = TINY_BASE_DIR, log_every: int = 50) -> dict:
+def build_long(out: Path, tiny_base: Path = TINY_BASE_DIR, log_every: int = 50, device: str = "cpu") -> dict:
     """The long-page base: the tiny base (from `tiny_base`) pre-trained further on its own data plus the long-page
     set's training pages, saved to `out`."""
     _seed_and_threads()
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_base))
-    model = LlamaForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32).to(device)
     pages, descriptions = pretraining_texts()
     long_pages = long_pretraining_pages()
     chunks, corpus_tokens = token_chunks(tokenizer, pages + long_pages + descriptions)
+    generator = torch.Generator().manual_seed(RECIPE["seed"])
     loss_log, seconds, _ = pretrain(
-        model, chunks, RECIPE["long_steps"], RECIPE["long_learning_rate"], RECIPE["long_warmup"], log_every
+        model,
+        lambda: chunks[torch.randint(len(chunks), (RECIPE["long_batch_size"],), generator=generator)],
+        RECIPE["long_steps"],
+        RECIPE["long_learning_rate"],
+        RECIPE["long_warmup"],
+        log_every,
     )
+    model.cpu()
     report = _report(
-        model, RECIPE["long_steps"], loss_log, log_every, seconds, corpus_tokens, long_pages=len(long_pages)
+        model,
+        RECIPE["long_steps"],
+        loss_log,
+        log_every,
+        seconds,
+        RECIPE["long_batch_size"],
+        device=_device_name(device),
+        corpus_tokens=corpus_tokens,
+        long_pages=len(long_pages),
     )
     _save(model, tokenizer, out, report, long_model_card(report))
     return report
+
+
+@torch.no_grad()
+def copy_probe(model, tokenizer, pages: int = 40) -> dict[str, float]:
+    """Can the model copy? On validation pages it never saw (teacher-forced): the share of a brand's later mentions
+    whose first token it predicts, for the page's own brand and for an invented name put in its place. A model
+    that memorised the pages' templates scores near 0 on both."""
+    splits, _ = load_splits(Config.from_preset("tiny"))
+    brands, rng, scores = bundled_attributes(), random.Random(RECIPE["seed"]), {}
+    rows = list(zip(splits["validation"]["html"], splits["validation"]["label"]))[:pages]
+    model.eval()
+    for name, rename in (("own_brand", False), ("invented_name", True)):
+        hits = total = 0
+        for page, label in rows:
+            brand = brands[label]["brand"]
+            name_text = invented_name(rng) if rename else brand
+            ids = tokenizer(re.sub(rf"\b{re.escape(brand)}\b", name_text, page)).input_ids
+            first = tokenizer(name_text, add_special_tokens=False).input_ids[0]
+            mentions = [i for i, t in enumerate(ids) if t == first][1:]  # the first mention cannot be copied
+            if mentions:
+                predicted = model(input_ids=torch.tensor([ids])).logits[0].argmax(-1)
+                hits += sum(int(predicted[i - 1] == first) for i in mentions)
+                total += len(mentions)
+        scores[name] = round(hits / max(total, 1), 3)
+    return scores
 
 
 def _seed_and_threads() -> None:
     torch.manual_seed(RECIPE["seed"])
     random.seed(RECIPE["seed"])
     torch.set_num_threads(RECIPE["threads"])
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 on a GPU too: a CPU rebuild follows the same curve
+    torch.backends.cudnn.allow_tf32 = False
 
 
-def _report(
-    model, steps: int, loss_log: list[float], log_every: int, seconds: float, corpus_tokens: int, **extra
-) -> dict:
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{RECIPE['threads']} CPU threads"
+
+
+def _report(model, steps: int, loss_log: list[float], log_every: int, seconds: float, batch_size: int, **extra) -> dict:
     """What `build_report.json` and the model card record of a pre-training run."""
     return {
         "final_train_loss_last50": loss_log[-1],
         "steps": steps,
         "seconds": round(seconds, 1),
-        "tokens_seen": steps * RECIPE["batch_size"] * RECIPE["seq_len"],
-        "corpus_tokens": corpus_tokens,
+        "tokens_seen": steps * batch_size * RECIPE["seq_len"],
         **extra,
         "parameters": sum(p.numel() for p in model.parameters()),
         "architecture": ARCHITECTURE,
@@ -187,24 +317,28 @@ def _save(model, tokenizer, out: Path, report: dict, card: str) -> None:
 
 
 def model_card(report: dict) -> str:
-    a = report["architecture"]
+    a, r = report["architecture"], report["recipe"]
     return f"""# tiny-html-llama: the `tiny` preset's base model
 
 A {report["parameters"] / 1e6:.1f}M-parameter `LlamaForCausalLM` (Llama-2's architecture at toy size) and a
-byte-level BPE tokenizer of {report["recipe"]["vocab_size"]} tokens, made by `python -m htmlgen_utils.tiny_base`.
+byte-level BPE tokenizer of {report["vocabulary"]} tokens that keeps spaces apart (a name is the same token after a
+space as after a tag), made by `python -m htmlgen_utils.tiny_base`.
 
 - Architecture: hidden {a["hidden_size"]}, {a["num_layers"]} layers, {a["num_heads"]} heads,
-  MLP {a["intermediate_size"]},
-  context {a["max_position_embeddings"]}, untied embeddings; weights stored in fp16.
-- Data: the pages and, as separate documents, the descriptions of the bundled dataset's training split
-  (never paired, so following an instruction is what the QLoRA fine-tune teaches; test pages never seen):
-  {report["corpus_tokens"]:,} tokens, cut into {report["recipe"]["seq_len"]}-token sequences.
-- Training: {report["steps"]} steps of AdamW (lr {report["recipe"]["learning_rate"]}, cosine, warm-up
-  {report["recipe"]["warmup"]}), batch {report["recipe"]["batch_size"]}, fp32, seed {report["recipe"]["seed"]},
-  {report["recipe"]["threads"]} CPU threads: {report["tokens_seen"]:,} tokens in {report["seconds"]:.0f} s.
-- Final training loss (mean of the last 50 steps): {report["final_train_loss_last50"]}.
-- Rebuild: `python -m htmlgen_utils.tiny_base --out DIR` (the same loss within a few hundredths; exact bits
-  depend on the CPU's math library). `build_report.json` holds these figures.
+  MLP {a["intermediate_size"]}, context {a["max_position_embeddings"]}, untied embeddings; weights stored in fp16.
+- Data: the pages and, as separate documents, the descriptions of the bundled dataset's training split (never
+  paired with their page in the prompt's form, so following an instruction is what the QLoRA fine-tune teaches;
+  test pages never seen). {r["meta_description_share"]:.0%} of the pages carry their description as a
+  `<meta name="description">`, as web pages do. In {r["invented_name_share"]:.0%} of the documents the brand is
+  an invented name, drawn afresh each time: 30 brands can be memorised, invented names can only be copied.
+- Training: {report["steps"]} steps of AdamW (lr {r["learning_rate"]}, cosine, warm-up {r["warmup"]}), batch
+  {r["batch_size"]} x {r["seq_len"]} tokens, fp32, seed {r["seed"]}, on {report["device"]}:
+  {report["tokens_seen"]:,} tokens in {report["seconds"]:.0f} s.
+- Final training loss (mean of the last {report["loss_log_every"]} steps): {report["final_train_loss_last50"]}.
+- Copying, on validation pages it never saw: it predicts {report["copying"]["own_brand"]:.0%} of a brand's later
+  mentions, and {report["copying"]["invented_name"]:.0%} of an invented name's (`copy_probe`).
+- Rebuild: `python -m htmlgen_utils.tiny_base --out DIR [--device cuda]` (the same loss within a few hundredths;
+  exact bits depend on the device and its math library). `build_report.json` holds these figures.
 
 Not a useful model of HTML beyond this dataset: it exists so CPU runs and tests show real pages.
 """
@@ -225,22 +359,34 @@ little but that gap; real bases have seen long pages.
   {r["long_test_fraction"]} keeps its test pages unseen); never (description, page) pairs:
   {report["corpus_tokens"]:,} tokens, cut into {r["seq_len"]}-token sequences.
 - Training: {report["steps"]} steps of AdamW from the tiny base's weights (lr {r["long_learning_rate"]}, cosine,
-  warm-up {r["long_warmup"]}), batch {r["batch_size"]}, fp32, seed {r["seed"]}, {r["threads"]} CPU threads:
+  warm-up {r["long_warmup"]}), batch {r["long_batch_size"]}, fp32, seed {r["seed"]}, on {report["device"]}:
   {report["tokens_seen"]:,} tokens in {report["seconds"]:.0f} s.
-- Final training loss (mean of the last 50 steps): {report["final_train_loss_last50"]}.
+- Final training loss (mean of the last {report["loss_log_every"]} steps): {report["final_train_loss_last50"]}.
 - Rebuild: `python -m htmlgen_utils.tiny_base --long --out DIR`. `build_report.json` holds these figures.
 """
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Pre-train the tiny base model on CPU.")
+    parser = argparse.ArgumentParser(description="Pre-train the tiny base model (on CPU, or a GPU with --device).")
     parser.add_argument("--out", type=Path, default=None, help="default: the shipped model's folder")
     parser.add_argument("--steps", type=int, default=RECIPE["steps"])
     parser.add_argument(
         "--long", action="store_true", help="build the long-page base (tiny_base_long) from the tiny base instead"
     )
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: the same recipe, minutes not hours")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="try another recipe: e.g. --set steps=4000"
+    )
     args = parser.parse_args(argv)
-    report = build_long(args.out or TINY_LONG_BASE_DIR) if args.long else build(args.out or TINY_BASE_DIR, args.steps)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in RECIPE:
+            parser.error(f"--set {item}: no recipe entry {key!r}; the recipe has {', '.join(RECIPE)}")
+        RECIPE[key] = type(RECIPE[key])(value)
+    if args.long:
+        report = build_long(args.out or TINY_LONG_BASE_DIR, device=args.device)
+    else:
+        report = build(args.out or TINY_BASE_DIR, args.steps, device=args.device)
     print(json.dumps(report, indent=2))
 
 

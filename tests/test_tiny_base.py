@@ -3,25 +3,55 @@
 import json
 
 import pytest
+import torch
+from transformers import AutoTokenizer
 
 from htmlgen_utils.config import TINY_BASE_DIR
-from htmlgen_utils.tiny_base import EARLY_STEPS, build
+from htmlgen_utils.tiny_base import EARLY_STEPS, RECIPE, build, copy_probe
 
 
 def test_shipped_base_is_small_and_documented():
     report = json.loads((TINY_BASE_DIR / "build_report.json").read_text())
     weights = TINY_BASE_DIR / "model.safetensors"
     assert weights.stat().st_size < 12 * 2**20
-    assert report["final_train_loss_last50"] < 0.2 and report["steps"] == len(report["loss_log"]) * 50
+    assert report["final_train_loss_last50"] < 0.2
+    assert report["steps"] == len(report["loss_log"]) * report["loss_log_every"] == RECIPE["steps"]
+    assert report["recipe"] == RECIPE  # the shipped weights are what the recipe in the code makes
     card = (TINY_BASE_DIR / "README.md").read_text()
     assert str(report["final_train_loss_last50"]) in card and "python -m htmlgen_utils.tiny_base" in card
 
 
+def test_shipped_base_copies_names_from_its_context():
+    """What the `tiny` chain's prompt following rests on: the base copies a name from earlier in the page, its own
+    brands' and invented ones' (which it cannot have memorised), on validation pages it never saw. A base trained
+    like the first one (30 brands, no meta descriptions) scored 0 here."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    report = json.loads((TINY_BASE_DIR / "build_report.json").read_text())
+    model = LlamaForCausalLM.from_pretrained(str(TINY_BASE_DIR), dtype=torch.float32)
+    copying = copy_probe(model, AutoTokenizer.from_pretrained(str(TINY_BASE_DIR)), pages=20)
+    assert copying["own_brand"] >= 0.9 and copying["invented_name"] >= 0.9, copying
+    assert report["copying"]["invented_name"] >= 0.9
+
+
+def test_spaces_apart_tokenizer_gives_a_name_one_token_everywhere():
+    """' Kite' in a description and '<title>Kite' on a page are the same token, which a model this small needs in
+    order to copy; and the saved tokenizer is plain byte-level BPE, which GGUF can describe."""
+    tokenizer = AutoTokenizer.from_pretrained(str(TINY_BASE_DIR))
+    in_prompt = tokenizer("a login page for Kite", add_special_tokens=False).input_ids
+    on_page = tokenizer("<title>Kite - Login page</title>", add_special_tokens=False).input_ids
+    assert in_prompt[-1] in on_page and tokenizer.convert_ids_to_tokens(in_prompt[-2]) == "Ġ"
+    saved = json.loads((TINY_BASE_DIR / "tokenizer.json").read_text())
+    assert saved["pre_tokenizer"]["type"] == "ByteLevel"
+
+
 def test_rebuild_reproduces_the_recorded_loss_curve():
-    """The first steps of the same recipe (seeded data, tokenizer, init and batches) give the recorded loss."""
+    """The first steps of the same recipe (seeded data, tokenizer, init and batches) draw the recorded first batch
+    and give the recorded loss (fp32 on CPU here; the shipped base was built on a GPU, without TF32)."""
     report = json.loads((TINY_BASE_DIR / "build_report.json").read_text())
     rebuilt = build(None, stop_after=EARLY_STEPS)
-    assert rebuilt["early_loss"] == pytest.approx(report["early_loss"], abs=0.01)
+    assert rebuilt["first_batch"] == report["first_batch"]
+    assert rebuilt["early_loss"] == pytest.approx(report["early_loss"], abs=0.002)
 
 
 def test_shipped_long_page_base_is_the_tiny_base_further_trained_and_documented():
@@ -32,7 +62,8 @@ def test_shipped_long_page_base_is_the_tiny_base_further_trained_and_documented(
     from htmlgen_utils.config import TINY_LONG_BASE_DIR
 
     report = json.loads((TINY_LONG_BASE_DIR / "build_report.json").read_text())
-    assert report["final_train_loss_last50"] < 0.2 and report["steps"] == len(report["loss_log"]) * 50
+    assert report["final_train_loss_last50"] < 0.2
+    assert report["steps"] == len(report["loss_log"]) * report["loss_log_every"]
     assert report["long_pages"] >= 20 and (TINY_LONG_BASE_DIR / "model.safetensors").stat().st_size < 12 * 2**20
     assert (TINY_LONG_BASE_DIR / "tokenizer.json").read_bytes() == (TINY_BASE_DIR / "tokenizer.json").read_bytes()
     short, long = load_file(TINY_BASE_DIR / "model.safetensors"), load_file(TINY_LONG_BASE_DIR / "model.safetensors")
