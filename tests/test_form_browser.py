@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from htmlgen_utils.config import Config
 from htmlgen_utils.rendering import gallery_html
 from tests.browser import require_chromium
 from tests.net import free_port
@@ -44,15 +43,15 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def api():
-    from htmlgen_utils.model import load_base_model, load_tokenizer
+def api(chain):
     from htmlgen_utils.serve import BackgroundServer, create_app
+    from tests.models import adapted_tiny_model
 
-    config = Config.from_preset("tiny")
+    model, tokenizer = adapted_tiny_model(chain[0])  # the chain's fine-tuned model: it answers with pages
     server = BackgroundServer(
         create_app(
-            load_base_model(config).eval(),
-            load_tokenizer(config.model_id),
+            model,
+            tokenizer,
             max_new_tokens_cap=700,
             default_max_new_tokens=400,
         ),

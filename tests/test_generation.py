@@ -7,11 +7,13 @@ from htmlgen_utils.model import load_base_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tiny_base():
-    config = Config.from_preset("tiny")
-    model = load_base_model(config)  # the shipped tiny base through the real 4-bit path
-    model.eval()
-    return model, load_tokenizer(config.model_id)
+def tiny_base(chain):
+    """The tiny chain's fine-tuned model (the shipped base through the real 4-bit path, plus its LoRA adapter). The
+    base alone never saw the prompt's form and often answers a description with EOS; this one writes pages."""
+    from htmlgen_utils.model import load_trained
+
+    model, tokenizer, _ = load_trained(chain[0])
+    return model, tokenizer
 
 
 DESCRIPTIONS = [
@@ -39,7 +41,7 @@ def test_stops_at_html_end_and_respects_max_new_tokens(tiny_base):
 
 def test_stops_at_eos_without_a_stop_string(tiny_base):
     model, tokenizer = tiny_base
-    # the base was pre-trained on pages that end with EOS: with no stop string it must stop there by itself
+    # it was trained on pages that end with EOS: with no stop string it must stop there by itself
     result = generate_pages(model, tokenizer, DESCRIPTIONS[:1], max_new_tokens=900, stop_at_html_end=False)
     assert result.new_tokens[0] < 900
     assert result.pages[0].rstrip().endswith("</html>")
@@ -86,9 +88,7 @@ def test_a_one_line_loop_stops_early_on_every_path():
     line, which the line rule cannot see: the token-cycle guard stops it at its first check after `LOOP_TOKENS`,
     batched through `generate` and one page at a time through `decode_one`, and counts it. Without the guard the
     page runs to the limit."""
-    from htmlgen_utils.config import Config
     from htmlgen_utils.generation import LOOP_TOKENS
-    from htmlgen_utils.model import load_base_model, load_tokenizer
 
     config = Config.from_preset("tiny")
     model, tokenizer = load_base_model(config), load_tokenizer(config.model_id)

@@ -15,22 +15,20 @@ import uvicorn
 from htmlgen_utils.config import REPO_DIR, Config
 from htmlgen_utils.model import load_base_model, load_tokenizer
 from htmlgen_utils.serve import create_app
+from tests.models import adapted_tiny_model
 from tests.net import free_port
 
 
 @pytest.fixture(scope="module")
-def server():
-    config = Config.from_preset("tiny")
-    model = load_base_model(config)
-    model.eval()
-    model.config.use_cache = True
+def server(chain):
+    model, tokenizer = adapted_tiny_model(chain[0])  # the chain's fine-tuned model: it answers with pages
     app = create_app(
         model,
-        load_tokenizer(config.model_id),
+        tokenizer,
         max_new_tokens_cap=700,
         default_max_new_tokens=600,
         max_waiting=256,
-        description="tiny base",
+        description="tiny fine-tuned",
     )
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))

@@ -5,19 +5,14 @@ import torch
 from htmlgen_utils.config import Config
 from htmlgen_utils.generation import clean_page, generate_pages, stream_page
 from htmlgen_utils.model import (
-    load_base_model,
     load_for_training,
-    load_tokenizer,
 )
 from htmlgen_utils.packing import build_prompt
 from tests.models import adapted_tiny_model
 
 
-def test_static_cache_decoding_writes_the_same_pages():
-    config = Config.from_preset("tiny")
-    model = load_base_model(config)
-    model.eval()
-    tokenizer = load_tokenizer(config.model_id)
+def test_static_cache_decoding_writes_the_same_pages(chain):
+    model, tokenizer = adapted_tiny_model(chain[0])
     descriptions = [
         "A modern landing page for Acme in blue",
         "Build a retro 404 error page for Nova.",
@@ -42,15 +37,12 @@ def test_static_cache_decoding_writes_the_same_pages():
     assert streamed.strip().startswith(eager.pages[1][:40])
 
 
-def test_own_decode_loop_writes_what_generate_writes():
+def test_own_decode_loop_writes_what_generate_writes(chain):
     """Batch 1 with `compile_decode` runs `decode_one` (on CPU its step runs eagerly): the same greedy pages and
     token counts as `generate`, cut at `</html>` or EOS at the exact token even when that falls mid-piece."""
     from htmlgen_utils.levers.decoding import STOP_CHECK_TOKENS, decode_one
 
-    config = Config.from_preset("tiny")
-    model = load_base_model(config)
-    model.eval()
-    tokenizer = load_tokenizer(config.model_id)
+    model, tokenizer = adapted_tiny_model(chain[0])
     descriptions = ["A modern landing page for Acme in blue", "Build a retro 404 error page for Nova."]
     for stop in (True, False):  # `</html>` stop string, then EOS only
         plain = generate_pages(model, tokenizer, descriptions, max_new_tokens=900, stop_at_html_end=stop)
@@ -116,11 +108,11 @@ def test_one_token_lora_matrices_compute_what_linear_computes():
     )
 
 
-def test_own_decode_loop_with_a_trained_adapter_writes_what_generate_writes():
-    """With LoRA adapters that change the pages (random B matrices), `decode_one` (one-query attention, one-token
-    LoRA matrices, its `DecodeStep` from fixed token and position buffers) writes `generate`'s pages; a second
-    page reuses the step its cache was built with."""
-    model, tokenizer = adapted_tiny_model()
+def test_own_decode_loop_with_a_trained_adapter_writes_what_generate_writes(chain):
+    """With the chain's trained LoRA adapter (on, the model writes pages; off, the base mostly stops), `decode_one`
+    (one-query attention, one-token LoRA matrices, its `DecodeStep` from fixed token and position buffers) writes
+    `generate`'s pages; a second page reuses the step its cache was built with."""
+    model, tokenizer = adapted_tiny_model(chain[0])
     descriptions = ["A modern landing page for Acme in blue", "Build a retro 404 error page for Nova."]
     with model.disable_adapter():
         base_pages = generate_pages(model, tokenizer, descriptions, max_new_tokens=150).pages
@@ -180,7 +172,7 @@ class ReplayedStep:
                 layer._disable_adapters = disabled
 
 
-def test_a_step_captured_with_the_adapter_never_serves_the_base_model(monkeypatch):
+def test_a_step_captured_with_the_adapter_never_serves_the_base_model(chain, monkeypatch):
     """After a batch-1 decode with the adapter, the base model's pages (`disable_adapter`) are the base model's:
     the captured step is kept per adapter state. Without the adapter state in the step's key, the step captured
     with the adapter on would be replayed and write the adapter's pages as the base model's."""
@@ -188,7 +180,7 @@ def test_a_step_captured_with_the_adapter_never_serves_the_base_model(monkeypatc
 
     built = decoding.DecodeStep
     monkeypatch.setattr(decoding, "DecodeStep", lambda *args, **kwargs: ReplayedStep(built(*args, **kwargs)))
-    model, tokenizer = adapted_tiny_model()
+    model, tokenizer = adapted_tiny_model(chain[0])
     descriptions = ["A modern landing page for Acme in blue"]
     adapted = generate_pages(model, tokenizer, descriptions, max_new_tokens=80, batch_size=1, compile_decode=True)
     with model.disable_adapter():
@@ -199,14 +191,15 @@ def test_a_step_captured_with_the_adapter_never_serves_the_base_model(monkeypatc
     assert len(model.__dict__["_htmlgen_decode_steps"]) == 2  # one step per adapter state, same cache
 
 
-def test_own_decode_loop_picks_tokens_as_generate_does_with_every_setting():
+def test_own_decode_loop_picks_tokens_as_generate_does_with_every_setting(chain):
     """`decode_one` applies `generate`'s logits processors: greedy with a repetition penalty and an n-gram ban,
     and sampling with a fixed seed (temperature, top-k 50 from the generation config, top-p) give `generate`'s
     pages token for token; each setting changes the page, so a loop that ignored it would not."""
-    model, tokenizer = adapted_tiny_model()
+    model, tokenizer = adapted_tiny_model(chain[0])
     descriptions = ["A pricing table for Orbit with three plans"]
-    settings = [dict(repetition_penalty=1.3), dict(no_repeat_ngram_size=2),
-                dict(do_sample=True, temperature=1.5, top_p=0.97, seed=3)]  # fmt: skip
+    # strong settings: the fine-tuned model is sure of its pages, and a mild one would change nothing
+    settings = [dict(repetition_penalty=2.0), dict(no_repeat_ngram_size=2),
+                dict(do_sample=True, temperature=3.0, top_p=0.97, seed=3)]  # fmt: skip
     for setting in settings:
         plain = generate_pages(model, tokenizer, descriptions, max_new_tokens=60, stop_on_repetition=False, **setting)
         ours = generate_pages(model, tokenizer, descriptions, max_new_tokens=60, stop_on_repetition=False,

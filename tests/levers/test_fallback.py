@@ -15,8 +15,8 @@ DESCRIPTIONS = ["A modern landing page for Acme in blue", "Build a retro 404 err
 
 
 @pytest.fixture(scope="module")
-def plain_pages():
-    model, tokenizer = adapted_tiny_model()
+def plain_pages(chain):
+    model, tokenizer = adapted_tiny_model(chain[0])
     return generate_pages(model, tokenizer, DESCRIPTIONS, max_new_tokens=60).pages
 
 
@@ -32,8 +32,8 @@ def _one_fallback_line(printed: str, lever: str) -> None:
     assert len(lines) == 1 and "continuing on the plain path" in lines[0], printed
 
 
-def test_a_failed_compile_of_the_batched_decode_step_generates_plainly(monkeypatch, capsys, plain_pages):
-    model, tokenizer = adapted_tiny_model()
+def test_a_failed_compile_of_the_batched_decode_step_generates_plainly(chain, monkeypatch, capsys, plain_pages):
+    model, tokenizer = adapted_tiny_model(chain[0])
     monkeypatch.setattr("htmlgen_utils.generation.generate_with_static_cache", _fail("inductor: compile failed"))
     pages = generate_pages(model, tokenizer, DESCRIPTIONS, max_new_tokens=60, batch_size=2, compile_decode=True).pages
     assert pages == plain_pages
@@ -47,9 +47,9 @@ def test_a_failed_compile_of_the_batched_decode_step_generates_plainly(monkeypat
 
 
 @pytest.mark.parametrize("where", ["graph capture", "first step"])
-def test_a_failed_one_page_decode_step_generates_plainly(monkeypatch, capsys, plain_pages, where):
+def test_a_failed_one_page_decode_step_generates_plainly(chain, monkeypatch, capsys, plain_pages, where):
     """Graph capture fails as the step is built (`DecodeStep`), or a kernel fails as the first token runs."""
-    model, tokenizer = adapted_tiny_model()
+    model, tokenizer = adapted_tiny_model(chain[0])
     message = "CUDA error: operation not permitted when stream is capturing"
     if where == "graph capture":
         monkeypatch.setattr(decoding.DecodeStep, "__init__", _fail(message))
@@ -60,8 +60,8 @@ def test_a_failed_one_page_decode_step_generates_plainly(monkeypatch, capsys, pl
     _one_fallback_line(capsys.readouterr().out, "compile_generation")
 
 
-def test_a_failed_streaming_decode_streams_plainly(monkeypatch, capsys):
-    model, tokenizer = adapted_tiny_model()
+def test_a_failed_streaming_decode_streams_plainly(chain, monkeypatch, capsys):
+    model, tokenizer = adapted_tiny_model(chain[0])
     expected = "".join(stream_page(model, tokenizer, DESCRIPTIONS[0], 40))
     monkeypatch.setattr(decoding.DecodeStep, "__init__", _fail("graph capture failed"))
     monkeypatch.setattr("htmlgen_utils.generation.decode_one", _raising_generator)
@@ -127,9 +127,9 @@ def test_unverified_paths_are_off_by_default_below_compute_capability_8(monkeypa
     assert wants_flex_attention(Config.from_preset("colab-t4"), torch.device("cuda")) is on
 
 
-def test_the_api_compiles_its_decode_step_before_the_first_request():
+def test_the_api_compiles_its_decode_step_before_the_first_request(chain):
     from htmlgen_utils.serve import create_app
 
-    model, tokenizer = adapted_tiny_model()
+    model, tokenizer = adapted_tiny_model(chain[0])
     create_app(model, tokenizer, max_new_tokens_cap=32, compile_decode=True)
     assert model.__dict__.get("_htmlgen_decode_steps")  # built (on a GPU: compiled and captured) already
