@@ -92,6 +92,11 @@ def invented_name(rng: random.Random) -> str:
     return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
 
 
+def renamed(text: str, brand: str, name: str) -> str:
+    """`text` with the brand, as a whole word, swapped for `name`."""
+    return re.sub(rf"\b{re.escape(brand)}\b", name, text)
+
+
 class PretrainingStream:
     """Rows of `seq_len` tokens cut from an endless, seeded stream of documents: each a training page (a share with
     its meta description) or a description, its brand swapped for an invented name in a share of them; each
@@ -104,12 +109,12 @@ class PretrainingStream:
 
     def _document(self) -> str:
         page, label, brand = self.rng.choice(self.documents)
-        if self.rng.random() < 0.5:
+        if self.rng.random() < 0.5:  # half the documents are a description alone, as the first base had them
             text = label
         else:
             text = with_meta_description(page, label) if self.rng.random() < RECIPE["meta_description_share"] else page
         if self.rng.random() < RECIPE["invented_name_share"]:
-            text = re.sub(rf"\b{re.escape(brand)}\b", invented_name(self.rng), text)
+            text = renamed(text, brand, invented_name(self.rng))
         return text
 
     def rows(self, count: int) -> torch.Tensor:
@@ -266,7 +271,7 @@ def copy_probe(model, tokenizer, pages: int = 40) -> dict[str, float]:
         for page, label in rows:
             brand = brands[label]["brand"]
             name_text = invented_name(rng) if rename else brand
-            ids = tokenizer(re.sub(rf"\b{re.escape(brand)}\b", name_text, page)).input_ids
+            ids = tokenizer(renamed(page, brand, name_text)).input_ids
             first = tokenizer(name_text, add_special_tokens=False).input_ids[0]
             mentions = [i for i, t in enumerate(ids) if t == first][1:]  # the first mention cannot be copied
             if mentions:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from htmlgen_utils.config import TINY_BASE_DIR
 from htmlgen_utils.tiny_base import EARLY_STEPS, RECIPE, build, copy_probe
@@ -25,8 +25,6 @@ def test_shipped_base_copies_names_from_its_context():
     """What the `tiny` chain's prompt following rests on: the base copies a name from earlier in the page, its own
     brands' and invented ones' (which it cannot have memorised), on validation pages it never saw. A base trained
     like the first one (30 brands, no meta descriptions) scored 0 here."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
     report = json.loads((TINY_BASE_DIR / "build_report.json").read_text())
     model = LlamaForCausalLM.from_pretrained(str(TINY_BASE_DIR), dtype=torch.float32)
     copying = copy_probe(model, AutoTokenizer.from_pretrained(str(TINY_BASE_DIR)), pages=20)
