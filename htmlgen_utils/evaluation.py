@@ -17,6 +17,7 @@ no reference page. (Scores of the *rendered* pages are in `layout`.) README's ev
 * Does the page follow its description (`prompt_following`): `follows_description` and the kind, brand, colour
   and component checks for data whose rows carry attributes (the bundled data); `distinct_pages` and the pages'
   mean pairwise similarity beside the references', for every dataset.
+* `paired_gain`: fine-tuned minus base on one per-page score, with a bootstrap interval over the pages.
 * token accuracy / loss: next-token accuracy on the held-out *test* split under teacher forcing (`loss`).
 """
 
@@ -436,6 +437,24 @@ def score_pages(
         table["visual_similarity"] = [rendered.visual_similarity(g, r, chromium) for g, r in zip(generated, references)]
         summary["visual_similarity"] = float(table["visual_similarity"].mean())
     return table, summary
+
+
+def paired_gain(scores, base_scores, confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """How much better than the base, per page, with a bootstrap interval (`scipy.stats.bootstrap`, percentile,
+    seeded) over these pages: the mean of `scores - base_scores` and where it could lie on another draw of as many
+    prompts. On the 12 pages of a quick evaluation that interval is wide; the learner should see how wide."""
+    from scipy.stats import bootstrap
+
+    gains = np.asarray(scores, dtype=float) - np.asarray(base_scores, dtype=float)
+    mean = float(gains.mean())
+    if np.all(gains == gains[0]):  # every page gained the same: no spread to resample
+        low = high = mean
+    else:
+        interval = bootstrap(
+            (gains,), np.mean, confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed)
+        ).confidence_interval
+        low, high = float(interval.low), float(interval.high)
+    return {"gain": mean, "low": low, "high": high, "confidence": confidence, "pages": len(gains)}
 
 
 def write_metrics(run_dir: str | Path, metrics: dict) -> Path:

@@ -71,6 +71,9 @@ def test_fine_tuned_tiny_model_follows_its_prompts(chain):
     assert metrics["examples"] == 12 and metrics["distinct_pages"] * 12 >= 10
     assert metrics["kind_right_rate"] >= 0.75 and metrics["brand_right_rate"] >= 0.5
     assert metrics["follows_description"] >= base["follows_description"] + 0.25
+    gain = metrics["follows_description_gain"]  # notebook 05's bootstrap interval over the same pages
+    assert gain["gain"] == pytest.approx(metrics["follows_description"] - base["follows_description"])
+    assert gain["low"] <= gain["gain"] <= gain["high"] and gain["pages"] == 12
 
 
 def test_gallery_is_in_notebook_05_outputs(chain):
