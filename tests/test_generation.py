@@ -7,13 +7,11 @@ from htmlgen_utils.model import load_base_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tiny_base(chain):
-    """The tiny chain's fine-tuned model (the shipped base through the real 4-bit path, plus its LoRA adapter). The
-    base alone never saw the prompt's form and often answers a description with EOS; this one writes pages."""
-    from htmlgen_utils.model import load_trained
+def page_writer(chain):
+    """The tiny chain's fine-tuned model (the shipped base through the real 4-bit path, plus its LoRA adapter)."""
+    from tests.models import adapted_tiny_model
 
-    model, tokenizer, _ = load_trained(chain[0])
-    return model, tokenizer
+    return adapted_tiny_model(chain[0])
 
 
 DESCRIPTIONS = [
@@ -28,8 +26,8 @@ def test_clean_page():
     assert clean_page("<p>no end") == "<p>no end"
 
 
-def test_stops_at_html_end_and_respects_max_new_tokens(tiny_base):
-    model, tokenizer = tiny_base
+def test_stops_at_html_end_and_respects_max_new_tokens(page_writer):
+    model, tokenizer = page_writer
     unstopped = generate_pages(model, tokenizer, DESCRIPTIONS[:1], max_new_tokens=600, stop_at_html_end=False)
     stopped = generate_pages(model, tokenizer, DESCRIPTIONS[:1], max_new_tokens=600)
     assert "</html>" in stopped.pages[0] and stopped.pages[0].endswith("</html>")
@@ -39,42 +37,42 @@ def test_stops_at_html_end_and_respects_max_new_tokens(tiny_base):
     assert stopped.tokens_per_s > 0 and short.summary()["examples"] == 2
 
 
-def test_stops_at_eos_without_a_stop_string(tiny_base):
-    model, tokenizer = tiny_base
+def test_stops_at_eos_without_a_stop_string(page_writer):
+    model, tokenizer = page_writer
     # it was trained on pages that end with EOS: with no stop string it must stop there by itself
     result = generate_pages(model, tokenizer, DESCRIPTIONS[:1], max_new_tokens=900, stop_at_html_end=False)
     assert result.new_tokens[0] < 900
     assert result.pages[0].rstrip().endswith("</html>")
 
 
-def test_batched_equals_one_by_one_under_greedy(tiny_base):
-    model, tokenizer = tiny_base
+def test_batched_equals_one_by_one_under_greedy(page_writer):
+    model, tokenizer = page_writer
     batched = generate_pages(model, tokenizer, DESCRIPTIONS, max_new_tokens=80, batch_size=3)
     single = generate_pages(model, tokenizer, DESCRIPTIONS, max_new_tokens=80, batch_size=1)
     assert batched.pages == single.pages
     assert batched.new_tokens == single.new_tokens
 
 
-def test_sampling_is_seeded(tiny_base):
-    model, tokenizer = tiny_base
+def test_sampling_is_seeded(page_writer):
+    model, tokenizer = page_writer
     a = generate_pages(model, tokenizer, DESCRIPTIONS[:1], max_new_tokens=30, do_sample=True, seed=1)
     b = generate_pages(model, tokenizer, DESCRIPTIONS[:1], max_new_tokens=30, do_sample=True, seed=1)
     assert a.pages == b.pages
 
 
-def test_streaming_gives_the_same_page_as_greedy_generation(tiny_base):
+def test_streaming_gives_the_same_page_as_greedy_generation(page_writer):
     from htmlgen_utils.generation import stream_page
 
-    model, tokenizer = tiny_base
+    model, tokenizer = page_writer
     streamed = "".join(stream_page(model, tokenizer, DESCRIPTIONS[1], max_new_tokens=40))
     batch = generate_pages(model, tokenizer, DESCRIPTIONS[1:2], max_new_tokens=40)
     assert clean_page(streamed) == batch.pages[0] and batch.pages[0]
 
 
-def test_playground_button_renders_a_sandboxed_page(tiny_base):
+def test_playground_button_renders_a_sandboxed_page(page_writer):
     from htmlgen_utils.rendering import playground
 
-    model, tokenizer = tiny_base
+    model, tokenizer = page_writer
     box = playground(model, tokenizer, max_new_tokens=32)
     text, controls, status, preview = box.children
     text.value = DESCRIPTIONS[2]
