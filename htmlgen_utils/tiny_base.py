@@ -11,6 +11,11 @@ What real bases learnt from the web and a base of 30 brands would not: to copy a
 most documents the brand is an invented name (`RECIPE`), and the tokenizer keeps spaces apart, so a name is one
 token wherever it stands. `copy_probe` checks the result; the first tiny base, without these, scored 0.
 
+Then whole pages, as real bases extend their context at the end of pre-training: rows of 512 tokens cut most pages
+(400-720 tokens) before the sections after `</main>`, which then never saw the description in the page's head, and
+the fine-tuned model added them whatever its prompt asked. A few hundred steps on 1,024-token rows that each hold a
+whole page taught the base, and through it the fine-tuned model, to choose them by the description.
+
 `--long` makes the `tiny-long` preset's base from it: 300 more steps that add the long-page set's training
 pages (`bundled-long`, 5k-33k characters), as real bases have seen long pages too.
 
@@ -55,6 +60,13 @@ RECIPE = dict(
     # each time), which the model can only get right by copying it from earlier in the page.
     invented_name_share=0.75,
     # the long-page base: short and long pages together, from the tiny base's weights
+    # whole pages: rows of this many tokens, each starting at a document, after the steps above; in rounds (cosine
+    # each, warm restarts: the weights between rounds pass through fp16, as saved), the document stream restarted
+    whole_page_seq_len=1024,
+    whole_page_batch_size=16,
+    whole_page_rounds=[300, 600],
+    whole_page_learning_rate=1e-3,
+    whole_page_warmup=20,
     long_steps=300,
     long_batch_size=8,
     long_learning_rate=1e-3,
@@ -100,12 +112,13 @@ def renamed(text: str, brand: str, name: str) -> str:
 class PretrainingStream:
     """Rows of `seq_len` tokens cut from an endless, seeded stream of documents: each a training page (a share with
     its meta description) or a description, its brand swapped for an invented name in a share of them; each
-    document starts with BOS and ends with EOS."""
+    document starts with BOS and ends with EOS. With `whole_pages`, every row starts at a document's start, so it
+    holds a whole page (and the start of the next documents)."""
 
     def __init__(self, tokenizer, pages: list[str], descriptions: list[str], seed: int = RECIPE["seed"]):
         brands = bundled_attributes()
         self.documents = [(page, label, brands[label]["brand"]) for page, label in zip(pages, descriptions)]
-        self.tokenizer, self.rng, self.buffer = tokenizer, random.Random(seed), []
+        self.tokenizer, self.rng, self.buffer, self.waiting = tokenizer, random.Random(seed), [], []
 
     def _document(self) -> str:
         page, label, brand = self.rng.choice(self.documents)
@@ -117,7 +130,21 @@ class PretrainingStream:
             text = renamed(text, brand, invented_name(self.rng))
         return text
 
-    def rows(self, count: int) -> torch.Tensor:
+    def _next_document_ids(self) -> list[int]:
+        if not self.waiting:
+            texts = [self._document() for _ in range(16)]
+            self.waiting = [ids + [self.tokenizer.eos_token_id] for ids in self.tokenizer(texts).input_ids]
+        return self.waiting.pop(0)
+
+    def rows(self, count: int, whole_pages: bool = False) -> torch.Tensor:
+        if whole_pages:
+            seq, rows = RECIPE["whole_page_seq_len"], []
+            for _ in range(count):
+                row = []
+                while len(row) < seq:
+                    row += self._next_document_ids()
+                rows.append(row[:seq])  # the last document is cut: its start is seen here
+            return torch.tensor(rows)
         seq = RECIPE["seq_len"]
         while len(self.buffer) < count * seq:
             texts = [self._document() for _ in range(16)]
@@ -171,6 +198,27 @@ def pretrain(
     return loss_log, time.perf_counter() - started, round(sum(losses[:EARLY_STEPS]) / EARLY_STEPS, 4)
 
 
+def whole_page_rounds(model, tokenizer, log_every: int = 25) -> tuple[list[list[float]], float]:
+    """Pre-train further on whole-page rows (`RECIPE["whole_page_rounds"]`): the loss logs and the seconds."""
+    pages, descriptions = pretraining_texts()
+    logs, seconds = [], 0.0
+    for steps in RECIPE["whole_page_rounds"]:
+        _seed_and_threads()
+        model.to(torch.float16).to(torch.float32)  # each round starts from the weights as saved
+        stream = PretrainingStream(tokenizer, pages, descriptions)
+        log, took, _ = pretrain(
+            model,
+            lambda: stream.rows(RECIPE["whole_page_batch_size"], whole_pages=True),
+            steps,
+            RECIPE["whole_page_learning_rate"],
+            RECIPE["whole_page_warmup"],
+            log_every,
+        )
+        logs.append(log)
+        seconds += took
+    return logs, seconds
+
+
 def build(
     out: Path | None,
     steps: int = RECIPE["steps"],
@@ -203,6 +251,7 @@ def build(
     )
     if stop_after is not None:
         return {"loss_log": loss_log, "early_loss": early, "first_batch": first_rows[0], "steps": stop_after}
+    whole_logs, whole_seconds = whole_page_rounds(model, tokenizer)
     model.cpu()
     report = _report(
         model,
@@ -216,6 +265,12 @@ def build(
         vocabulary=len(tokenizer),
         early_loss=early,
         first_batch=first_rows[0],
+        whole_pages={
+            "loss_logs": whole_logs,
+            "log_every": 25,
+            "seconds": round(whole_seconds, 1),
+            "device": _device_name(device),
+        },
     )
     _save(model, tokenizer, out, report, model_card(report))
     return report
@@ -322,7 +377,7 @@ def _save(model, tokenizer, out: Path, report: dict, card: str) -> None:
 
 
 def model_card(report: dict) -> str:
-    a, r = report["architecture"], report["recipe"]
+    a, r, w = report["architecture"], report["recipe"], report["whole_pages"]
     return f"""# tiny-html-llama: the `tiny` preset's base model
 
 A {report["parameters"] / 1e6:.1f}M-parameter `LlamaForCausalLM` (Llama-2's architecture at toy size) and a
@@ -340,6 +395,10 @@ space as after a tag), made by `python -m htmlgen_utils.tiny_base`.
   {r["batch_size"]} x {r["seq_len"]} tokens, fp32, seed {r["seed"]}, on {report["device"]}:
   {report["tokens_seen"]:,} tokens in {report["seconds"]:.0f} s.
 - Final training loss (mean of the last {report["loss_log_every"]} steps): {report["final_train_loss_last50"]}.
+- Then whole pages: {" and ".join(map(str, r["whole_page_rounds"]))} steps ({len(r["whole_page_rounds"])} cosine
+  rounds, lr {r["whole_page_learning_rate"]}, warm-up {r["whole_page_warmup"]}) on rows of
+  {r["whole_page_batch_size"]} x {r["whole_page_seq_len"]} tokens that each start at a document and hold a whole
+  page, on {w["device"]}: {w["seconds"]:.0f} s, final loss {w["loss_logs"][-1][-1]}.
 - Copying, on validation pages it never saw: it predicts {report["copying"]["own_brand"]:.0%} of a brand's later
   mentions, and {report["copying"]["invented_name"]:.0%} of an invented name's (`copy_probe`).
 - Rebuild: `python -m htmlgen_utils.tiny_base --out DIR [--device cuda]` (the same loss within a few hundredths;

@@ -65,12 +65,12 @@ def test_fine_tuned_tiny_model_writes_pages_and_beats_its_base(chain):
 
 def test_fine_tuned_tiny_model_follows_its_prompts(chain):
     """The 12 test prompts each get their own page, of the kind and brand asked for, and it follows its description
-    clearly more than the base does (the base, which read descriptions in pages' meta tags, follows some)."""
+    by 0.3 more than the base does (the base, which read descriptions in pages' meta tags, follows some)."""
     _, metrics = chain
     base = metrics["base_model"]
     assert metrics["examples"] == 12 and metrics["distinct_pages"] * 12 >= 10
     assert metrics["kind_right_rate"] >= 0.75 and metrics["brand_right_rate"] >= 0.5
-    assert metrics["follows_description"] >= base["follows_description"] + 0.25
+    assert metrics["follows_description"] >= base["follows_description"] + 0.3
     gain = metrics["follows_description_gain"]  # notebook 05's bootstrap interval over the same pages
     assert gain["gain"] == pytest.approx(metrics["follows_description"] - base["follows_description"])
     assert gain["low"] <= gain["gain"] <= gain["high"] and gain["pages"] == 12

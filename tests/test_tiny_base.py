@@ -17,6 +17,8 @@ def test_shipped_base_is_small_and_documented():
     assert report["final_train_loss_last50"] < 0.2
     assert report["steps"] == len(report["loss_log"]) * report["loss_log_every"] == RECIPE["steps"]
     assert report["recipe"] == RECIPE  # the shipped weights are what the recipe in the code makes
+    whole = report["whole_pages"]
+    assert [len(log) * whole["log_every"] for log in whole["loss_logs"]] == RECIPE["whole_page_rounds"]
     card = (TINY_BASE_DIR / "README.md").read_text()
     assert str(report["final_train_loss_last50"]) in card and "python -m htmlgen_utils.tiny_base" in card
 
@@ -84,3 +86,18 @@ def test_long_pages_of_the_long_page_base_stay_out_of_every_test_split_up_to_a_f
         splits, _ = load_splits(Config.from_preset("tiny", dataset="bundled-long", test_fraction=fraction))
         assert not pretrained & set(splits["test"]["html"])
         assert not pretrained & set(splits["validation"]["html"])
+
+
+def test_whole_page_rows_start_at_a_document_and_hold_a_whole_page():
+    """The whole-page rounds: every row starts with BOS, and the page that opens it ends (EOS) inside the row,
+    description in its head and sections after `</main>` together; the first rounds' rows cut documents anywhere."""
+    from htmlgen_utils.tiny_base import PretrainingStream, pretraining_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(str(TINY_BASE_DIR))
+    pages, descriptions = pretraining_texts()
+    rows = PretrainingStream(tokenizer, pages, descriptions).rows(8, whole_pages=True)
+    assert rows.shape == (8, RECIPE["whole_page_seq_len"])
+    assert (rows[:, 0] == tokenizer.bos_token_id).all()
+    assert all(tokenizer.eos_token_id in row.tolist() for row in rows)
+    cut = PretrainingStream(tokenizer, pages, descriptions).rows(8)
+    assert not (cut[:, 0] == tokenizer.bos_token_id).all()
