@@ -59,7 +59,6 @@ RECIPE = dict(
     # to copy. In this share of the documents the brand is swapped for an invented name (syllables drawn afresh
     # each time), which the model can only get right by copying it from earlier in the page.
     invented_name_share=0.75,
-    # the long-page base: short and long pages together, from the tiny base's weights
     # whole pages: rows of this many tokens, each starting at a document, after the steps above; in rounds (cosine
     # each, warm restarts: the weights between rounds pass through fp16, as saved), the document stream restarted
     whole_page_seq_len=1024,
@@ -67,6 +66,7 @@ RECIPE = dict(
     whole_page_rounds=[300, 600],
     whole_page_learning_rate=1e-3,
     whole_page_warmup=20,
+    # the long-page base: short and long pages together, from the tiny base's weights
     long_steps=300,
     long_batch_size=8,
     long_learning_rate=1e-3,

@@ -90,7 +90,7 @@ def test_long_pages_of_the_long_page_base_stay_out_of_every_test_split_up_to_a_f
 
 def test_whole_page_rows_start_at_a_document_and_hold_a_whole_page():
     """The whole-page rounds: every row starts with BOS, and the page that opens it ends (EOS) inside the row,
-    description in its head and sections after `</main>` together; the first rounds' rows cut documents anywhere."""
+    description in its head and sections after `</main>` together; the first stage's rows cut documents anywhere."""
     from htmlgen_utils.tiny_base import PretrainingStream, pretraining_texts
 
     tokenizer = AutoTokenizer.from_pretrained(str(TINY_BASE_DIR))
