@@ -76,6 +76,7 @@ RECIPE = dict(
 SYLLABLES = "ba be bo da del fa fen ga gil ka kel ko la lin lu ma mer mo na nor pa pel ra ren ro sa sel ta tor".split()
 
 EARLY_STEPS = 3  # the report keeps these first steps' mean loss: a quick rebuild check compares it
+WHOLE_PAGE_LOG_EVERY = 25
 
 
 def pretraining_texts(seed: int = 42) -> tuple[list[str], list[str]]:
@@ -147,9 +148,7 @@ class PretrainingStream:
             return torch.tensor(rows)
         seq = RECIPE["seq_len"]
         while len(self.buffer) < count * seq:
-            texts = [self._document() for _ in range(16)]
-            for ids in self.tokenizer(texts).input_ids:
-                self.buffer += ids + [self.tokenizer.eos_token_id]
+            self.buffer += self._next_document_ids()
         rows, self.buffer = self.buffer[: count * seq], self.buffer[count * seq :]
         return torch.tensor(rows).view(count, seq)
 
@@ -198,7 +197,7 @@ def pretrain(
     return loss_log, time.perf_counter() - started, round(sum(losses[:EARLY_STEPS]) / EARLY_STEPS, 4)
 
 
-def whole_page_rounds(model, tokenizer, log_every: int = 25) -> tuple[list[list[float]], float]:
+def whole_page_rounds(model, tokenizer, log_every: int = WHOLE_PAGE_LOG_EVERY) -> tuple[list[list[float]], float]:
     """Pre-train further on whole-page rows (`RECIPE["whole_page_rounds"]`): the loss logs and the seconds."""
     pages, descriptions = pretraining_texts()
     logs, seconds = [], 0.0
@@ -267,7 +266,7 @@ def build(
         first_batch=first_rows[0],
         whole_pages={
             "loss_logs": whole_logs,
-            "log_every": 25,
+            "log_every": WHOLE_PAGE_LOG_EVERY,
             "seconds": round(whole_seconds, 1),
             "device": _device_name(device),
         },
